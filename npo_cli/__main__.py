@@ -1,0 +1,3 @@
+from npo_cli.cli import main
+
+main()

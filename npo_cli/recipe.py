@@ -1,0 +1,231 @@
+"""The recipe: every setting of a run, as a pydantic model loaded from YAML.
+
+A recipe is stored with every checkpoint (as a JSON object), so a run can always be
+reproduced and two checkpoints' settings can be diffed. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from npo_cli.errors import NpoError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "tiny",
+        description="'tiny' (the built-in 1M-parameter Qwen2 with a char tokenizer), a Hugging Face "
+        "model folder, or a store ref such as 'base@weak' / 'base/main@0'.",
+    )
+    store: str | None = Field(
+        None, description="Store URL that `path` refers to when it is a ref (default: the run's store)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype for training and sampling."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when present.")
+    threads: int = Field(1, ge=1, description="torch.set_num_threads on CPU (1 avoids stalls on shared cores).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+
+class ArithmeticConfig(Section):
+    digits: int = Field(1, ge=1, le=6, description="Digits per operand of the easy problems.")
+    hard_digits: int = Field(2, ge=1, le=6, description="Digits per operand of the hard problems.")
+    hard_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of hard problems (the plateau regime mixes easy and hard)."
+    )
+    ops: list[Literal["+", "-", "*"]] = Field(["+"], description="Operators drawn uniformly.")
+    terms: int = Field(2, ge=2, le=4, description="Operands per problem.")
+
+
+class TaskConfig(Section):
+    kind: Literal["arithmetic", "file"] = Field("arithmetic", description="Built-in generator or a prompt file.")
+    arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig)
+    train_path: str | None = Field(None, description="JSONL or Parquet prompt set (any fsspec URL), kind=file.")
+    eval_path: str | None = Field(None, description="Held-out prompt set; default: a split of train_path.")
+    prompt_field: str = Field("prompt", description="Field holding the prompt text.")
+    answer_field: str = Field("answer", description="Field holding the reference answer.")
+    template: str = Field("{prompt}", description="Prompt template; {prompt} is replaced by the prompt text.")
+    chat_template: bool = Field(False, description="Wrap prompts with the tokenizer's chat template.")
+    eval_size: int = Field(256, ge=1, description="Held-out problems used by eval.")
+    verifier: str = Field(
+        "exact", description="'exact', 'math' (math-verify on the final/boxed answer) or 'module:function'."
+    )
+    verifier_timeout: float = Field(5.0, gt=0, description="Seconds per math-verify call before it scores 0.")
+    format_reward: float = Field(0.0, description="Added when the completion ends with EOS in the expected format.")
+
+
+class RolloutConfig(Section):
+    backend: Literal["hf", "vllm"] = Field("hf", description="Sampling engine.")
+    prompts_per_step: int = Field(16, ge=1, description="Prompts per training step.")
+    group_size: int = Field(8, ge=2, description="Completions per prompt (n).")
+    max_new_tokens: int = Field(8, ge=1, description="Completion length limit.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    batch_size: int = Field(256, ge=1, description="Sequences per generate call.")
+    static_cache: bool = Field(False, description="HF static KV cache + compiled decoding (fast on GPU).")
+
+
+class GRPOConfig(Section):
+    scale_std: bool = Field(True, description="Divide advantages by the group std (False = Dr.GRPO).")
+    adv_eps: float = Field(1e-4, gt=0, description="eps in (r - mean) / (std + eps).")
+    clip_low: float = Field(0.2, ge=0, description="Lower clip: ratio >= 1 - clip_low.")
+    clip_high: float = Field(0.28, ge=0, description="Upper clip: ratio <= 1 + clip_high.")
+    agg: Literal["token-mean", "seq-mean", "constant"] = Field(
+        "token-mean",
+        description="token-mean (DAPO), seq-mean (GRPO paper), constant (Dr.GRPO: sum / max_new_tokens).",
+    )
+    kl_coef: float = Field(0.0, ge=0, description="k3 KL penalty to the initial policy (0 = off).")
+    updates_per_batch: int = Field(1, ge=1, description="Optimizer passes over each batch.")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="LR schedule.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (both schedules).")
+    micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward (grad accumulation).")
+    logprob_chunk: int = Field(2048, ge=1, description="Tokens per chunk when computing log-probs.")
+
+
+class TrainConfig(Section):
+    steps: int = Field(200, ge=0, description="Total optimizer steps of the run.")
+    save_every: int = Field(25, ge=1, description="Checkpoint every N steps (and at the end).")
+    eval_every: int = Field(50, ge=1, description="Held-out eval every N steps (and at the end).")
+    eval_samples: int = Field(1, ge=1, description="Sampled completions per eval problem (pass@k).")
+
+
+class LoggingConfig(Section):
+    progress: bool = Field(True, description="Rich progress bar.")
+    metrics_jsonl: str | None = Field("metrics.jsonl", description="Local file streaming per-step metrics.")
+    tensorboard: str | None = Field(None, description="TensorBoard log dir (needs tensorboard installed).")
+    wandb: str | None = Field(None, description="W&B project (needs wandb installed).")
+
+
+class NPOConfig(Section):
+    source: Literal["none", "npo", "luffy", "exgrpo", "rlep"] = Field(
+        "none", description="Source of off-policy slots: none = plain GRPO."
+    )
+    guide: str | None = Field(None, description="Guide checkpoint ref (source=npo) or teacher (luffy).")
+    start: int = Field(0, ge=0, description="First step with mixing on.")
+    until: int | None = Field(None, description="Mixing stops at this step (None: never).")
+    gate: float = Field(0.6, ge=0.0, le=1.0, description="Mix only when on-policy group accuracy <= gate.")
+    max_tries: int = Field(8, ge=1, description="Guide samples per prompt before giving up.")
+    importance_sampling: bool = Field(True, description="Ratio pi_theta / pi_guide (False: ratio 1 detached).")
+    guide_clip: Literal["same", "wide", "luffy"] = Field(
+        "same", description="Guide-slot clipping: same as on-policy, wider upper bound, or LUFFY shaping."
+    )
+    guide_clip_high: float = Field(1.0, ge=0, description="Upper clip of the guide slot when guide_clip=wide.")
+    luffy_gamma: float = Field(0.1, gt=0, description="LUFFY policy shaping f(p) = p / (p + gamma).")
+    teacher_path: str | None = Field(None, description="luffy: JSONL of teacher completions (prompt, completion).")
+    replay_from: str | None = Field(None, description="rlep: ref of the finished run whose successes are replayed.")
+
+
+class AutoConfig(Section):
+    enabled: bool = Field(False, description="AutoNPO controller on (npo auto sets it).")
+
+
+class Recipe(Section):
+    name: str = Field("run", description="Run name in the store.")
+    seed: int = Field(0, description="Seeds data order, sampling and init.")
+    store: str | None = Field(None, description="Store URL (default: $NPO_STORE, else ./checkpoints).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    npo: NPOConfig = Field(default_factory=NPOConfig)
+    auto: AutoConfig = Field(default_factory=AutoConfig)
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "recipe"
+    if first["type"] == "extra_forbidden":
+        return f"unknown recipe key '{where}'"
+    return f"recipe key '{where}': {first['msg']}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b=c' -> (['a', 'b'], value); the value is parsed as YAML so 3, 1e-4, true, [1, 2] are typed."""
+    if "=" not in item:
+        raise NpoError(f"--set needs KEY=VALUE, got '{item}'")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise NpoError(f"--set key '{key}' is not a dotted recipe path like train.steps")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def build_recipe(data: dict, overrides: list[str] = ()) -> Recipe:
+    data = json.loads(json.dumps(data or {}))  # deep copy, JSON types only
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise NpoError(f"--set {'.'.join(path)}: '{part}' is not a section")
+            node = nxt
+        node[path[-1]] = value
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise NpoError(_one_line(e)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise NpoError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise NpoError(f"recipe {path} is not valid YAML{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise NpoError(f"recipe {path} must be a YAML mapping of sections, got {type(data).__name__}")
+    return build_recipe(data, overrides)
+
+
+def recipe_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Keys whose values differ between two recipe dicts, as (dotted.key, a, b)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        key = f"{prefix}{k}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += recipe_diff(va, vb, key + ".")
+        elif va != vb:
+            out.append((key, va, vb))
+    return out
+
+
+def schema_rows(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, description) for every field, for `npo recipe schema`."""
+    rows = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += schema_rows(ann, f"{prefix}{name}.")
+            continue
+        default = f.get_default(call_default_factory=True)
+        rows.append((f"{prefix}{name}", getattr(ann, "__name__", str(ann)).replace("typing.", ""),
+                     json.dumps(default), f.description or ""))
+    return rows

@@ -1,0 +1,35 @@
+"""The embedded default model: a 1M-parameter Qwen2 and a character tokenizer, both defined here.
+
+Nothing is downloaded: the config is a JSON file in the package and the tokenizer is built
+in code, then saved with every checkpoint as ordinary tokenizer files, so an exported folder
+loads with plain `AutoTokenizer` / `AutoModelForCausalLM`.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+from tokenizers import Tokenizer, decoders, models
+from transformers import AutoConfig, PreTrainedTokenizerFast, Qwen2Config
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+# Printable ASCII and newline: enough for arithmetic and short math text.
+CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {PAD: 0, EOS: 1, UNK: 2}
+    for ch in CHARS:
+        vocab[ch] = len(vocab)
+    # BPE with no merges splits text into single characters; Fuse joins them back without spaces.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left"
+    )
+
+
+def tiny_config() -> Qwen2Config:
+    data = json.loads(resources.files("npo_cli").joinpath("assets/tiny_config.json").read_text())
+    return AutoConfig.for_model(**data)
