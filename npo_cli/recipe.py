@@ -38,13 +38,21 @@ class ModelConfig(Section):
 
 
 class ArithmeticConfig(Section):
-    digits: int = Field(1, ge=1, le=6, description="Digits per operand of the easy problems.")
-    hard_digits: int = Field(2, ge=1, le=6, description="Digits per operand of the hard problems.")
+    digits: int = Field(
+        2, ge=1, le=6, description="Easy problems: operands drawn from 0 .. 10^digits - 1 (2 -> 10,000 sums)."
+    )
+    hard_digits: int = Field(
+        3, ge=1, le=6, description="Hard problems: operands below 10^hard_digits, at least one >= 10^digits."
+    )
     hard_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="Share of hard problems (the plateau regime mixes easy and hard)."
     )
     ops: list[Literal["+", "-", "*"]] = Field(["+"], description="Operators drawn uniformly.")
     terms: int = Field(2, ge=2, le=4, description="Operands per problem.")
+    train_size: int = Field(
+        20000, ge=1, description="Length of the train problem list the trainer samples from (hard share = "
+        "hard_fraction; a class smaller than its share repeats)."
+    )
 
 
 class TaskConfig(Section):

@@ -1,0 +1,188 @@
+"""Prompt sets: the built-in arithmetic family and JSONL/Parquet files at any fsspec URL.
+
+`load_problems(task, split, seed)` returns a plain list; the trainer samples indices from it
+with its own RNG, so the data position is just an index. Problem.prompt is the raw prompt text:
+task.template and the chat template are applied by the trainer (`format_prompt`).
+
+Splits are decided by a hash of the prompt text (10% eval), so train and eval are disjoint for
+every seed and every setting, and the eval set does not depend on the run's seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from npo_cli.errors import NpoError
+from npo_cli.recipe import ArithmeticConfig, TaskConfig
+
+Split = Literal["train", "eval"]
+EVAL_SHARE = 10  # 1 in 10 prompts is held out
+EVAL_SEED = 20260420  # the eval list is the same for every run seed
+ENUMERATE_UP_TO = 50_000  # smaller spaces are listed exhaustively, larger ones sampled
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+    tags: tuple[str, ...] = ()
+
+
+def split_of(prompt: str) -> Split:
+    h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big")
+    return "eval" if h % EVAL_SHARE == 0 else "train"
+
+
+def load_problems(task: TaskConfig, split: Split, seed: int) -> list[Problem]:
+    """Train: a list to sample from (arithmetic: up to task.arithmetic.train_size). Eval: up to eval_size."""
+    if split not in ("train", "eval"):
+        raise NpoError(f"split must be 'train' or 'eval', got '{split}'")
+    if task.kind == "file":
+        out = _file_problems(task, split)
+        return out if split == "train" else out[: task.eval_size]
+    return _arithmetic(task.arithmetic, split, seed, task.eval_size)
+
+
+# ---------------------------------------------------------------- arithmetic
+
+def _value(nums: tuple[int, ...], ops: tuple[str, ...]) -> int:
+    """Usual precedence: '*' binds tighter than '+' and '-'."""
+    terms, signs = [nums[0]], [1]
+    for op, x in zip(ops, nums[1:]):
+        if op == "*":
+            terms[-1] *= x
+        else:
+            terms.append(x)
+            signs.append(1 if op == "+" else -1)
+    return sum(s * t for s, t in zip(signs, terms))
+
+
+def _make(nums: tuple[int, ...], ops: tuple[str, ...], tag: str) -> Problem:
+    text = str(nums[0]) + "".join(f"{op}{x}" for op, x in zip(ops, nums[1:])) + "="
+    return Problem(prompt=text, answer=str(_value(nums, ops)), tags=(tag,))
+
+
+def space_size(cfg: ArithmeticConfig, tag: str) -> int:
+    """Distinct problems of one difficulty class (before the train/eval split)."""
+    n_ops = len(set(cfg.ops)) ** (cfg.terms - 1)
+    easy = 10 ** (cfg.digits * cfg.terms)
+    return n_ops * (easy if tag == "easy" else 10 ** (cfg.hard_digits * cfg.terms) - easy)
+
+
+def _class_problems(cfg: ArithmeticConfig, tag: str, split: Split, count: int, rng: random.Random) -> list[Problem]:
+    """Up to `count` distinct problems of one class in one split, in a seeded random order."""
+    ops = list(dict.fromkeys(cfg.ops))
+    top = 10 ** (cfg.digits if tag == "easy" else cfg.hard_digits)
+    low = 10**cfg.digits  # a hard problem has at least one operand >= 10^digits
+
+    def ok(nums):
+        return tag == "easy" or max(nums) >= low
+
+    if space_size(cfg, tag) <= ENUMERATE_UP_TO:
+        every = [_make(n, o, tag) for n in itertools.product(range(top), repeat=cfg.terms) if ok(n)
+                 for o in itertools.product(ops, repeat=cfg.terms - 1)]
+        out = [p for p in every if split_of(p.prompt) == split]
+        rng.shuffle(out)
+        return out[:count]
+    seen: dict[str, Problem] = {}
+    for _ in range(50 * count + 1000):  # the space is > 50k here, so this fills up long before the cap
+        if len(seen) >= count:
+            break
+        nums = tuple(rng.randrange(top) for _ in range(cfg.terms))
+        if not ok(nums):
+            continue
+        p = _make(nums, tuple(rng.choice(ops) for _ in range(cfg.terms - 1)), tag)
+        if split_of(p.prompt) == split:
+            seen.setdefault(p.prompt, p)
+    return list(seen.values())
+
+
+def _arithmetic(cfg: ArithmeticConfig, split: Split, seed: int, eval_size: int) -> list[Problem]:
+    if cfg.hard_fraction > 0 and cfg.hard_digits <= cfg.digits:
+        raise NpoError(f"task.arithmetic.hard_digits ({cfg.hard_digits}) must exceed digits ({cfg.digits}) "
+                       "when hard_fraction > 0")
+    total = cfg.train_size if split == "train" else eval_size
+    rng = random.Random(seed if split == "train" else EVAL_SEED)
+    n_hard = round(total * cfg.hard_fraction)
+    out: list[Problem] = []
+    for tag, n in (("easy", total - n_hard), ("hard", n_hard)):
+        if n == 0:
+            continue
+        distinct = _class_problems(cfg, tag, split, n, rng)
+        if not distinct:
+            raise NpoError(f"task.arithmetic has no {tag} {split} problems; raise digits")
+        # eval and single-class train lists: distinct problems only (uniform sampling); a mixed train
+        # list cycles a class smaller than its share so the hard share stays exact
+        mixed = split == "train" and 0 < cfg.hard_fraction < 1
+        out += [distinct[i % len(distinct)] for i in range(n)] if mixed else distinct
+    rng.shuffle(out)
+    return out
+
+
+# ---------------------------------------------------------------- files
+
+def _read_records(url: str, fields: tuple[str, str]) -> list[dict]:
+    import fsspec
+
+    lower = url.lower().removesuffix(".gz").removesuffix(".bz2").removesuffix(".zst").removesuffix(".xz")
+    is_parquet = lower.endswith((".parquet", ".pq"))
+    if not is_parquet and not lower.endswith((".jsonl", ".json", ".ndjson")):
+        raise NpoError(f"prompt file {url}: use a .jsonl or .parquet file")
+    try:
+        with fsspec.open(url, "rb", compression=None if is_parquet else "infer") as f:
+            if is_parquet:
+                import pyarrow.parquet as pq
+
+                pf = pq.ParquetFile(f)
+                for name in fields:
+                    if name not in pf.schema_arrow.names:
+                        raise NpoError(f"prompt file {url} has no column '{name}' "
+                                       f"(columns: {', '.join(pf.schema_arrow.names)})")
+                return pf.read(columns=list(fields)).to_pylist()
+            text = f.read().decode("utf-8")
+    except FileNotFoundError:
+        raise NpoError(f"prompt file not found: {url}") from None
+    except (ValueError, ImportError, OSError) as e:
+        raise NpoError(f"cannot read prompt file {url}: {e}") from None
+    if lower.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise NpoError(f"prompt file {url} is not valid JSON") from None
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise NpoError(f"prompt file {url} line {i} is not valid JSON") from None
+    return rows
+
+
+def _problems_from(url: str, task: TaskConfig) -> list[Problem]:
+    out = []
+    for i, row in enumerate(_read_records(url, (task.prompt_field, task.answer_field)), 1):
+        for name in (task.prompt_field, task.answer_field):
+            if not isinstance(row, dict) or row.get(name) is None:
+                raise NpoError(f"prompt file {url} record {i} has no field '{name}' "
+                               "(set task.prompt_field / task.answer_field)")
+        out.append(Problem(prompt=str(row[task.prompt_field]), answer=str(row[task.answer_field])))
+    if not out:
+        raise NpoError(f"prompt file {url} has no records")
+    return out
+
+
+def _file_problems(task: TaskConfig, split: Split) -> list[Problem]:
+    if not task.train_path:
+        raise NpoError("task.kind=file needs task.train_path (a .jsonl or .parquet URL)")
+    if split == "eval" and task.eval_path:
+        return _problems_from(task.eval_path, task)
+    rows = _problems_from(task.train_path, task)
+    if split == "train" and task.eval_path:
+        return rows
+    return [p for p in rows if split_of(p.prompt) == split]

@@ -1,0 +1,86 @@
+"""Verifiers: exact, math (math-verify with our own timeout), user module:function, format term."""
+
+import time
+
+import pytest
+
+from npo_cli import verifiers
+from npo_cli.errors import NpoError
+from npo_cli.recipe import TaskConfig
+
+
+def make(**kw):
+    return verifiers.make_verifier(TaskConfig(**kw))
+
+
+def test_exact():
+    v = make(verifier="exact")
+    assert v("2+3=", "5", "5") == 1.0
+    assert v("2+3=", " 5 \n garbage", "5") == 1.0  # up to the newline
+    assert v("2+3=", "5<eos>7", "5") == 1.0  # up to an EOS marker left in the text
+    assert v("2+3=", "55", "5") == 0.0
+    assert v("2+3=", "", "5") == 0.0
+
+
+def test_exact_format_reward():
+    v = make(verifier="exact", format_reward=0.1)
+    assert v("p", "5", "5", finished=True) == pytest.approx(1.1)
+    assert v("p", "7", "5", finished=True) == pytest.approx(0.1)  # well-formed but wrong
+    assert v("p", "5", "5", finished=False) == 1.0  # ran out of tokens: no format term
+    assert v("p", "5\nmore", "5", finished=True) == 1.0  # not a single line
+
+
+def test_math_boxed_fraction_vs_decimal():
+    v = make(verifier="math")
+    assert v("q", "so the answer is \\boxed{1/2}", "0.5") == 1.0
+    assert v("q", "so the answer is \\boxed{\\frac{1}{2}}", "0.5") == 1.0
+    assert v("q", "\\boxed{0.6}", "0.5") == 0.0
+    assert v("q", "Half of 144 is 72.", "She sold 48 + 24 = 72 clips.\n#### 72") == 1.0  # GSM8K gold
+    assert v("q", "\\boxed{1+x}", "x+1") == 1.0  # symbolic gold without $...$
+    assert v("q", "no idea", "3") == 0.0
+
+
+def test_math_format_reward():
+    v = make(verifier="math", format_reward=0.5)
+    assert v("q", "\\boxed{2}", "3", finished=True) == 0.5
+    assert v("q", "2", "2", finished=True) == 1.0  # correct, but no boxed answer
+
+
+def test_math_timeout_scores_zero(monkeypatch):
+    monkeypatch.setattr(verifiers, "math_score", lambda c, a: time.sleep(5) or 1.0)
+    v = make(verifier="math", verifier_timeout=0.05)
+    t = time.perf_counter()
+    assert v("q", "\\boxed{1}", "1") == 0.0
+    assert time.perf_counter() - t < 2
+    # an exception inside the verifier is a wrong answer, not a crash
+    monkeypatch.setattr(verifiers, "math_score", lambda c, a: 1 / 0)
+    assert v("q", "\\boxed{1}", "1") == 0.0
+
+
+def test_custom_verifier(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def score(prompt, completion, answer):\n"
+        "    return 0.25 if answer in completion else 0.0\n"
+        "def broken(prompt, completion, answer):\n"
+        "    raise KeyError('x')\n"
+        "NOT_FN = 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    v = make(verifier="my_rewards:score", format_reward=0.5)
+    assert v("p", "it is 42", "42") == 0.75  # finished unknown -> format term applies
+    assert v("p", "it is 41", "42", finished=False) == 0.0
+    with pytest.raises(NpoError, match="verifier 'my_rewards:broken' failed: KeyError"):
+        make(verifier="my_rewards:broken")("p", "c", "a")
+    with pytest.raises(NpoError, match="not a function"):
+        make(verifier="my_rewards:NOT_FN")
+
+
+@pytest.mark.parametrize("path", ["no_such_module_xyz:f", "json:no_such_fn", ":f"])
+def test_bad_verifier_paths(path):
+    with pytest.raises(NpoError, match=f"verifier '{path}' not found: "):
+        make(verifier=path)
+
+
+def test_unknown_verifier_name():
+    with pytest.raises(NpoError, match="unknown verifier 'fuzzy'"):
+        make(verifier="fuzzy")
