@@ -1,0 +1,150 @@
+"""Rollout backends: prompts x n -> completions with token ids and the behaviour policy's log-probs.
+
+The HF backend wraps `model.generate` (batched, KV cache, left padding). The behaviour log-probs
+are recorded by a logits processor while sampling: it applies temperature and top-p itself and
+keeps only the previous step's log-softmax, so a 150k vocabulary never holds all steps' logits.
+A vLLM backend later implements the same `generate(prompts, n, greedy)` signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor
+
+from npo_cli.errors import NpoError
+from npo_cli.recipe import RolloutConfig
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[int]
+    completion_ids: list[int]  # ends with the EOS token when finished (so the model learns to stop)
+    logprobs: list[float]  # behaviour policy log-prob of each completion token (after temperature)
+    text: str  # decoded completion, special tokens skipped
+    finished: bool  # True when an EOS token ended the completion before max_new_tokens ran out
+    source: str = "policy"  # who produced it: "policy" (on-policy) or an off-policy slot source's name
+
+
+class _Recorder(LogitsProcessor):
+    """Applies temperature / top-p and records log p(token) of each sampled token, in float32.
+
+    The recorded log-prob is log_softmax(logits / T) before the top-p cut, the same quantity the
+    trainer computes for pi_theta, so the ratio is exactly 1 for unchanged weights.
+
+    HF calls processors before it samples, so the token chosen at step t is only visible at
+    step t+1 (as input_ids[:, -1]); `finish` picks up the last one.
+    """
+
+    def __init__(self, temperature: float, top_p: float):
+        self.temperature, self.top_p = temperature, top_p
+        self.prev: torch.Tensor | None = None
+        self.out: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prev is not None:
+            self.out.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        scores = scores.float() / self.temperature
+        self.prev = torch.log_softmax(scores, dim=-1)
+        if self.top_p < 1.0:
+            # nucleus: drop the tail whose cumulative mass (from the top) exceeds top_p; keep >= 1 token
+            sorted_lp, idx = self.prev.sort(dim=-1, descending=True)
+            cum = sorted_lp.exp().cumsum(-1)
+            drop_sorted = (cum - sorted_lp.exp()) >= self.top_p
+            drop = drop_sorted.scatter(1, idx, drop_sorted)
+            scores = scores.masked_fill(drop, float("-inf"))
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """[B, L] log-probs of the L generated tokens."""
+        L = new_tokens.shape[1]
+        out = self.out[:L]
+        if len(out) < L and self.prev is not None:
+            out.append(self.prev.gather(1, new_tokens[:, L - 1 : L]).squeeze(1))
+        if not out:
+            return torch.zeros(new_tokens.shape, dtype=torch.float32)
+        return torch.stack(out, dim=1).float()
+
+
+class HFBackend:
+    """Batched sampling with `model.generate`. Sampling uses torch's global RNG (seeded, resumable)."""
+
+    def __init__(self, model, tokenizer, cfg: RolloutConfig, add_special_tokens: bool = True):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.add_special_tokens = add_special_tokens
+        eos = set()
+        if tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            eos.update([int(gen_eos)] if isinstance(gen_eos, int) else [int(e) for e in gen_eos])
+        if not eos:
+            raise NpoError("the tokenizer has no EOS token; set one so completions can end")
+        self.eos_ids = sorted(eos)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    def _gen_config(self, greedy: bool) -> GenerationConfig:
+        # Every sampling knob is explicit so a model's own generation_config (top_k=20,
+        # repetition_penalty, ...) cannot change the behaviour policy behind our back.
+        # Temperature and top-p are applied by _Recorder, so HF's warpers stay off.
+        sampling = {} if greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "typical_p": 1.0}
+        return GenerationConfig(
+            do_sample=not greedy, max_new_tokens=self.cfg.max_new_tokens, repetition_penalty=1.0,
+            num_beams=1, use_cache=True, pad_token_id=self.pad_id, eos_token_id=self.eos_ids,
+            cache_implementation="static" if self.cfg.static_cache else None, **sampling,
+        )
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], n: int, greedy: bool = False) -> list[list[Rollout]]:
+        """n completions for each prompt, grouped per prompt, in prompt order."""
+        enc = self.tokenizer(prompts, add_special_tokens=self.add_special_tokens)["input_ids"]
+        flat = [(i, ids) for i, ids in enumerate(enc) for _ in range(n)]
+        out: list[list[Rollout]] = [[] for _ in prompts]
+        bs = self.cfg.batch_size
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for s in range(0, len(flat), bs):
+                chunk = flat[s : s + bs]
+                for (i, _), r in zip(chunk, self._generate_batch([ids for _, ids in chunk], greedy)):
+                    out[i].append(r)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _generate_batch(self, prompt_ids: list[list[int]], greedy: bool) -> list[Rollout]:
+        device = next(self.model.parameters()).device
+        P = max(len(p) for p in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), P), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(prompt_ids), P), dtype=torch.long)
+        for j, p in enumerate(prompt_ids):  # left padding: every prompt ends at column P-1
+            input_ids[j, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attn[j, P - len(p) :] = 1
+        rec = _Recorder(self.cfg.temperature, self.cfg.top_p)
+        seqs = self.model.generate(
+            input_ids=input_ids.to(device), attention_mask=attn.to(device),
+            generation_config=self._gen_config(greedy), logits_processor=[rec],
+        )
+        new = seqs[:, P:].cpu()
+        lps = rec.finish(new).cpu()
+        eos = torch.tensor(self.eos_ids)
+        rollouts = []
+        for j, p in enumerate(prompt_ids):
+            toks = new[j].tolist()
+            hits = torch.isin(new[j], eos).nonzero()
+            finished = len(hits) > 0
+            L = int(hits[0]) + 1 if finished else len(toks)  # keep the EOS, drop the padding after it
+            ids = toks[:L]
+            rollouts.append(Rollout(
+                prompt_ids=list(p), completion_ids=ids, logprobs=lps[j, :L].tolist(),
+                text=self.tokenizer.decode(ids, skip_special_tokens=True), finished=finished,
+            ))
+        return rollouts
+
+
+def make_backend(model, tokenizer, cfg: RolloutConfig, add_special_tokens: bool = True):
+    """The rollout engine named by rollout.backend (the seam for vLLM)."""
+    if cfg.backend == "hf":
+        return HFBackend(model, tokenizer, cfg, add_special_tokens=add_special_tokens)
+    raise NpoError("rollout.backend 'vllm' is not available yet; use rollout.backend=hf")

@@ -1,0 +1,692 @@
+"""The GRPO loop. `Trainer.step()` reads top to bottom: prompts -> rollout -> verify -> off-policy
+slots -> advantages -> loss -> optimizer -> metrics. `Trainer.train()` wraps it with checkpoints,
+eval, the progress bar, the branch lease and Ctrl-C handling.
+
+Two seams for later work, each one call in the loop:
+- `self.source.mix(self, groups)` (in step): an off-policy slot source (NPO guide, LUFFY, replay)
+  may replace slots of the on-policy groups; the default `NoSource` returns them unchanged.
+- `self.controller.after_step(self, metrics)` (in train): an AutoNPO-style controller watches
+  every step and may return True to stop the branch after a checkpoint; default `NoController`.
+Both may keep JSON state (`state_dict` / `load_state_dict`), saved in every checkpoint, and may
+append decision records to `trainer.events` (stored with the next checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from npo_cli.errors import NpoError
+from npo_cli.recipe import Recipe, build_recipe
+from npo_cli.rollout import Rollout, make_backend
+
+# keys of per-step metrics that depend on wall-clock time (everything else is deterministic on CPU)
+TIMING_KEYS = ("step_time", "gen_time", "update_time", "tokens_per_s", "eval/time")
+# loss stats that are totals (summed over micro-batches), not means
+COUNT_KEYS = ("loss", "tokens", "off/rows", "off/tokens")
+
+
+@dataclass
+class Group:
+    """One prompt's n completions with their scores. Sources may swap rollouts (and scores) in place."""
+
+    problem: Any  # tasks.Problem
+    prompt: str  # the formatted text the policy saw
+    rollouts: list[Rollout]
+    rewards: list[float]
+    correct: list[bool]
+    info: dict = field(default_factory=dict)  # free space for sources (e.g. "guide_slot": True)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+
+class NoSource:
+    """Off-policy slot source of plain GRPO: leaves every group as sampled (issue 4 plugs in here)."""
+
+    name = "none"
+    guide: str | None = None  # checkpoint id of the guide, recorded in manifests when set
+
+    def mix(self, trainer: Trainer, groups: list[Group]) -> list[Group]:
+        return groups
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class NoController:
+    """Controller hook of plain training (issue 5's AutoNPO plugs in here)."""
+
+    def after_step(self, trainer: Trainer, metrics: dict) -> bool:
+        """Return True to stop this branch after checkpointing the current step."""
+        return False
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def format_prompt(recipe: Recipe, tokenizer, text: str) -> str:
+    s = recipe.task.template.replace("{prompt}", text)
+    if recipe.task.chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise NpoError("task.chat_template is true but the tokenizer has no chat template")
+        s = tokenizer.apply_chat_template([{"role": "user", "content": s}], tokenize=False,
+                                          add_generation_prompt=True)
+    return s
+
+
+def lr_at(recipe: Recipe, step: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant or cosine to 0."""
+    g, total = recipe.grpo, max(1, recipe.train.steps)
+    if g.warmup_steps and step < g.warmup_steps:
+        return g.lr * (step + 1) / g.warmup_steps
+    if g.schedule == "cosine":
+        span = max(1, total - g.warmup_steps)
+        progress = min(1.0, (step - g.warmup_steps) / span)
+        return g.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return g.lr
+
+
+def collate(rollouts: list[Rollout], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """[left-padded prompt | right-padded completion] rows; masks come from lengths, not pad ids."""
+    P = max(len(r.prompt_ids) for r in rollouts)
+    C = max(len(r.completion_ids) for r in rollouts)
+    B = len(rollouts)
+    ids = torch.full((B, P + C), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + C), dtype=torch.long)
+    cmask = torch.zeros((B, C), dtype=torch.float32)
+    old = torch.zeros((B, C), dtype=torch.float32)
+    for j, r in enumerate(rollouts):
+        p, c = len(r.prompt_ids), len(r.completion_ids)
+        ids[j, P - p : P] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        ids[j, P : P + c] = torch.tensor(r.completion_ids, dtype=torch.long)
+        attn[j, P - p : P + c] = 1
+        cmask[j, :c] = 1.0
+        old[j, :c] = torch.tensor(r.logprobs, dtype=torch.float32)
+    off = torch.tensor([r.source != "policy" for r in rollouts])
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "mask": cmask.to(device),
+            "old_logp": old.to(device), "offpolicy": off.to(device), "n_completion": C}
+
+
+def evaluate(model, tokenizer, recipe: Recipe, problems: list, samples: int, seed: int) -> dict[str, float]:
+    """Held-out accuracy: sampled (mean over `samples` per problem), pass@samples, and greedy.
+
+    Runs in a forked RNG seeded from `seed`, so evaluating never changes the training stream.
+    """
+    from npo_cli.verifiers import make_verifier
+
+    t0 = time.perf_counter()
+    judge = make_verifier(recipe.task.model_copy(update={"format_reward": 0.0}))  # correctness only
+    backend = make_backend(model, tokenizer, recipe.rollout, add_special_tokens=not recipe.task.chat_template)
+    prompts = [format_prompt(recipe, tokenizer, p.prompt) for p in problems]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        sampled = backend.generate(prompts, samples)
+        greedy = backend.generate(prompts, 1, greedy=True)
+
+    def ok(p, r: Rollout) -> bool:
+        return judge(p.prompt, r.text, p.answer) >= 1.0
+
+    hits = [[ok(p, r) for r in g] for p, g in zip(problems, sampled)]
+    out = {
+        "eval/accuracy": sum(map(sum, hits)) / max(1, sum(map(len, hits))),
+        "eval/greedy_accuracy": sum(ok(p, g[0]) for p, g in zip(problems, greedy)) / max(1, len(problems)),
+    }
+    if samples > 1:
+        out[f"eval/pass@{samples}"] = sum(any(h) for h in hits) / max(1, len(hits))
+    out["eval/time"] = time.perf_counter() - t0
+    return out
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """GRPO on one branch of one run. Build with `Trainer.new` or `Trainer.resume`."""
+
+    def __init__(self, recipe: Recipe, store, *, branch: str = "main", init=None,
+                 source=None, controller=None, console=None):
+        from npo_cli.grpo import group_advantages, grpo_loss, token_logprobs
+        from npo_cli.tasks import load_problems
+        from npo_cli.verifiers import make_verifier
+
+        self._adv, self._loss, self._logprobs = group_advantages, grpo_loss, token_logprobs
+        self.recipe, self.store, self.branch, self.console = recipe, store, branch, console
+        self.run = recipe.name
+        if source is None and recipe.npo.source != "none":
+            raise NpoError(f"npo.source={recipe.npo.source} is not available in this version; "
+                           "use npo.source=none")
+        self.source = source or NoSource()
+        self.controller = controller or NoController()
+        self.events: list[dict] = []
+        self.pending_metrics: list[dict] = []  # steps since the last checkpoint
+        self.history: list[dict] = []  # every step of this process (for the end summary)
+        self.last_eval: dict[str, float] = {}
+        self._stop_signal: int | None = None
+
+        # task and verifier first: a bad prompt file or verifier fails before a model is loaded
+        self.train_problems = load_problems(recipe.task, "train", recipe.seed)
+        self.eval_problems = load_problems(recipe.task, "eval", recipe.seed)[: recipe.task.eval_size]
+        if not self.train_problems:
+            raise NpoError("the task has no training problems")
+        self.reward_fn = make_verifier(recipe.task)
+        self.judge = (make_verifier(recipe.task.model_copy(update={"format_reward": 0.0}))
+                      if recipe.task.format_reward else self.reward_fn)
+
+        # model: the branch head when resuming, else model.path
+        if init is not None:
+            from npo_cli.checkpoint import load_model
+            from npo_cli.model import DTYPES, resolve_device
+
+            device = resolve_device(recipe.model)
+            if device == "cpu":
+                torch.set_num_threads(recipe.model.threads)
+            self.model, self.tokenizer, _ = load_model(store, init.id, dtype=DTYPES[recipe.model.dtype],
+                                                       device=device)
+            if recipe.model.gradient_checkpointing:
+                self.model.gradient_checkpointing_enable()
+        else:
+            from npo_cli.model import load_policy
+
+            self.model, self.tokenizer, src = load_policy(recipe.model, store, seed=recipe.seed)
+            # provenance of the initial policy, stored with the step-0 checkpoint
+            self.events.append({"kind": "start", "model": recipe.model.path,
+                                **({"checkpoint": src.id} if src is not None else {})})
+        self.device = next(self.model.parameters()).device
+        self.model.train()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.ref_model = None
+        if recipe.grpo.kl_coef > 0:  # frozen initial policy, only when the KL term is on
+            from npo_cli.model import load_policy
+
+            self.ref_model = load_policy(recipe.model, store, seed=recipe.seed)[0].eval()
+            self.ref_model.requires_grad_(False)
+
+        g = recipe.grpo
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=g.lr, betas=tuple(g.betas),
+                                           weight_decay=g.weight_decay)
+        self.backend = make_backend(self.model, self.tokenizer, recipe.rollout,
+                                    add_special_tokens=not recipe.task.chat_template)
+
+        # counters and data position (all restored on resume)
+        self.step_num = 0
+        self.epoch, self.pos = 0, 0
+        self.samples_seen = 0
+        self.tokens_generated = 0
+        self.head: str | None = None  # id of the last checkpoint written or resumed from
+        self._order_cache: tuple[int, list[int]] | None = None
+        if init is not None:
+            self._restore(init)
+        else:
+            torch.manual_seed(recipe.seed)  # the sampling stream starts from the seed
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def new(cls, recipe: Recipe, store, **kw) -> Trainer:
+        if recipe.name in store.runs():
+            raise NpoError(f"run '{recipe.name}' already exists in the store; continue it with "
+                           f"--resume {recipe.name} or pick a new name with --set name=...")
+        return cls(recipe, store, **kw)
+
+    @classmethod
+    def resume(cls, store, ref: str, overrides: list[str] = (), **kw) -> Trainer:
+        """Continue the head of RUN or RUN/BRANCH with the recipe stored in it (plus overrides)."""
+        if "@" in ref:
+            raise NpoError(f"--resume takes RUN or RUN/BRANCH (a branch head), not '{ref}'; "
+                           "to train from an older step make a branch first (npo rewind)")
+        run, _, branch = ref.partition("/")
+        branch = branch or "main"
+        head = store.head(run, branch)
+        if head is None:
+            raise NpoError(f"no branch '{run}/{branch}' in the store (see npo ls)")
+        man = store.manifest(head)
+        if man.recipe is None:
+            raise NpoError(f"checkpoint {head[:12]} has no stored recipe; cannot resume it")
+        stored = store.get_json(man.recipe)
+        recipe = build_recipe(stored, list(overrides))
+        if recipe.name != man.run:
+            raise NpoError(f"--set name cannot rename run '{man.run}' on resume")
+        if man.step >= recipe.train.steps:
+            raise NpoError(f"{run}/{branch} is already at step {man.step} "
+                           f"(train.steps={recipe.train.steps}); extend it with --set train.steps=N")
+        return cls(recipe, store, branch=branch, init=man, **kw)
+
+    def _restore(self, man) -> None:
+        from npo_cli.checkpoint import load_optimizer, load_state_tensors
+
+        st = man.state or {}
+        self.step_num = int(st.get("step", man.step))
+        self.epoch, self.pos = int(st.get("epoch", 0)), int(st.get("pos", 0))
+        self.samples_seen = int(st.get("samples_seen", 0))
+        self.tokens_generated = int(st.get("tokens_generated", 0))
+        self.last_eval = {k: float(v) for k, v in st.get("last_eval", {}).items()}
+        self.source.load_state_dict(st.get("source", {}))
+        self.controller.load_state_dict(st.get("controller", {}))
+        if man.optimizer:
+            load_optimizer(self.store, man, self.optimizer)
+        tensors = load_state_tensors(self.store, man)
+        if "torch_rng" in tensors:
+            # clone: set_state reads from the start of the storage, and a loaded tensor may be a view
+            torch.set_rng_state(tensors["torch_rng"].to(torch.uint8).clone())
+        else:
+            torch.manual_seed(self.recipe.seed + self.step_num)
+        if "cuda_rng" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["cuda_rng"].to(torch.uint8).clone())
+        self.head = man.id
+
+    # ---------------------------------------------------------------- data
+
+    def _order(self, epoch: int) -> list[int]:
+        """The shuffled problem order of an epoch: a pure function of (seed, epoch), so resume needs only
+        (epoch, pos)."""
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            idx = list(range(len(self.train_problems)))
+            random.Random(self.recipe.seed * 1_000_003 + epoch).shuffle(idx)
+            self._order_cache = (epoch, idx)
+        return self._order_cache[1]
+
+    def next_problems(self, k: int) -> list:
+        out = []
+        while len(out) < k:
+            order = self._order(self.epoch)
+            take = order[self.pos : self.pos + k - len(out)]
+            out += [self.train_problems[i] for i in take]
+            self.pos += len(take)
+            if self.pos >= len(order):
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+    # ---------------------------------------------------------------- one step
+
+    def step(self) -> dict[str, float]:
+        """One GRPO step; returns its metrics (also appended to pending_metrics / history)."""
+        r = self.recipe
+        t0 = time.perf_counter()
+
+        # 1. sample prompts
+        problems = self.next_problems(r.rollout.prompts_per_step)
+        prompts = [format_prompt(r, self.tokenizer, p.prompt) for p in problems]
+
+        # 2. rollout: n completions per prompt from the current policy, with behaviour log-probs
+        sampled = self.backend.generate(prompts, r.rollout.group_size)
+        t_gen = time.perf_counter() - t0
+
+        # 3. verify
+        groups = [self.score(p, prompt, rollouts) for p, prompt, rollouts in zip(problems, prompts, sampled)]
+        on_policy_reward = sum(sum(g.rewards) for g in groups) / sum(len(g.rewards) for g in groups)
+        on_policy_acc = sum(sum(g.correct) for g in groups) / sum(len(g.correct) for g in groups)
+
+        # 4. off-policy slots (issue 4: NPO guide / LUFFY / replay); plain GRPO leaves groups alone
+        groups = self.source.mix(self, groups)
+
+        # 5. group-relative advantages
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+        adv = self._adv(rewards, r.grpo.scale_std, r.grpo.adv_eps)
+
+        # 6. loss, backward (micro-batched), clip, optimizer step
+        t1 = time.perf_counter()
+        rows = [ro for g in groups for ro in g.rollouts]
+        lr = lr_at(r, self.step_num)
+        for pg in self.optimizer.param_groups:
+            pg["lr"] = lr
+        stats = self.update(rows, adv.reshape(-1))
+        t_upd = time.perf_counter() - t1
+
+        # 7. metrics
+        self.step_num += 1
+        n_tok = sum(len(ro.completion_ids) for ro in rows)
+        self.samples_seen += len(rows)
+        self.tokens_generated += n_tok
+        dt = time.perf_counter() - t0
+        m = {
+            "step": self.step_num,
+            "reward": on_policy_reward,
+            "accuracy": on_policy_acc,
+            "zero_adv_frac": float((adv == 0).all(-1).float().mean()),
+            "response_length": n_tok / len(rows),
+            "finished_frac": sum(ro.finished for ro in rows) / len(rows),
+            "lr": lr,
+            **stats,
+            **self.source.metrics(),
+            "step_time": dt, "gen_time": t_gen, "update_time": t_upd, "tokens_per_s": n_tok / max(dt, 1e-9),
+        }
+        if self.source.name != "none":
+            m["reward_mixed"] = float(rewards.mean())
+        self.pending_metrics.append(m)
+        self.history.append(m)
+        return m
+
+    def score(self, problem, prompt: str, rollouts: list[Rollout]) -> Group:
+        rewards = [float(self.reward_fn(problem.prompt, ro.text, problem.answer, finished=ro.finished))
+                   for ro in rollouts]
+        if self.judge is self.reward_fn:
+            correct = [x >= 1.0 for x in rewards]
+        else:  # correctness without the format term
+            correct = [self.judge(problem.prompt, ro.text, problem.answer) >= 1.0 for ro in rollouts]
+        return Group(problem=problem, prompt=prompt, rollouts=rollouts, rewards=rewards, correct=correct)
+
+    def update(self, rows: list[Rollout], adv: torch.Tensor) -> dict[str, float]:
+        """updates_per_batch optimizer steps over the batch, each accumulated over micro-batches.
+
+        With one update the ratio's denominator is logp.detach() (ratio == 1, as TRL does) for on-policy
+        rows; with more, it is the stored behaviour log-prob. Off-policy rows always use their stored
+        behaviour log-probs (the guide's / teacher's).
+        """
+        r, g = self.recipe, self.recipe.grpo
+        mbs = g.micro_batch_size
+        n_tokens = float(sum(len(ro.completion_ids) for ro in rows))
+        max_len = r.rollout.max_new_tokens
+        acc: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        ent_sum, ent_tok, grad_norms = 0.0, 0.0, []
+        for _ in range(g.updates_per_batch):
+            self.optimizer.zero_grad(set_to_none=True)
+            for s in range(0, len(rows), mbs):
+                b = collate(rows[s : s + mbs], self.pad_id, self.device)
+                logp, ent = self._logprobs(self.model, b["input_ids"], b["attention_mask"], b["n_completion"],
+                                           g.logprob_chunk, with_entropy=True,
+                                           temperature=r.rollout.temperature)
+                if g.updates_per_batch == 1:
+                    old = torch.where(b["offpolicy"][:, None], b["old_logp"], logp.detach())
+                else:
+                    old = b["old_logp"]
+                ref_logp = None
+                if self.ref_model is not None:
+                    with torch.no_grad():
+                        ref_logp, _ = self._logprobs(self.ref_model, b["input_ids"], b["attention_mask"],
+                                                     b["n_completion"], g.logprob_chunk, with_entropy=False,
+                                                     temperature=r.rollout.temperature)
+                off = None
+                if bool(b["offpolicy"].any()):
+                    from npo_cli.grpo import OffPolicy
+
+                    off = OffPolicy.from_config(b["offpolicy"], r.npo)
+                loss, st = self._loss(
+                    logp, old, adv[s : s + mbs].to(self.device), b["mask"],
+                    clip_low=g.clip_low, clip_high=g.clip_high, agg=g.agg, max_len=max_len,
+                    ref_logp=ref_logp, kl_coef=g.kl_coef, offpolicy=off,
+                    num_tokens=n_tokens, num_seqs=float(len(rows)),
+                )
+                loss.backward()
+                # token-weighted means of the loss stats over micro-batches and passes
+                w = st.get("tokens", float(b["mask"].sum()))
+                for k, v in st.items():
+                    if k in COUNT_KEYS:  # counts add up over micro-batches
+                        counts[k] = counts.get(k, 0.0) + v
+                        continue
+                    wk = st.get("off/tokens", w) if k.startswith("off/") else w
+                    acc[k] = acc.get(k, 0.0) + v * wk
+                    weights[k] = weights.get(k, 0.0) + wk
+                ent_sum += float((ent * b["mask"]).sum())
+                ent_tok += float(b["mask"].sum())
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), g.grad_clip)))
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # micro-batch losses sum to the batch loss; counts and the loss are per pass
+        out = {k: v / g.updates_per_batch for k, v in counts.items()}
+        out.update({k: v / max(weights[k], 1e-12) for k, v in acc.items()})
+        out["entropy"] = ent_sum / max(ent_tok, 1.0)
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        return out
+
+    # ---------------------------------------------------------------- eval, checkpoint
+
+    def evaluate(self, samples: int | None = None) -> dict[str, float]:
+        k = samples or self.recipe.train.eval_samples
+        self.last_eval = evaluate(self.model, self.tokenizer, self.recipe, self.eval_problems, k,
+                                  seed=self.recipe.seed * 7919 + self.step_num)
+        return self.last_eval
+
+    def summary(self) -> dict[str, float]:
+        out: dict[str, float] = {"step": float(self.step_num)}
+        if self.history:
+            last = self.history[-1]
+            out.update({k: float(last[k]) for k in ("reward", "accuracy") if k in last})
+        out.update({k: float(v) for k, v in self.last_eval.items() if k != "eval/time"})
+        return out
+
+    def save(self) -> str:
+        from npo_cli.checkpoint import save_checkpoint
+
+        state = {
+            "step": self.step_num, "epoch": self.epoch, "pos": self.pos,
+            "samples_seen": self.samples_seen, "tokens_generated": self.tokens_generated,
+            "last_eval": self.last_eval,
+            "source": self.source.state_dict(), "controller": self.controller.state_dict(),
+        }
+        tensors = {"torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            tensors["cuda_rng"] = torch.cuda.get_rng_state()
+        self.head = save_checkpoint(
+            self.store, run=self.run, branch=self.branch, step=self.step_num, model=self.model,
+            tokenizer=self.tokenizer, optimizer=self.optimizer, state=state, state_tensors=tensors,
+            metrics=self.pending_metrics, summary=self.summary(), recipe=self.recipe.model_dump(mode="json"),
+            guide=self.source.guide, events=self.events,
+        )
+        self.pending_metrics, self.events = [], []
+        return self.head
+
+    # ---------------------------------------------------------------- the loop
+
+    def _on_signal(self, signum, frame):
+        if self._stop_signal is not None:  # second Ctrl-C: stop now, without the final checkpoint
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
+    def train(self, progress: bool | None = None) -> dict:
+        """Train to recipe.train.steps under the branch lease; returns the end summary."""
+        r = self.recipe
+        show = r.logging.progress if progress is None else progress
+        t_start, start_step = time.perf_counter(), self.step_num
+        stopped_by, sinks, bar = None, None, None
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                handlers[s] = signal.signal(s, self._on_signal)
+        try:
+            with self.store.lease(self.run, self.branch):
+                sinks = MetricSinks(r, self.run, self.branch)
+                bar = Progress(self.console, r.train.steps, start_step, enabled=show)
+                if self.head is None:  # new run: the initial policy is step 0 (rewind/intervene --at 0)
+                    self.save()
+                while self.step_num < r.train.steps:
+                    m = self.step()
+                    due_eval = self.step_num % r.train.eval_every == 0 or self.step_num == r.train.steps
+                    if due_eval and self.eval_problems:
+                        m.update(self.evaluate())
+                    sinks.write(m)
+                    bar.update(m)
+                    stop = bool(self.controller.after_step(self, m))
+                    if stop:
+                        stopped_by = "controller"
+                    elif self._stop_signal is not None:
+                        stopped_by = signal.Signals(self._stop_signal).name
+                    if (self.step_num % r.train.save_every == 0 or self.step_num == r.train.steps
+                            or stopped_by):
+                        self.save()
+                    if stopped_by:
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+            if sinks is not None:
+                sinks.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        wall = time.perf_counter() - t_start
+        steps = self.history
+        times = sorted(x["step_time"] for x in steps)
+        return {
+            "run": self.run, "branch": self.branch, "step": self.step_num, "checkpoint": self.head,
+            "steps_done": self.step_num - start_step, "wall_s": wall,
+            "median_step_s": times[len(times) // 2] if times else None,
+            "summary": self.summary(), "stopped_by": stopped_by, "metrics_jsonl": sinks and sinks.jsonl_path,
+        }
+
+
+# --------------------------------------------------------------------------- logging sinks and progress
+
+
+class MetricSinks:
+    """metrics.jsonl, TensorBoard, W&B. A relative metrics_jsonl lives under ./runs/RUN/BRANCH/ (like an
+    output_dir); {run} and {branch} in the path are filled in. Appends on resume."""
+
+    def __init__(self, recipe: Recipe, run: str, branch: str):
+        lg = recipe.logging
+        self.jsonl_path = None
+        self._f = self._tb = self._wandb = None
+        if lg.metrics_jsonl:
+            p = Path(lg.metrics_jsonl.replace("{run}", run).replace("{branch}", branch)).expanduser()
+            if not p.is_absolute():
+                p = Path("runs") / run / branch / p
+            p.parent.mkdir(parents=True, exist_ok=True)
+            self.jsonl_path = str(p)
+            self._f = open(p, "a")  # noqa: SIM115 (kept open for the whole run, closed in close())
+        if lg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise NpoError("logging.tensorboard is set but tensorboard is not installed "
+                               "(pip install tensorboard, or unset logging.tensorboard)") from None
+            self._tb = SummaryWriter(str(Path(lg.tensorboard) / run / branch))
+        if lg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise NpoError("logging.wandb is set but wandb is not installed "
+                               "(pip install wandb, or unset logging.wandb)") from None
+            self._wandb = wandb.init(project=lg.wandb, name=f"{run}/{branch}", config=recipe.model_dump(),
+                                     resume="allow")
+
+    def write(self, m: dict) -> None:
+        if self._f:
+            self._f.write(json.dumps(m) + "\n")
+            self._f.flush()
+        if self._tb:
+            for k, v in m.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, m["step"])
+        if self._wandb:
+            self._wandb.log(m, step=m["step"])
+
+    def close(self) -> None:
+        if self._f:
+            self._f.close()
+        if self._tb:
+            self._tb.close()
+        if self._wandb:
+            self._wandb.finish()
+
+
+class Progress:
+    """Rich progress bar (TTY) or a plain line every ~5% of the run (logs); nothing when disabled."""
+
+    def __init__(self, console, total: int, start: int, enabled: bool):
+        self.total, self.enabled, self.bar = total, enabled and console is not None, None
+        self.console = console
+        self.every = max(1, (total - start) // 20)
+        if self.enabled and console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self.bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, m: dict) -> None:
+        if not self.enabled:
+            return
+        info = (f"reward {m['reward']:.3f}  acc {m['accuracy']:.3f}  {m['tokens_per_s']:.0f} tok/s  "
+                f"{m['step_time']:.2f} s/step")
+        if "eval/accuracy" in m:
+            info += f"  eval {m['eval/accuracy']:.3f}"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=m["step"], info=info)
+        elif m["step"] % self.every == 0 or m["step"] == self.total or "eval/accuracy" in m:
+            self.console.print(f"step {m['step']}/{self.total}  {info}", highlight=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# --------------------------------------------------------------------------- entry points for the CLI
+
+
+def open_store(url: str | None, recipe: Recipe | None = None):
+    """--store beats the recipe's store, which beats $NPO_STORE / ./checkpoints."""
+    from npo_cli.store import Store
+
+    return Store.open(url or (recipe.store if recipe else None))
+
+
+def run_recipe(recipe_path: str | None, overrides: list[str], store_url: str | None, resume: str | None,
+               console=None, progress: bool = True) -> dict:
+    """`npo run`: a new run from a recipe file, or --resume RUN[/BRANCH] from its head."""
+    from npo_cli.recipe import load_recipe
+
+    if resume:
+        if recipe_path:
+            raise NpoError("--resume takes the recipe stored in the checkpoint; drop RECIPE "
+                           "and pass changes with --set")
+        store = open_store(store_url)
+        trainer = Trainer.resume(store, resume, overrides, console=console)
+    else:
+        if not recipe_path:
+            raise NpoError("give a recipe file (npo run RECIPE) or --resume RUN[/BRANCH]")
+        recipe = load_recipe(recipe_path, overrides)
+        store = open_store(store_url, recipe)
+        trainer = Trainer.new(recipe, store, console=console)
+    return trainer.train(progress=progress and trainer.recipe.logging.progress)
+
+
+def eval_checkpoint(store_url: str | None, ref: str, samples: int | None = None,
+                    task_overrides: list[str] = ()) -> dict:
+    """`npo eval`: held-out accuracy, greedy accuracy and pass@k of any checkpoint."""
+    from npo_cli.checkpoint import load_model
+    from npo_cli.model import DTYPES, resolve_device
+    from npo_cli.tasks import load_problems
+
+    store = open_store(store_url)
+    man = store.manifest(ref)
+    stored = store.get_json(man.recipe) if man.recipe else {}
+    recipe = build_recipe(stored, [f"task.{kv}" for kv in task_overrides])
+    device = resolve_device(recipe.model)
+    if device == "cpu":
+        torch.set_num_threads(recipe.model.threads)
+    model, tokenizer, _ = load_model(store, man.id, dtype=DTYPES[recipe.model.dtype], device=device)
+    problems = load_problems(recipe.task, "eval", recipe.seed)[: recipe.task.eval_size]
+    if not problems:
+        raise NpoError("the task's eval split is empty")
+    k = samples or recipe.train.eval_samples
+    if k < 1:
+        raise NpoError("--samples must be >= 1")
+    res = evaluate(model, tokenizer, recipe, problems, k, seed=recipe.seed * 7919 + man.step)
+    return {"checkpoint": man.id, "run": man.run, "branch": man.branch, "step": man.step,
+            "problems": len(problems), "samples": k, **res}

@@ -1,0 +1,163 @@
+"""`npo run` / `npo eval` through the command line: bad input gives one line on stderr and exit != 0."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from npo_cli.errors import NpoError
+from npo_cli.recipe import Recipe, load_recipe, schema_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+NPO = str(ROOT / ".venv" / "bin" / "npo")
+TINY = {"name": "t", "model": {"path": "tiny"}, "task": {"arithmetic": {"digits": 1}, "eval_size": 4},
+        "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 3},
+        "train": {"steps": 2, "save_every": 1, "eval_every": 2}, "logging": {"progress": False}}
+
+
+def npo(*args, cwd, timeout=120):
+    return subprocess.run([NPO, *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={"PATH": "/usr/bin:/bin", "NPO_STORE": str(Path(cwd) / "store"),
+                               "TOKENIZERS_PARALLELISM": "false"})
+
+
+def one_line_error(res) -> str:
+    assert res.returncode != 0, res.stdout
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr
+    return lines[0]
+
+
+def test_console_script_runs_tiny_and_evals(tmp_path):
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(TINY))
+    res = npo("run", "r.yaml", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["step"] == 2 and out["run"] == "t" and "eval/accuracy" in out["summary"]
+    assert (tmp_path / "runs" / "t" / "main" / "metrics.jsonl").is_file()
+    res = npo("eval", "t@1", "--samples", "2", "--task-set", "eval_size=3", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "pass@2" in res.stdout
+    # the same name again is refused with a hint
+    assert "--resume t" in one_line_error(npo("run", "r.yaml", cwd=tmp_path))
+
+
+@pytest.mark.parametrize("recipe, override, expect", [
+    (None, [], "recipe file not found"),
+    ({"train": {"stepz": 3}}, [], "unknown recipe key 'train.stepz'"),
+    ({"train": {"steps": "many"}}, [], "train.steps"),
+    ({**TINY, "task": {"verifier": "no_such_module_xyz:score"}}, [], "verifier 'no_such_module_xyz:score'"),
+    ({**TINY, "model": {"path": "./no/such/folder"}}, [], "model folder not found"),
+])
+def test_bad_recipes_through_console_script(tmp_path, recipe, override, expect):
+    if recipe is not None:
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    line = one_line_error(npo("run", "r.yaml", *override, cwd=tmp_path))
+    assert expect in line
+
+
+def run_main(argv, monkeypatch, capsys) -> tuple[int, str, str]:
+    from npo_cli import cli
+
+    monkeypatch.setattr(sys, "argv", ["npo", *argv])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+@pytest.mark.parametrize("text, args, expect", [
+    ("train: [1, 2\n", [], "not valid YAML"),
+    ("- a\n- b\n", [], "must be a YAML mapping"),
+    ("grpo:\n  agg: median\n", [], "grpo.agg"),
+    ("rollout:\n  group_size: 1\n", [], "rollout.group_size"),
+    ("{}", ["--set", "train.steps"], "--set needs KEY=VALUE"),
+    ("{}", ["--set", "nope.x=1"], "unknown recipe key 'nope'"),
+    ("task:\n  kind: file\n  train_path: ./missing.jsonl\n", [], "prompt file not found"),
+    ("model:\n  path: nosuchrun@3\n", [], "model.path 'nosuchrun@3'"),
+    ("npo:\n  source: npo\n", [], "npo.source"),
+])
+def test_bad_recipes_in_process(tmp_path, monkeypatch, capsys, text, args, expect):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NPO_STORE", str(tmp_path / "store"))
+    (tmp_path / "r.yaml").write_text(text)
+    code, _, err = run_main(["run", "r.yaml", *args], monkeypatch, capsys)
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and expect in err, err
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["run"], "give a recipe file"),
+    (["run", "--resume", "ghost"], "no branch 'ghost/main'"),
+    (["run", "--resume", "ghost@3"], "branch head"),
+    (["eval", "ghost@3"], "ghost"),
+])
+def test_bad_run_and_eval_arguments(tmp_path, monkeypatch, capsys, argv, expect):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NPO_STORE", str(tmp_path / "store"))
+    code, _, err = run_main(argv, monkeypatch, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and expect in err, err
+
+
+# ---------------------------------------------------------------- fuzzing the recipe boundary
+
+KEYS = [row[0] for row in schema_rows()]
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                    st.text(max_size=12), st.lists(st.integers(-3, 3), max_size=3))
+
+
+def nested(pairs) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+recipe_docs = st.lists(st.tuples(st.sampled_from(KEYS + ["bogus", "train.bogus", "model.x.y"]), scalars),
+                       max_size=6).map(nested)
+yaml_texts = st.one_of(recipe_docs.map(lambda d: yaml.safe_dump(d)), st.text(max_size=80))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=yaml_texts)
+def test_fuzzed_recipes_validate_or_fail_in_one_line(tmp_path, text):
+    p = tmp_path / "fuzz.yaml"
+    p.write_text(text)
+    try:
+        r = load_recipe(p)
+    except NpoError as e:
+        msg = str(e)
+        assert msg and "\n" not in msg and len(msg) < 400
+    else:
+        assert isinstance(r, Recipe)
+        # a valid recipe survives the store's JSON round trip unchanged
+        assert Recipe.model_validate(json.loads(json.dumps(r.model_dump(mode="json")))) == r
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=recipe_docs)
+def test_fuzzed_invalid_recipes_through_main(tmp_path, monkeypatch, capsys, doc):
+    """Whatever fails validation fails through the CLI as one stderr line and exit 1."""
+    p = tmp_path / "fuzz.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    try:
+        load_recipe(p)
+    except NpoError:
+        code, _, err = run_main(["run", str(p)], monkeypatch, capsys)
+        assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
