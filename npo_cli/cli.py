@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Optional
-
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -36,7 +34,7 @@ def _version(value: bool):
 
 @app.callback()
 def _root(
-    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+    version: bool | None = typer.Option(None, "--version", callback=_version, is_eager=True,
                                            help="Print the version and exit."),
 ):
     pass
@@ -55,6 +53,310 @@ def recipe_schema(as_json: bool = JsonOpt):
     for r in rows:
         table.add_row(*r)
     console.print(table)
+
+
+RecipeArg = typer.Argument(None, help="Recipe YAML (leave out with --resume).")
+SetOpt = typer.Option([], "--set", help="Override a recipe key: --set train.steps=40 (repeatable).")
+ResumeOpt = typer.Option(None, "--resume", help="Continue RUN or RUN/BRANCH from its head.")
+RefArg = typer.Argument(..., help="Checkpoint: RUN, RUN@STEP, RUN/BRANCH, RUN/BRANCH@STEP or an id prefix.")
+SamplesOpt = typer.Option(None, "--samples", help="Sampled completions per problem (pass@k).")
+TaskSetOpt = typer.Option([], "--task-set", help="Override a task key: --task-set eval_size=64 (repeatable).")
+
+
+@app.command("run")
+def run_cmd(
+    recipe: str | None = RecipeArg,
+    sets: list[str] = SetOpt,
+    store: str | None = StoreOpt,
+    resume: str | None = ResumeOpt,
+    as_json: bool = JsonOpt,
+):
+    """Train with GRPO: a new run from RECIPE, or continue one with --resume."""
+    from npo_cli.trainer import run_recipe
+
+    res = run_recipe(recipe, sets, store, resume, console=console, progress=not as_json)
+    if as_json:
+        print(json.dumps(res, indent=1))
+    else:
+        s, med = res["summary"], res["median_step_s"]
+        table = Table("", "", title=f"npo run {res['run']}/{res['branch']}", show_header=False)
+        rows = [("step", str(res["step"])), ("checkpoint", (res["checkpoint"] or "-")[:12])]
+        rows += [(k, f"{s[k]:.3f}") for k in ("reward", "accuracy", "eval/accuracy", "eval/greedy_accuracy")
+                 if k in s]
+        rows += [("wall time", f"{res['wall_s']:.1f} s"), ("median step", f"{med:.3f} s" if med else "-")]
+        if res["metrics_jsonl"]:
+            rows.append(("metrics", res["metrics_jsonl"]))
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        if res["stopped_by"]:
+            console.print(f"stopped by {res['stopped_by']} at step {res['step']}; continue with "
+                          f"npo run --resume {res['run']}/{res['branch']}")
+    if res["stopped_by"] in ("SIGINT", "SIGTERM"):
+        raise typer.Exit(130)
+
+
+@app.command("eval")
+def eval_cmd(
+    ref: str = RefArg,
+    samples: int | None = SamplesOpt,
+    task_sets: list[str] = TaskSetOpt,
+    store: str | None = StoreOpt,
+    as_json: bool = JsonOpt,
+):
+    """Held-out accuracy (sampled and greedy) and pass@k of a checkpoint on its task's eval split."""
+    from npo_cli.trainer import eval_checkpoint
+
+    res = eval_checkpoint(store, ref, samples, task_sets)
+    if as_json:
+        print(json.dumps(res, indent=1))
+        return
+    table = Table("checkpoint", "step", "problems", "accuracy", "greedy", f"pass@{res['samples']}",
+                  title="npo eval")
+    passk = res.get(f"eval/pass@{res['samples']}", res["eval/accuracy"])
+    table.add_row(f"{res['run']}/{res['branch']} {res['checkpoint'][:12]}", str(res["step"]),
+                  str(res["problems"]), f"{res['eval/accuracy']:.3f}", f"{res['eval/greedy_accuracy']:.3f}",
+                  f"{passk:.3f}")
+    console.print(table)
+
+
+# ------------------------------------------------------------------ store commands (helper STORE)
+
+StoreRefArg = typer.Argument(..., help="Checkpoint: RUN, RUN@STEP, RUN/BRANCH, RUN/BRANCH@STEP or an id prefix.")
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+@app.command("ls")
+def ls_cmd(
+    run: str | None = typer.Argument(None, help="Only this run."),
+    store: str | None = StoreOpt,
+    as_json: bool = JsonOpt,
+):
+    """Runs, branches (fork point, guide) and checkpoints (step, reward, eval accuracy, size)."""
+    from rich.tree import Tree
+
+    from npo_cli.history import human_bytes, ls_data
+    from npo_cli.store import Store
+
+    data = ls_data(Store.open(store), run)
+    if as_json:
+        print(json.dumps(data, indent=1))
+        return
+    if not data["runs"]:
+        console.print(f"no runs in {data['store']}")
+        return
+    tree = Tree(f"[bold]{data['store']}")
+    for r in data["runs"]:
+        rt = tree.add(f"[bold]{r['run']}")
+        for b in r["branches"]:
+            extra = [f"from {b['fork']['ref']}"] if b["fork"] else []
+            extra += [f"guide {b['guide']['ref']}"] if b["guide"] else []
+            bt = rt.add(f"[cyan]{b['branch']}[/] " + ", ".join(extra))
+            for c in b["checkpoints"]:
+                bt.add(f"step {c['step']:>5}  {c['id'][:12]}  reward {_fmt(c['reward'])}  "
+                       f"eval {_fmt(c['eval_accuracy'])}  {human_bytes(c['size'])}")
+    console.print(tree)
+
+
+@app.command("show")
+def show_cmd(ref: str = StoreRefArg, store: str | None = StoreOpt, as_json: bool = JsonOpt):
+    """One checkpoint: manifest, metrics summary, recipe difference from its parent."""
+    from npo_cli.history import human_bytes, show_data
+    from npo_cli.store import Store
+
+    d = show_data(Store.open(store), ref)
+    if as_json:
+        print(json.dumps(d, indent=1))
+        return
+    m = d["manifest"]
+    t = Table("field", "value", title=f"{d['ref']}  {d['id'][:12]}", show_header=False)
+    t.add_row("id", d["id"])
+    t.add_row("parent", f"{d['parent']['ref']} ({d['parent']['id'][:12]})" if d["parent"] else "-")
+    t.add_row("guide", f"{d['guide']['ref']} ({d['guide']['id'][:12]})" if d["guide"] else "-")
+    t.add_row("created", f"{m['created']}  npo {m['npo_version']}")
+    n = d["tensors"]
+    t.add_row("tensors", f"{n['model']} model, {n['optimizer']} optimizer, {n['state']} state; "
+              f"{human_bytes(d['size'])}")
+    for k, v in d["summary"].items():
+        t.add_row(f"summary {k}", _fmt(v))
+    if m["events"]:
+        t.add_row("events", "; ".join(str(e.get("kind", e)) for e in m["events"]))
+    console.print(t)
+    cols = d["metrics"]["columns"]
+    if cols:
+        mt = Table("metric", "first", "last", "mean", "min", "max",
+                   title=f"metrics over {d['metrics']['steps']} steps since the parent")
+        for k, s in cols.items():
+            mt.add_row(k, *(_fmt(s[x]) for x in ("first", "last", "mean", "min", "max")))
+        console.print(mt)
+    if d["recipe_diff"]:
+        rt = Table("recipe key", "parent", "this", title="recipe difference from the parent")
+        for row in d["recipe_diff"]:
+            rt.add_row(row["key"], json.dumps(row["parent"]), json.dumps(row["this"]))
+        console.print(rt)
+    else:
+        console.print(f"recipe: {d['recipe_diff_note'] or 'same as the parent'}")
+
+
+@app.command("rewind")
+def rewind_cmd(
+    ref: str = StoreRefArg,
+    branch: str | None = typer.Option(None, "--branch", help="New branch name (default rewind-STEP)."),
+    store: str | None = StoreOpt,
+):
+    """A new branch at REF (one ref written, no tensor copied), to continue training from there."""
+    from npo_cli.store import Store, check_name
+
+    if branch is not None:
+        check_name("branch", branch)
+    s = Store.open(store)
+    m = s.manifest(ref)
+    name = branch or f"rewind-{m.step}"
+    s.branch(m.id, name, run=m.run)
+    opt = f" --store {store}" if store else ""
+    print(f"branch {m.run}/{name} -> step {m.step} ({m.id[:12]})")
+    print(f"continue it with: npo run --resume {m.run}/{name}{opt}")
+
+
+@app.command("verify")
+def verify_cmd(store: str | None = StoreOpt, as_json: bool = JsonOpt):
+    """Re-hash every object and check every checkpoint's references; exit 1 on problems."""
+    from npo_cli.history import human_bytes
+    from npo_cli.store import Store
+
+    rep = Store.open(store).verify()
+    if as_json:
+        print(json.dumps(rep, indent=1))
+    elif rep["ok"]:
+        print(f"ok: {rep['objects']} objects ({human_bytes(rep['bytes'])}), {rep['checkpoints']} checkpoints")
+    else:
+        print(f"{len(rep['problems'])} problem(s) in {rep['objects']} objects:")
+        for p in rep["problems"]:
+            print(f"  {p}")
+    if not rep["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command("gc")
+def gc_cmd(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only report what would be deleted."),
+    force: bool = typer.Option(False, "--force", help="Run even while a branch lease is live."),
+    store: str | None = StoreOpt,
+    as_json: bool = JsonOpt,
+):
+    """Delete objects that no branch reaches (through parents and guides); report bytes freed."""
+    from npo_cli.history import human_bytes
+    from npo_cli.store import Store
+
+    rep = Store.open(store).gc(dry_run=dry_run, force=force)
+    if as_json:
+        print(json.dumps(rep, indent=1))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    print(f"{verb} {rep['objects']} unreachable objects ({human_bytes(rep['bytes'])}); "
+          f"kept {rep['kept_objects']} ({human_bytes(rep['kept_bytes'])})")
+
+
+@app.command("export")
+def export_cmd(
+    ref: str = StoreRefArg,
+    out_dir: str = typer.Argument(..., help="New folder for the Hugging Face model."),
+    store: str | None = StoreOpt,
+):
+    """Write a checkpoint as a plain Hugging Face model folder (from_pretrained loads it)."""
+    from npo_cli.store import Store
+
+    s = Store.open(store)
+    s.resolve(ref)  # a bad ref fails before torch is imported
+    from npo_cli.checkpoint import export
+
+    export(s, ref, out_dir)
+    print(f"exported {ref} to {out_dir}")
+
+
+@app.command("import")
+def import_cmd(
+    hf_dir: str = typer.Argument(..., help="Hugging Face model folder (config.json, weights, tokenizer)."),
+    run: str = typer.Option(..., "--run", help="Name of the new run."),
+    store: str | None = StoreOpt,
+):
+    """Make a step-0 checkpoint on RUN/main from a Hugging Face model folder."""
+    import os as _os
+
+    from npo_cli.store import Store, check_name
+
+    check_name("run", run)
+    if not _os.path.isfile(_os.path.join(hf_dir, "config.json")):
+        raise NpoError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
+    s = Store.open(store)
+    from npo_cli.checkpoint import import_hf
+
+    cid = import_hf(s, hf_dir, run)
+    print(f"imported {hf_dir} as {run}/main@0 ({cid[:12]})")
+
+
+# ------------------------------------------------------------------ NPO (issue 4)
+
+
+@app.command("intervene")
+def intervene_cmd(
+    at: int = typer.Option(..., "--at", help="Fork step A: the branch starts at RUN@A."),
+    guide: str = typer.Option(..., "--guide", help="Guide: a later step G of the run, or any checkpoint ref."),
+    run: str | None = typer.Option(None, "--run", help="RUN or RUN/BRANCH (optional when the store has one run)."),
+    until: int | None = typer.Option(None, "--until", help="NPO stops at this step (default: the guide's step)."),
+    gate: float | None = typer.Option(None, "--gate", help="Mix when on-policy group accuracy <= gate (0..1)."),
+    branch: str | None = typer.Option(None, "--branch", help="Branch name (default npo-A-gG)."),
+    sets: list[str] = SetOpt,
+    allow_any_guide: bool = typer.Option(False, "--allow-any-guide", help="Allow a guide from another lineage."),
+    store: str | None = StoreOpt,
+    as_json: bool = JsonOpt,
+):
+    """Branch RUN at step A and train it with guide G: NPO from A until U, then plain GRPO."""
+    from npo_cli.intervene import intervene
+
+    res = intervene(store, run=run, at=at, guide=guide, until=until, gate=gate, branch=branch, overrides=sets,
+                    allow_any_guide=allow_any_guide, console=console, progress=not as_json)
+    if as_json:
+        print(json.dumps(res, indent=1))
+        return
+    p, s = res["plan"], res["summary"]
+    t = Table("", "", title=f"npo intervene {p['run']}/{p['branch']}", show_header=False)
+    rows = [("fork", f"{p['run']}@{p['at']} ({p['fork'][:12]})"), ("guide", f"{p['guide_ref']} ({p['guide'][:12]})"),
+            ("npo window", f"steps {p['at']}..{p['until']} (gate {p['gate']})"), ("step", str(res["step"]))]
+    rows += [(k, f"{s[k]:.3f}") for k in ("reward", "eval/accuracy") if k in s]
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+    if res["stopped_by"]:
+        console.print(f"stopped by {res['stopped_by']}; continue with npo run --resume {p['run']}/{p['branch']}")
+    if res["stopped_by"] in ("SIGINT", "SIGTERM"):
+        raise typer.Exit(130)
+
+
+@app.command("guide")
+def guide_cmd(
+    guide: str = typer.Option(..., "--guide", help="Guide checkpoint (any ref), e.g. RUN@400."),
+    prompts: str | None = typer.Option(None, "--prompts", help="JSONL/Parquet prompt file (fsspec URL)."),
+    split: str = typer.Option("train", "--split", help="Task split when --prompts is not given: train or eval."),
+    limit: int | None = typer.Option(None, "--limit", help="At most N prompts."),
+    from_step: int = typer.Option(0, "--from-step", help="Train split: start at the prompts of this step."),
+    sets: list[str] = SetOpt,
+    store: str | None = StoreOpt,
+    as_json: bool = JsonOpt,
+):
+    """Pre-fill the guide cache: verified guide trajectories for a prompt set, written to the store."""
+    from npo_cli.guide import prefill
+
+    res = prefill(store, guide, prompts, split, limit, from_step, sets, console=console, progress=not as_json)
+    if as_json:
+        print(json.dumps(res, indent=1))
+        return
+    print(f"guide {res['guide_ref']} ({res['guide'][:12]}): {res['found']}/{res['prompts']} prompts with a "
+          f"verified trajectory; {res['cache_hits']} from the cache, {res['sampled']} sampled "
+          f"({res['samples']} samples, {res['tokens']} tokens, {res['seconds']:.1f} s)")
 
 
 def main():

@@ -1,0 +1,112 @@
+"""What the store holds, for `npo ls` and `npo show`: plain dicts (the CLI prints them or dumps --json).
+
+No torch here: listing a store should not pay for importing it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from npo_cli.errors import NpoError
+from npo_cli.recipe import recipe_diff
+from npo_cli.store import Manifest, Store
+
+REWARD_KEY, EVAL_KEY = "reward", "eval/accuracy"  # the summary keys `npo ls` shows
+
+
+def short_ref(store: Store, cid: str | None, run: str | None = None) -> str | None:
+    """'branch@step' within `run`, else 'run/branch@step'; the id prefix if it is not a checkpoint."""
+    if not cid:
+        return None
+    try:
+        m = store.manifest(cid)
+    except NpoError:
+        return cid[:12]
+    return f"{m.branch}@{m.step}" if m.run == run else f"{m.run}/{m.branch}@{m.step}"
+
+
+def _entry(m: Manifest) -> dict[str, Any]:
+    return {"id": m.id, "step": m.step, "reward": m.summary.get(REWARD_KEY),
+            "eval_accuracy": m.summary.get(EVAL_KEY), "size": m.tensor_bytes(), "guide": m.guide,
+            "created": m.created}
+
+
+def ls_data(store: Store, run: str | None = None) -> dict[str, Any]:
+    """Runs -> branches (fork point, guide) -> the checkpoints written on each branch, oldest first.
+
+    A branch lists the checkpoints saved on it (run and branch match, walking back from its head); the
+    first ancestor that is not is its fork point (none for a run's first branch)."""
+    runs = store.runs()
+    if run is not None:
+        if run not in runs:
+            raise NpoError(f"unknown run {run!r} in {store.url} (runs: {', '.join(runs) or 'none'})")
+        runs = [run]
+    out = []
+    for r in runs:
+        branches = store.branches(r)
+        rows = []
+        for b in sorted(branches, key=lambda x: (x != "main", x)):
+            own: list[Manifest] = []
+            fork = None
+            for m in store.lineage(branches[b]):
+                if m.run == r and m.branch == b:
+                    own.append(m)
+                else:
+                    fork = m
+                    break
+            guide = next((m.guide for m in own if m.guide), None)
+            rows.append({
+                "branch": b, "head": branches[b],
+                "fork": {"id": fork.id, "ref": short_ref(store, fork.id, r), "step": fork.step} if fork else None,
+                "guide": {"id": guide, "ref": short_ref(store, guide, r)} if guide else None,
+                "checkpoints": [_entry(m) for m in reversed(own)],
+            })
+        out.append({"run": r, "branches": rows})
+    return {"store": store.url, "runs": out}
+
+
+def _numeric_summary(metrics: list[dict]) -> dict[str, dict[str, float]]:
+    cols: dict[str, list[float]] = {}
+    for row in metrics:
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                cols.setdefault(k, []).append(float(v))
+    return {k: {"first": v[0], "last": v[-1], "mean": sum(v) / len(v), "min": min(v), "max": max(v)}
+            for k, v in cols.items()}
+
+
+def show_data(store: Store, ref: str) -> dict[str, Any]:
+    """One checkpoint: manifest, metrics summary since its parent, recipe difference from its parent."""
+    m = store.manifest(ref)
+    label = f"checkpoint {m.run}/{m.branch}@{m.step}"
+    metrics = store.get_json(m.metrics, label) if m.metrics else []
+    diff: list[dict] | None = None
+    diff_note = None
+    if m.parent is None:
+        diff_note = "no parent"
+    else:
+        p = store.manifest(m.parent)
+        if m.recipe is None or p.recipe is None:
+            diff_note = "recipe not stored"
+        else:
+            a, b = store.get_json(p.recipe, label), store.get_json(m.recipe, label)
+            diff = [{"key": k, "parent": va, "this": vb} for k, va, vb in recipe_diff(a, b)]
+    return {
+        "id": m.id, "ref": f"{m.run}/{m.branch}@{m.step}",
+        "parent": {"id": m.parent, "ref": short_ref(store, m.parent, m.run)} if m.parent else None,
+        "guide": {"id": m.guide, "ref": short_ref(store, m.guide, m.run)} if m.guide else None,
+        "size": m.tensor_bytes(),
+        "tensors": {"model": len(m.model), "optimizer": len(m.optimizer), "state": len(m.state_tensors)},
+        "summary": m.summary,
+        "metrics": {"steps": len(metrics), "columns": _numeric_summary(metrics)},
+        "recipe_diff": diff, "recipe_diff_note": diff_note,
+        "manifest": m.model_dump(mode="json", by_alias=True),
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -1,0 +1,229 @@
+"""The store commands: ls, show, rewind, verify, gc, export, import; bad input is one line and changes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from npo_cli import cli
+from npo_cli.checkpoint import save_checkpoint
+from npo_cli.store import Store
+from npo_cli.tiny import char_tokenizer, tiny_config
+
+NPO = os.path.join(os.path.dirname(sys.executable), "npo")
+
+
+def tiny_model(seed: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config())
+
+
+@pytest.fixture
+def populated(tmp_path) -> str:
+    """r1: main at steps 0, 10, 20 (recipes differ in grpo.clip_high), and rw forked at 10 with a guide."""
+    url = str(tmp_path / "store")
+    s = Store.open(url)
+    tok = char_tokenizer()
+    for step in (0, 10, 20):
+        save_checkpoint(s, run="r1", branch="main", step=step, model=tiny_model(step), tokenizer=tok,
+                        summary={"reward": step / 40, "eval/accuracy": step / 50},
+                        metrics=[{"step": step - 1, "reward": 0.1}, {"step": step, "reward": 0.3}],
+                        recipe={"name": "r1", "grpo": {"clip_high": 0.28 if step < 20 else 0.3}})
+    s.branch("r1@10", "rw")
+    save_checkpoint(s, run="r1", branch="rw", step=15, model=tiny_model(15), tokenizer=tok, guide="r1@20",
+                    summary={"reward": 0.9})
+    return url
+
+
+def npo(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """Run the CLI in-process exactly as the console script does (npo_cli.cli.main)."""
+    monkeypatch.setattr(sys, "argv", ["npo", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def snapshot(root: str) -> list[tuple[str, int, int]]:
+    out = []
+    for r, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(r, f)
+            st = os.stat(p)
+            out.append((os.path.relpath(p, root), st.st_size, st.st_mtime_ns))
+    return sorted(out)
+
+
+def test_ls_tree_and_json(populated, capsys, monkeypatch):
+    code, out, _ = npo(["ls", "--store", populated], capsys, monkeypatch)
+    assert code == 0
+    assert "r1" in out and "rw" in out and "from main@10" in out and "guide main@20" in out
+    code, out, _ = npo(["ls", "r1", "--json", "--store", populated], capsys, monkeypatch)
+    data = json.loads(out)
+    (run,) = data["runs"]
+    main, rw = run["branches"]
+    assert main["branch"] == "main" and [c["step"] for c in main["checkpoints"]] == [0, 10, 20]
+    assert main["checkpoints"][2]["reward"] == 0.5 and main["checkpoints"][2]["eval_accuracy"] == 0.4
+    assert main["checkpoints"][0]["size"] > 0 and main["fork"] is None
+    assert rw["fork"]["ref"] == "main@10" and rw["guide"]["ref"] == "main@20"
+    assert [c["step"] for c in rw["checkpoints"]] == [15]
+
+
+def test_show_recipe_diff_and_metrics(populated, capsys, monkeypatch):
+    code, out, _ = npo(["show", "r1@20", "--json", "--store", populated], capsys, monkeypatch)
+    d = json.loads(out)
+    assert code == 0 and d["ref"] == "r1/main@20" and d["parent"]["ref"] == "main@10"
+    assert d["recipe_diff"] == [{"key": "grpo.clip_high", "parent": 0.28, "this": 0.3}]
+    assert d["metrics"]["steps"] == 2 and d["metrics"]["columns"]["reward"]["last"] == 0.3
+    assert d["manifest"]["model_config"] and d["manifest"]["tokenizer"]
+    code, out, _ = npo(["show", "r1@20", "--store", populated], capsys, monkeypatch)
+    assert code == 0 and "grpo.clip_high" in out and "recipe difference" in out
+
+
+def test_rewind_writes_one_ref(populated, capsys, monkeypatch):
+    before = snapshot(populated)
+    code, out, _ = npo(["rewind", "r1@10", "--store", populated], capsys, monkeypatch)
+    assert code == 0
+    assert "r1/rewind-10" in out and f"npo run --resume r1/rewind-10 --store {populated}" in out
+    added = set(snapshot(populated)) - set(before)
+    assert [a[0] for a in added] == [os.path.join("runs", "r1", "branches", "rewind-10")]
+    code, out, _ = npo(["rewind", "r1/rw", "--branch", "again", "--store", populated], capsys, monkeypatch)
+    assert code == 0 and "r1/again -> step 15" in out
+    assert Store.open(populated).resolve("r1/again") == Store.open(populated).resolve("r1/rw")
+
+
+def test_verify_and_gc(populated, capsys, monkeypatch):
+    code, out, _ = npo(["verify", "--store", populated], capsys, monkeypatch)
+    assert code == 0 and out.startswith("ok:")
+    s = Store.open(populated)
+    orphan = s.put_bytes(b"x" * 1000)
+    code, out, _ = npo(["gc", "--dry-run", "--json", "--store", populated], capsys, monkeypatch)
+    assert json.loads(out)["objects"] == 1 and s.has(orphan)
+    with s.lease("r1", "main"):
+        code, _, err = npo(["gc", "--store", populated], capsys, monkeypatch)
+        assert code == 1 and "being written" in err and s.has(orphan)
+    code, out, _ = npo(["gc", "--store", populated], capsys, monkeypatch)
+    assert code == 0 and "deleted 1 unreachable objects (1.0 KB)" in out and not s.has(orphan)
+    # one flipped byte: verify lists it and exits 1
+    oid = s.manifest("r1").model["model.norm.weight"].oid
+    path = os.path.join(populated, "objects", oid[:2], oid[2:])
+    data = bytearray(Path(path).read_bytes())
+    data[-1] ^= 0xFF
+    Path(path).write_bytes(data)
+    code, out, _ = npo(["verify", "--store", populated], capsys, monkeypatch)
+    assert code == 1 and oid[:16] in out and "corrupt" in out
+    code, out, _ = npo(["verify", "--json", "--store", populated], capsys, monkeypatch)
+    assert code == 1 and not json.loads(out)["ok"]
+    code, _, err = npo(["export", "r1", os.path.join(populated, "..", "out"), "--store", populated],
+                       capsys, monkeypatch)
+    assert code == 1 and "corrupt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_then_import(populated, tmp_path, capsys, monkeypatch):
+    out_dir = str(tmp_path / "hf")
+    code, out, _ = npo(["export", "r1/rw", out_dir, "--store", populated], capsys, monkeypatch)
+    assert code == 0 and os.path.isfile(os.path.join(out_dir, "model.safetensors"))
+    code, out, _ = npo(["import", out_dir, "--run", "back", "--store", populated], capsys, monkeypatch)
+    assert code == 0 and "back/main@0" in out
+    s = Store.open(populated)
+    a, b = s.manifest("back"), s.manifest("r1/rw")
+    assert {k: e.oid for k, e in a.model.items()} == {k: e.oid for k, e in b.model.items()}  # same tensors
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _prefix_of_tensor(url: str) -> str:
+    return Store.open(url).manifest("r1").model["model.norm.weight"].oid[:8]
+
+
+BAD = [
+    ["show", "r1@x"], ["show", "r1@"], ["show", "r1@99"], ["show", "nope"], ["show", "r1/nope"],
+    ["show", "nope/main@1"], ["show", "../x"], ["show", "/abs"], ["show", ""], ["show", "r1/"],
+    ["show", "r1/../../etc"], ["show", "@3"], ["show", "abcdef"], ["show", "TENSOR_PREFIX"],
+    ["ls", "nope"], ["ls", "../x"],
+    ["rewind", "r1@10", "--branch", "../evil"], ["rewind", "r1@10", "--branch", ""],
+    ["rewind", "r1@10", "--branch", "/abs"], ["rewind", "r1@10", "--branch", "main"],
+    ["rewind", "r1@99"], ["export", "r1@99", "OUT"], ["export", "../x", "OUT"],
+    ["import", "HF", "--run", "../x"], ["import", "HF", "--run", ""], ["import", "/nonexistent", "--run", "x"],
+    ["import", "HF", "--run", "r1"],
+]
+
+
+@pytest.mark.parametrize("args", BAD, ids=lambda a: " ".join(a) or "empty")
+def test_bad_input_is_one_line_and_changes_nothing(populated, tmp_path, args, capsys, monkeypatch):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    args = [str(hf) if a == "HF" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    args = [_prefix_of_tensor(populated) if a == "TENSOR_PREFIX" else a for a in args]
+    before = snapshot(populated)
+    code, out, err = npo([*args, "--store", populated], capsys, monkeypatch)
+    assert code == 1, (out, err)
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and "NPO_DEBUG" not in err  # an NpoError, not a crash
+    assert snapshot(populated) == before
+    assert not (tmp_path / "out").exists()
+
+
+def test_ambiguous_prefix_cli(populated, capsys, monkeypatch):
+    from test_store import _colliding_manifests
+
+    s = Store.open(populated)
+    a, b = _colliding_manifests()
+    ida = s.put_bytes(a)
+    s.put_bytes(b)
+    before = snapshot(populated)
+    code, _, err = npo(["show", ida[:6], "--store", populated], capsys, monkeypatch)
+    assert code == 1 and "ambiguous" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(populated) == before
+
+
+def test_unreachable_s3_cli(capsys, monkeypatch):
+    monkeypatch.setenv("NPO_S3_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    for args in (["ls"], ["show", "r1"], ["gc"], ["verify"]):
+        code, _, err = npo([*args, "--store", "s3://bucket/prefix"], capsys, monkeypatch)
+        assert code == 1 and "cannot reach the S3 store" in err and len(err.strip().splitlines()) == 1
+
+
+def test_s3_store_commands(s3_url, capsys, monkeypatch):
+    s = Store.open(s3_url)
+    save_checkpoint(s, run="r", branch="main", step=0, model=tiny_model(0), tokenizer=char_tokenizer())
+    code, out, _ = npo(["rewind", "r@0", "--branch", "b", "--store", s3_url], capsys, monkeypatch)
+    assert code == 0
+    code, out, _ = npo(["ls", "--json", "--store", s3_url], capsys, monkeypatch)
+    assert [b["branch"] for b in json.loads(out)["runs"][0]["branches"]] == ["main", "b"]
+    code, out, _ = npo(["verify", "--store", s3_url], capsys, monkeypatch)
+    assert code == 0 and out.startswith("ok:")
+
+
+def test_console_script_subprocess(populated):
+    env = {**os.environ, "NPO_STORE": populated}
+    r = subprocess.run([NPO, "show", "../x"], capture_output=True, text=True, env=env, timeout=120,
+                       check=False)
+    assert r.returncode == 1 and r.stderr.startswith("error: malformed ref")
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([NPO, "ls", "--json"], capture_output=True, text=True, env=env, timeout=120,
+                       check=False)
+    assert r.returncode == 0 and json.loads(r.stdout)["runs"][0]["run"] == "r1"
+    r = subprocess.run([NPO, "--help"], capture_output=True, text=True, env=env, timeout=120,
+                       check=False)
+    for cmd in ("ls", "show", "rewind", "verify", "gc", "export", "import"):
+        assert f" {cmd} " in r.stdout
