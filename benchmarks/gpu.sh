@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One prepared GPU benchmark: npo vs TRL 1.16 GRPOTrainer at the Qwen2-0.5B shape (benchmarks/gpu_bench.py).
+# On the H100 machine (torch + transformers there; trl, datasets, pydantic... carried as wheels in .whl/):
+#     bash benchmarks/gpu.sh                      # ~3 min; results in $OUT/gpu_bench.json
+# Locally, the same script at a tiny shape on CPU (no .whl/ needed: uses the active environment):
+#     PYTHON=.venv/bin/python bash benchmarks/gpu.sh --small
+if [ -d .whl ] && [ -z "${PYTHON:-}" ]; then  # on the GPU machine (PYTHON set = a local run)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+set -uo pipefail
+PY=${PYTHON:-python3}
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# what is importable (a missing TRL dependency makes the benchmark time npo alone, not crash)
+"$PY" - <<'PYEOF'
+import importlib, sys
+for m in ("torch", "transformers", "trl", "datasets", "pyarrow", "pydantic", "yaml", "fsspec", "npo_cli.trainer"):
+    try:
+        mod = importlib.import_module(m)
+        print(f"  {m} {getattr(mod, '__version__', '')}")
+    except Exception as e:  # noqa: BLE001
+        print(f"  {m}: NOT importable ({type(e).__name__}: {e})")
+import torch
+print("  cuda:", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+bad = [m for m in ("math_verify", "s3fs", "boto3") if m in sys.modules]
+print("  heavy optional modules imported by npo_cli.trainer:", bad or "none")
+PYEOF
+exec "$PY" benchmarks/gpu_bench.py "$@"
