@@ -69,12 +69,13 @@ def run_cmd(
     sets: list[str] = SetOpt,
     store: str | None = StoreOpt,
     resume: str | None = ResumeOpt,
+    force: bool = typer.Option(False, "--force", help="Break a dead or expired lease on the branch."),
     as_json: bool = JsonOpt,
 ):
     """Train with GRPO: a new run from RECIPE, or continue one with --resume."""
     from npo_cli.trainer import run_recipe
 
-    res = run_recipe(recipe, sets, store, resume, console=console, progress=not as_json)
+    res = run_recipe(recipe, sets, store, resume, console=console, progress=not as_json, force=force)
     if as_json:
         print(json.dumps(res, indent=1))
     else:

@@ -135,6 +135,19 @@ class NPOConfig(Section):
     luffy_gamma: float = Field(0.1, gt=0, description="LUFFY policy shaping f(p) = p / (p + gamma).")
     teacher_path: str | None = Field(None, description="luffy: JSONL of teacher completions (prompt, completion).")
     replay_from: str | None = Field(None, description="rlep: ref of the finished run whose successes are replayed.")
+    guide_round: int = Field(
+        4, ge=1, description="Guide samples per prompt per generate call, until max_tries (ours)."
+    )
+    replay_ratio: float = Field(
+        0.25, ge=0.0, le=4.0, description="exgrpo: experience prompts per step, as a share of "
+        "rollout.prompts_per_step (added to the batch, each with fresh rollouts + one replayed success)."
+    )
+    replay_capacity: int = Field(2048, ge=1, description="exgrpo: prompts kept in the replay buffer (oldest go).")
+    replay_per_prompt: int = Field(4, ge=1, description="exgrpo: successes kept per prompt (newest).")
+    replay_sigma: float = Field(
+        0.2, gt=0, description="exgrpo: prompts are drawn with weight exp(-(acc-0.5)^2 / 2 sigma^2): "
+        "medium difficulty first (ExGRPO's bucket preference, as one Gaussian; ours)."
+    )
 
 
 class AutoConfig(Section):

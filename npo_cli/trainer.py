@@ -30,7 +30,7 @@ from npo_cli.recipe import Recipe, build_recipe
 from npo_cli.rollout import Rollout, make_backend
 
 # keys of per-step metrics that depend on wall-clock time (everything else is deterministic on CPU)
-TIMING_KEYS = ("step_time", "gen_time", "update_time", "tokens_per_s", "eval/time")
+TIMING_KEYS = ("step_time", "gen_time", "update_time", "tokens_per_s", "eval/time", "npo/guide_seconds")
 # loss stats that are totals (summed over micro-batches), not means
 COUNT_KEYS = ("loss", "tokens", "off/rows", "off/tokens")
 
@@ -60,7 +60,8 @@ class NoSource:
     def mix(self, trainer: Trainer, groups: list[Group]) -> list[Group]:
         return groups
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, stats: dict | None = None) -> dict[str, float]:
+        """Per-step metrics of the source; `stats` are the loss stats of the step (off/* for its slots)."""
         return {}
 
     def state_dict(self) -> dict:
@@ -177,8 +178,9 @@ class Trainer:
         self.recipe, self.store, self.branch, self.console = recipe, store, branch, console
         self.run = recipe.name
         if source is None and recipe.npo.source != "none":
-            raise NpoError(f"npo.source={recipe.npo.source} is not available in this version; "
-                           "use npo.source=none")
+            from npo_cli.sources import make_source  # NPO guide, LUFFY, ExGRPO, RLEP (issue 4)
+
+            source = make_source(recipe, store)
         self.source = source or NoSource()
         self.controller = controller or NoController()
         self.events: list[dict] = []
@@ -371,7 +373,7 @@ class Trainer:
             "finished_frac": sum(ro.finished for ro in rows) / len(rows),
             "lr": lr,
             **stats,
-            **self.source.metrics(),
+            **self.source.metrics(stats),
             "step_time": dt, "gen_time": t_gen, "update_time": t_upd, "tokens_per_s": n_tok / max(dt, 1e-9),
         }
         if self.source.name != "none":
@@ -479,6 +481,10 @@ class Trainer:
             "last_eval": self.last_eval,
             "source": self.source.state_dict(), "controller": self.controller.state_dict(),
         }
+        # objects the source / controller keep in the store (e.g. a replay buffer): gc keeps them
+        objects = [*state["source"].get("objects", []), *state["controller"].get("objects", [])]
+        if objects:
+            state["objects"] = objects
         tensors = {"torch_rng": torch.get_rng_state()}
         if torch.cuda.is_available():
             tensors["cuda_rng"] = torch.cuda.get_rng_state()
@@ -498,7 +504,7 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop_signal = signum
 
-    def train(self, progress: bool | None = None) -> dict:
+    def train(self, progress: bool | None = None, force: bool = False) -> dict:
         """Train to recipe.train.steps under the branch lease; returns the end summary."""
         r = self.recipe
         show = r.logging.progress if progress is None else progress
@@ -509,7 +515,7 @@ class Trainer:
             for s in (signal.SIGINT, signal.SIGTERM):
                 handlers[s] = signal.signal(s, self._on_signal)
         try:
-            with self.store.lease(self.run, self.branch):
+            with self.store.lease(self.run, self.branch, force=force):
                 sinks = MetricSinks(r, self.run, self.branch)
                 bar = Progress(self.console, r.train.steps, start_step, enabled=show)
                 if self.head is None:  # new run: the initial policy is step 0 (rewind/intervene --at 0)
@@ -647,7 +653,7 @@ def open_store(url: str | None, recipe: Recipe | None = None):
 
 
 def run_recipe(recipe_path: str | None, overrides: list[str], store_url: str | None, resume: str | None,
-               console=None, progress: bool = True) -> dict:
+               console=None, progress: bool = True, force: bool = False) -> dict:
     """`npo run`: a new run from a recipe file, or --resume RUN[/BRANCH] from its head."""
     from npo_cli.recipe import load_recipe
 
@@ -663,7 +669,7 @@ def run_recipe(recipe_path: str | None, overrides: list[str], store_url: str | N
         recipe = load_recipe(recipe_path, overrides)
         store = open_store(store_url, recipe)
         trainer = Trainer.new(recipe, store, console=console)
-    return trainer.train(progress=progress and trainer.recipe.logging.progress)
+    return trainer.train(progress=progress and trainer.recipe.logging.progress, force=force)
 
 
 def eval_checkpoint(store_url: str | None, ref: str, samples: int | None = None,

@@ -200,7 +200,7 @@ def test_run_refusals(store_dir):
         Trainer.resume(store, "base", ["train.steps=0"])
     with pytest.raises(NpoError, match="drop RECIPE"):
         run_recipe("x.yaml", [], None, "base")
-    with pytest.raises(NpoError, match="not available"):
+    with pytest.raises(NpoError, match="needs npo.guide"):  # issue 4: sources exist; a guide is required
         Trainer.new(build_recipe(recipe_dict(npo={"source": "npo"})), store)
 
 

@@ -1,0 +1,262 @@
+"""The guide-rollout generator: verified-correct trajectories of a guide checkpoint, cached in the store.
+
+For each prompt the guide samples (batched over prompts, `npo.guide_round` completions per prompt per
+call) until a completion passes the task's verifier or `npo.max_tries` samples are spent. A found
+trajectory keeps the guide's token ids and per-token log-probs (the behaviour policy of the NPO slot).
+
+Cache: one JSON object per (guide checkpoint id, formatted prompt, answer, sampling settings), named
+by a ref `guides/<guide id>/<key>` in the store (`Store.cache_get` / `cache_put`). The key hashes all
+of those, and a read checks the entry's guide id, prompt and answer again, so a trajectory is never
+used with another guide. A prompt the guide failed is cached too ("found": false, with its number of
+tries) so it is not resampled unless max_tries grows. Entries stay while the guide checkpoint is
+reachable (`npo gc` keeps them with it).
+
+Sampling runs under `torch.random.fork_rng`, seeded from (recipe seed, guide id, step), so the
+trainer's RNG stream, and with it exact resume, do not depend on whether the cache was warm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from npo_cli.errors import NpoError
+
+CACHE_FORMAT = "npo-guide/1"
+
+
+def sampling_settings(recipe) -> dict:
+    """What, besides guide and prompt, decides which trajectories are valid cache hits."""
+    r, t = recipe.rollout, recipe.task
+    return {"temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens,
+            "verifier": t.verifier, "chat_template": t.chat_template}
+
+
+def cache_key(guide_id: str, prompt: str, answer: str, settings: dict) -> str:
+    blob = json.dumps({"guide": guide_id, "prompt": prompt, "answer": answer, "settings": settings},
+                      sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def derive_seed(*parts) -> int:
+    """A stable 63-bit seed from any parts (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+@dataclass
+class GuideStats:
+    hits: int = 0  # prompts answered from the cache
+    sampled: int = 0  # prompts the guide sampled for
+    found: int = 0  # of those, prompts with a verified trajectory
+    samples: int = 0  # completions drawn
+    tokens: int = 0  # completion tokens drawn
+    seconds: float = 0.0  # wall time of sampling (model load included)
+
+
+class GuideGenerator:
+    """Verified trajectories of one guide checkpoint for (formatted prompt, Problem) pairs."""
+
+    def __init__(self, store, guide: str, recipe, device: str | None = None):
+        from npo_cli.verifiers import make_verifier
+
+        self.store, self.recipe = store, recipe
+        self.guide_id = store.resolve(guide)
+        self.manifest = store.manifest(self.guide_id)
+        self.settings = sampling_settings(recipe)
+        self.max_tries, self.round = recipe.npo.max_tries, recipe.npo.guide_round
+        self.device = device
+        # correctness only: a format bonus must not let a wrong answer in
+        self.judge = make_verifier(recipe.task.model_copy(update={"format_reward": 0.0}))
+        self.backend = None
+        self.stats = GuideStats()
+
+    def key(self, prompt: str, answer: str) -> str:
+        return cache_key(self.guide_id, prompt, answer, self.settings)
+
+    def correct(self, text: str, problem) -> bool:
+        return self.judge(problem.prompt, text, problem.answer) >= 1.0
+
+    # ---------------------------------------------------------------- cache
+
+    def lookup(self, prompt: str, problem) -> dict | None:
+        """The cached entry for this prompt (found or not), or None on a miss."""
+        oid = self.store.cache_get(self.guide_id, self.key(prompt, problem.answer))
+        if oid is None:
+            return None
+        try:
+            e = self.store.get_json(oid, "guide cache entry")
+        except NpoError:  # object collected or damaged: resample
+            return None
+        if (not isinstance(e, dict) or e.get("format") != CACHE_FORMAT or e.get("guide") != self.guide_id
+                or e.get("prompt") != prompt or e.get("answer") != problem.answer):
+            return None
+        if e.get("found") and not self.correct(e.get("text", ""), problem):
+            return None  # the verifier changed its mind: never hand out a wrong trajectory
+        return e
+
+    def _write(self, entry: dict) -> None:
+        oid = self.store.put_json(entry)  # object first, then the ref
+        self.store.cache_put(self.guide_id, self.key(entry["prompt"], entry["answer"]), oid)
+
+    # ---------------------------------------------------------------- sampling
+
+    def load(self):
+        if self.backend is None:
+            from npo_cli.checkpoint import load_model
+            from npo_cli.model import DTYPES, resolve_device
+            from npo_cli.rollout import make_backend
+
+            device = self.device or resolve_device(self.recipe.model)
+            model, tok, _ = load_model(self.store, self.guide_id, dtype=DTYPES[self.recipe.model.dtype],
+                                       device=device)
+            if tok is None:
+                raise NpoError(f"guide {self.store.describe(self.guide_id)} has no tokenizer")
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
+            tok.padding_side = "left"
+            self.backend = make_backend(model, tok, self.recipe.rollout,
+                                        add_special_tokens=not self.recipe.task.chat_template)
+        return self.backend
+
+    def unload(self) -> None:
+        self.backend = None
+
+    def get(self, items: list[tuple[str, object]], seed: int) -> list[dict | None]:
+        """For each (formatted prompt, Problem): its verified trajectory entry, or None when the guide
+        found none in max_tries. Misses are sampled (batched) and written to the cache."""
+        out: list[dict | None] = [None] * len(items)
+        todo = []
+        for i, (prompt, problem) in enumerate(items):
+            e = self.lookup(prompt, problem)
+            if e is not None and (e["found"] or e.get("tries", 0) >= self.max_tries):
+                self.stats.hits += 1
+                out[i] = e if e["found"] else None
+            else:
+                todo.append(i)
+        if todo:
+            for i, e in zip(todo, self._sample([items[i] for i in todo], seed)):
+                self._write(e)
+                out[i] = e if e["found"] else None
+        return out
+
+    def _sample(self, items: list[tuple[str, object]], seed: int) -> list[dict]:
+        t0 = time.perf_counter()
+        backend = self.load()
+        n = len(items)
+        found: list = [None] * n
+        tries, tokens = [0] * n, [0] * n
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            left = list(range(n))
+            while left:
+                k = min(self.round, self.max_tries - tries[left[0]])  # every prompt left has the same tries
+                groups = backend.generate([items[i][0] for i in left], k)
+                still = []
+                for i, rollouts in zip(left, groups):
+                    for j, ro in enumerate(rollouts):
+                        tokens[i] += len(ro.completion_ids)
+                        if found[i] is None and self.correct(ro.text, items[i][1]):
+                            found[i] = (ro, tries[i] + j + 1)
+                    tries[i] += k
+                    if found[i] is None and tries[i] < self.max_tries:
+                        still.append(i)
+                self.stats.samples += k * len(left)
+                left = still
+        secs = time.perf_counter() - t0
+        self.stats.sampled += n
+        self.stats.found += sum(f is not None for f in found)
+        self.stats.tokens += sum(tokens)
+        self.stats.seconds += secs
+        entries = []
+        for i, (prompt, problem) in enumerate(items):
+            e = {"format": CACHE_FORMAT, "guide": self.guide_id, "prompt": prompt, "answer": problem.answer,
+                 "settings": self.settings, "found": found[i] is not None, "tries": tries[i],
+                 "tokens": tokens[i], "seconds": secs / n}
+            if found[i] is not None:
+                ro, at = found[i]
+                e.update(tries=at, prompt_ids=list(ro.prompt_ids), completion_ids=list(ro.completion_ids),
+                         logprobs=[float(x) for x in ro.logprobs], text=ro.text, finished=bool(ro.finished))
+            entries.append(e)
+        return entries
+
+
+# --------------------------------------------------------------------------- `npo guide`
+
+
+def prefill(store_url: str | None, guide: str, prompts: str | None = None, split: str = "train",
+            limit: int | None = None, from_step: int = 0, overrides: list[str] = (), console=None,
+            progress: bool = True) -> dict:
+    """`npo guide`: fill the cache of `guide` for a prompt file or the task's train/eval split.
+
+    Settings (template, sampling, verifier, max_tries) come from the guide checkpoint's stored recipe
+    plus overrides, i.e. the same keys a branch of that run computes. The train split goes in the
+    trainer's order (epoch 0 of the run's seed), starting at `from_step`, so `--limit N` covers the
+    prompts of the next N / prompts_per_step steps of an intervention at that step."""
+    from npo_cli.recipe import build_recipe
+    from npo_cli.store import Store
+    from npo_cli.tasks import load_problems
+    from npo_cli.trainer import format_prompt
+
+    if split not in ("train", "eval"):
+        raise NpoError(f"--split must be train or eval, not {split!r}")
+    if limit is not None and limit < 1:
+        raise NpoError("--limit must be >= 1")
+    if from_step < 0:
+        raise NpoError("--from-step must be >= 0")
+    store = Store.open(store_url)
+    man = store.manifest(guide)
+    recipe = build_recipe(store.get_json(man.recipe) if man.recipe else {}, list(overrides))
+    if prompts:
+        task = recipe.task.model_copy(update={"kind": "file", "train_path": prompts, "eval_path": prompts})
+        problems = load_problems(task, "train", recipe.seed)
+    else:
+        problems = load_problems(recipe.task, split, recipe.seed)
+        if split == "train":
+            order = list(range(len(problems)))
+            random.Random(recipe.seed * 1_000_003).shuffle(order)  # = Trainer._order(epoch 0)
+            start = from_step * recipe.rollout.prompts_per_step
+            problems = [problems[i] for i in (order[start:] + order[:start])]
+        elif split == "eval":
+            problems = problems[: recipe.task.eval_size]
+    problems = problems[:limit] if limit else problems
+    if not problems:
+        raise NpoError("no prompts to generate for")
+    gen = GuideGenerator(store, man.id, recipe)
+    tok = None
+    if recipe.task.chat_template:
+        from npo_cli.checkpoint import load_tokenizer
+
+        tok = load_tokenizer(store, man)
+    items = [(format_prompt(recipe, tok, p.prompt), p) for p in problems]
+    chunk = max(1, recipe.rollout.batch_size // max(1, recipe.npo.guide_round))
+    bar = None
+    if progress and console is not None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("[bold]guide"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
+        task_id = bar.add_task("guide", total=len(items), info="")
+        bar.start()
+    found = 0
+    try:
+        for s in range(0, len(items), chunk):
+            part = items[s : s + chunk]
+            res = gen.get(part, derive_seed(recipe.seed, gen.guide_id, "prefill", s))
+            found += sum(e is not None for e in res)
+            if bar is not None:
+                st = gen.stats
+                bar.update(task_id, completed=s + len(part),
+                           info=f"found {found}/{s + len(part)}  cached {st.hits}  {st.tokens} tok")
+    finally:
+        if bar is not None:
+            bar.stop()
+    st = gen.stats
+    return {"guide": gen.guide_id, "guide_ref": f"{man.run}/{man.branch}@{man.step}", "prompts": len(items),
+            "found": found, "cache_hits": st.hits, "sampled": st.sampled, "samples": st.samples,
+            "tokens": st.tokens, "seconds": st.seconds}

@@ -1,0 +1,378 @@
+"""Sources of off-policy slots (`npo.source`): the NPO guide and the baselines, one slot machinery.
+
+Every source works the same way on the groups of a step (`mix`): a group whose on-policy accuracy
+p̂(x) <= npo.gate, for which the source has a verified-correct trajectory, gets that trajectory in its
+last slot (`put_slot`); the trainer then computes advantages over the mixed group, and the loss uses
+the trajectory's stored behaviour log-probs as the ratio's denominator (grpo.OffPolicy, chosen by
+npo.guide_clip / npo.importance_sampling; LUFFY shaping for source=luffy). Sources differ only in
+where trajectories come from:
+
+  npo     the guide checkpoint (a later checkpoint of the same run), via guide.GuideGenerator
+  luffy   an external teacher: a JSONL of completions (npo.teacher_path) or a teacher checkpoint
+  exgrpo  the run's own past verified successes (a replay buffer kept in the store), medium-difficulty
+          prompts first; experience prompts are added to the batch with fresh rollouts
+  rlep    the successes of a finished run (npo.replay_from): its final checkpoint's verified samples,
+          collected with the guide generator (cached; `npo guide --guide RUN` collects them up front)
+
+Slots are mixed only for npo.start <= step < npo.until. Metrics (prefix npo/, whatever the source):
+gated_frac, hit_rate, Q (fraction of failing prompts, p̂ = 0, with a trajectory; absent when none
+failed), kl (k3 estimate of the per-token KL(behaviour || policy) on the slot tokens, from the loss's
+off/kl), V = exp(kl), S = Q / V, the slot tokens' clipped fraction / share outside the on-policy band /
+share of positive advantage, and the generator's cost (tokens, seconds).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from npo_cli.errors import NpoError
+from npo_cli.guide import GuideGenerator, derive_seed
+from npo_cli.rollout import Rollout
+from npo_cli.trainer import Group, NoSource
+
+GATE_EPS = 1e-9  # p̂ == gate mixes (k/n is not always exact in binary)
+
+
+def gated(accuracy: float, gate: float) -> bool:
+    return accuracy <= gate + GATE_EPS
+
+
+def put_slot(trainer, group: Group, ro: Rollout) -> bool:
+    """Replace the last slot of `group` with off-policy rollout `ro`, if the verifier accepts it."""
+    p = group.problem
+    if trainer.judge(p.prompt, ro.text, p.answer) < 1.0:
+        return False  # a wrong answer never enters a group
+    group.rollouts[-1] = ro
+    group.rewards[-1] = float(trainer.reward_fn(p.prompt, ro.text, p.answer, finished=ro.finished))
+    group.correct[-1] = True
+    group.info["offpolicy_slot"] = ro.source
+    return True
+
+
+class SlotSource(NoSource):
+    """Gate, replace, count. Subclasses give `trajectories(trainer, groups)`."""
+
+    name = "slots"
+    has_logprobs = True  # False: behaviour log-probs unknown (teacher file), so no KL / V / S
+
+    def __init__(self, recipe, store):
+        self.recipe, self.store, self.npo = recipe, store, recipe.npo
+        self.guide: str | None = None
+        self._m: dict[str, float] = {}
+        self.cost = {"tokens": 0, "seconds": 0.0}  # generator totals over the branch
+
+    def active(self, step: int) -> bool:
+        return self.npo.start <= step and (self.npo.until is None or step < self.npo.until)
+
+    def trajectories(self, trainer, groups: list[Group]) -> list[Rollout | None]:
+        raise NotImplementedError
+
+    def mix(self, trainer, groups: list[Group]) -> list[Group]:
+        self._m = {}
+        if not self.active(trainer.step_num):
+            self.idle(trainer)
+            return groups
+        self.mix_groups(trainer, groups, lambda gs: self.trajectories(trainer, gs))
+        return groups
+
+    def idle(self, trainer) -> None:
+        pass
+
+    def mix_groups(self, trainer, groups: list[Group], fetch) -> None:
+        acc = [g.accuracy for g in groups]  # before mixing
+        gate = [g for g, a in zip(groups, acc) if gated(a, self.npo.gate)]
+        trajs = fetch(gate) if gate else []
+        hit = {id(g) for g, ro in zip(gate, trajs) if ro is not None and put_slot(trainer, g, ro)}
+        failing = [g for g, a in zip(groups, acc) if a == 0.0]
+        m = {"npo/active": 1.0, "npo/gated_frac": len(gate) / max(1, len(groups)),
+             "npo/hit_rate": len(hit) / len(gate) if gate else 0.0, "npo/slots": float(len(hit))}
+        if failing:
+            m["npo/Q"] = sum(id(g) in hit for g in failing) / len(failing)
+        self._m.update(m)
+
+    def add_cost(self, tokens: int, seconds: float) -> None:
+        self._m["npo/guide_tokens"] = self._m.get("npo/guide_tokens", 0.0) + tokens
+        self._m["npo/guide_seconds"] = self._m.get("npo/guide_seconds", 0.0) + seconds
+        self.cost["tokens"] += int(tokens)
+        self.cost["seconds"] += float(seconds)
+
+    def metrics(self, stats: dict | None = None) -> dict[str, float]:
+        if not self._m:
+            return {}
+        m = {"npo/guide_tokens": 0.0, "npo/guide_seconds": 0.0, **self._m,
+             "npo/guide_tokens_total": float(self.cost["tokens"])}
+        stats = stats or {}
+        if "off/kl" in stats:
+            m["npo/guide_clip_frac"] = stats.get("off/clip_frac", 0.0)
+            m["npo/guide_outside"] = stats.get("off/outside", 0.0)
+            m["npo/guide_pos_adv_share"] = stats.get("off/pos_adv_share", 0.0)
+            if self.has_logprobs:
+                m["npo/kl"] = stats["off/kl"]
+                m["npo/V"] = math.exp(min(stats["off/kl"], 50.0))
+                if "npo/Q" in m:
+                    m["npo/S"] = m["npo/Q"] / m["npo/V"]
+        return m
+
+    def state_dict(self) -> dict:
+        return {"cost": dict(self.cost)}
+
+    def load_state_dict(self, state: dict) -> None:
+        cost = state.get("cost") or {}
+        self.cost = {"tokens": int(cost.get("tokens", 0)), "seconds": float(cost.get("seconds", 0.0))}
+
+
+def slot_rollout(group: Group, entry: dict, name: str) -> Rollout:
+    """A cached trajectory as a rollout of this group's prompt (prompt ids: the policy's own)."""
+    return Rollout(prompt_ids=list(group.rollouts[-1].prompt_ids), completion_ids=list(entry["completion_ids"]),
+                   logprobs=list(entry["logprobs"]), text=entry["text"], finished=bool(entry["finished"]),
+                   source=name)
+
+
+class GuideSource(SlotSource):
+    """Trajectories of one checkpoint through the guide generator (npo, rlep, luffy with a checkpoint)."""
+
+    def __init__(self, recipe, store, ref: str):
+        super().__init__(recipe, store)
+        self.gen = GuideGenerator(store, ref, recipe)
+        self.guide = self.gen.guide_id
+
+    def entries(self, trainer, groups: list[Group]) -> list[dict | None]:
+        before = (self.gen.stats.tokens, self.gen.stats.seconds)
+        seed = derive_seed(self.recipe.seed, self.guide, trainer.step_num)
+        out = self.gen.get([(g.prompt, g.problem) for g in groups], seed)
+        self.add_cost(self.gen.stats.tokens - before[0], self.gen.stats.seconds - before[1])
+        return out
+
+    def trajectories(self, trainer, groups: list[Group]) -> list[Rollout | None]:
+        out = []
+        for g, e in zip(groups, self.entries(trainer, groups)):
+            if e is not None and e["prompt_ids"] != g.rollouts[-1].prompt_ids:
+                raise NpoError(f"guide {self.store.describe(self.guide)} tokenizes prompts differently from "
+                               f"the policy; npo.source={self.name} needs the same tokenizer (luffy re-tokenizes)")
+            out.append(slot_rollout(g, e, self.name) if e is not None else None)
+        return out
+
+    def idle(self, trainer) -> None:
+        if self.npo.until is not None and trainer.step_num >= self.npo.until:
+            self.gen.unload()  # the window is over: free the guide's memory
+
+
+class NPOSource(GuideSource):
+    """Near-future guide: a later checkpoint of the same run (npo.guide)."""
+
+    name = "npo"
+
+    def __init__(self, recipe, store):
+        if not recipe.npo.guide:
+            raise NpoError("npo.source=npo needs npo.guide (a later checkpoint, e.g. RUN@400); "
+                           "or branch with: npo intervene --at A --guide G")
+        super().__init__(recipe, store, recipe.npo.guide)
+
+
+class RLEPSource(GuideSource):
+    """RLEP: verified successes of a finished run (npo.replay_from, its final checkpoint), replayed from
+    step 0. They are sampled by that checkpoint with the guide generator and cached under its id."""
+
+    name = "rlep"
+
+    def __init__(self, recipe, store):
+        if not recipe.npo.replay_from:
+            raise NpoError("npo.source=rlep needs npo.replay_from (the finished run, e.g. RUN or RUN@STEP)")
+        super().__init__(recipe, store, recipe.npo.replay_from)
+
+
+class LuffySource(GuideSource):
+    """LUFFY: an external teacher's trajectories, objective f(pi_theta) * A with f(p) = p / (p + gamma)."""
+
+    name = "luffy"
+
+    def __init__(self, recipe, store):
+        npo = recipe.npo
+        self.table: dict[str, list[dict]] | None = None
+        if npo.teacher_path:
+            SlotSource.__init__(self, recipe, store)
+            self.table = read_teacher(npo.teacher_path, recipe.task.prompt_field)
+            self.has_logprobs = False
+        elif npo.guide:
+            super().__init__(recipe, store, npo.guide)
+        else:
+            raise NpoError("npo.source=luffy needs npo.teacher_path (JSONL of prompt, completion) "
+                           "or npo.guide (a teacher checkpoint)")
+
+    def trajectories(self, trainer, groups: list[Group]) -> list[Rollout | None]:
+        if self.table is None:  # teacher checkpoint: its ids if the tokenizer matches, else re-tokenized
+            return [None if e is None else slot_rollout(g, e, self.name)
+                    if e["prompt_ids"] == g.rollouts[-1].prompt_ids else self.tokenize(trainer, g, e["text"])
+                    for g, e in zip(groups, self.entries(trainer, groups))]
+        out = []
+        for g in groups:
+            ro = None
+            for row in self.table.get(g.problem.prompt, []):
+                cand = self.tokenize(trainer, g, row["completion"])
+                if cand is not None and trainer.judge(g.problem.prompt, cand.text, g.problem.answer) >= 1.0:
+                    ro = cand
+                    break
+            out.append(ro)
+        return out
+
+    def idle(self, trainer) -> None:
+        if self.table is None:
+            super().idle(trainer)
+
+    def tokenize(self, trainer, group: Group, text: str) -> Rollout | None:
+        """A teacher completion in the policy's tokens (+ EOS); None if longer than max_new_tokens.
+        Behaviour log-probs are unknown (0): LUFFY shaping does not use them."""
+        tok = trainer.tokenizer
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [int(tok.eos_token_id)]
+        if len(ids) > self.recipe.rollout.max_new_tokens:
+            return None
+        return Rollout(prompt_ids=list(group.rollouts[-1].prompt_ids), completion_ids=ids,
+                       logprobs=[0.0] * len(ids), text=tok.decode(ids, skip_special_tokens=True),
+                       finished=True, source=self.name)
+
+
+def read_teacher(url: str, prompt_field: str = "prompt") -> dict[str, list[dict]]:
+    """prompt -> teacher completions, from a JSONL/Parquet file (any fsspec URL) with `prompt_field` and
+    `completion` fields."""
+    from npo_cli.tasks import _read_records
+
+    table: dict[str, list[dict]] = {}
+    for i, row in enumerate(_read_records(url, (prompt_field, "completion")), 1):
+        if not isinstance(row, dict) or row.get(prompt_field) is None or row.get("completion") is None:
+            raise NpoError(f"teacher file {url} record {i} needs fields '{prompt_field}' and 'completion'")
+        table.setdefault(str(row[prompt_field]), []).append({"completion": str(row["completion"])})
+    if not table:
+        raise NpoError(f"teacher file {url} has no records")
+    return table
+
+
+class ExGRPOSource(SlotSource):
+    """ExGRPO: replay of the run's own verified successes, with their behaviour log-probs.
+
+    Every step records the on-policy successes per prompt (newest npo.replay_per_prompt kept; a prompt
+    solved by the whole group is retired) and each prompt's latest accuracy. In the window, about
+    replay_ratio * prompts_per_step buffered prompts, drawn with weight exp(-(acc - 0.5)^2 / 2 sigma^2)
+    (medium difficulty first), get fresh rollouts; if gated, the stored success with the highest mean
+    log-prob (ExGRPO prefers low-entropy trajectories) takes the last slot. These groups are added to
+    the batch. The buffer is saved as JSON objects in the store: append-only segments of trajectories
+    plus an index, all listed in the checkpoint's state (so gc keeps them and resume restores it).
+    """
+
+    name = "exgrpo"
+    MAX_SEGMENTS = 32  # then the live trajectories are rewritten as one segment
+
+    def __init__(self, recipe, store):
+        super().__init__(recipe, store)
+        self.buffer: dict[str, dict] = {}  # formatted prompt -> record; order = least recently updated first
+        self.segments: list[str] = []
+
+    def mix(self, trainer, groups: list[Group]) -> list[Group]:
+        self._m = {}
+        step, extra, picks = trainer.step_num, [], []
+        k = round(self.npo.replay_ratio * self.recipe.rollout.prompts_per_step)
+        if self.active(step) and k > 0 and self.buffer:
+            picks = self.pick(k, {g.prompt for g in groups}, step)
+            if picks:
+                from npo_cli.tasks import Problem
+
+                sampled = trainer.backend.generate(list(picks), self.recipe.rollout.group_size)
+                for (prompt, rec), rollouts in zip(picks.items(), sampled):
+                    problem = Problem(prompt=rec["raw"], answer=rec["answer"], tags=tuple(rec["tags"]))
+                    extra.append(trainer.score(problem, prompt, rollouts))
+        chosen = {p: self.best(rec) for p, rec in picks.items()} if picks else {}
+        for g in groups + extra:
+            self.record(g, step)
+        if self.active(step):
+            def fetch(gs: list[Group]) -> list[Rollout | None]:
+                return [slot_rollout(g, chosen[g.prompt], self.name) if chosen.get(g.prompt) else None
+                        for g in gs]
+
+            self.mix_groups(trainer, extra, fetch)
+            self._m["npo/replay_groups"] = float(len(extra))
+            self._m["npo/buffer_prompts"] = float(len(self.buffer))
+        return groups + extra
+
+    def pick(self, k: int, exclude: set[str], step: int) -> dict[str, dict]:
+        """k buffered prompts (not in this batch), weighted sampling without replacement (A-ExpJ keys)."""
+        rng = random.Random(derive_seed(self.recipe.seed, "exgrpo", step))
+        s2 = 2 * self.npo.replay_sigma ** 2
+        keyed = []
+        for p, rec in self.buffer.items():
+            u = rng.random()
+            if p in exclude or not rec["trajs"]:
+                continue
+            w = math.exp(-((rec["acc"] - 0.5) ** 2) / s2)
+            keyed.append((math.log(max(u, 1e-300)) / w, p))
+        keyed.sort(reverse=True)
+        return {p: self.buffer[p] for _, p in keyed[:k]}
+
+    @staticmethod
+    def best(rec: dict) -> dict | None:
+        trajs = rec["trajs"]
+        return max(trajs, key=lambda t: sum(t["logprobs"]) / max(1, len(t["logprobs"]))) if trajs else None
+
+    def record(self, g: Group, step: int) -> None:
+        """Remember this group's on-policy successes and accuracy (before any slot is replaced)."""
+        acc = g.accuracy
+        rec = self.buffer.pop(g.prompt, None)
+        if acc >= 1.0:
+            return  # solved by the whole group: retired
+        wins = [ro for ro, ok in zip(g.rollouts, g.correct) if ok and ro.source == "policy"]
+        if rec is None and not wins:
+            return
+        rec = rec or {"raw": g.problem.prompt, "answer": g.problem.answer, "tags": list(g.problem.tags),
+                      "trajs": []}
+        rec["acc"], rec["step"] = acc, step
+        rec["trajs"] = (rec["trajs"] + [{"completion_ids": list(ro.completion_ids), "logprobs": list(ro.logprobs),
+                                         "text": ro.text, "finished": bool(ro.finished), "step": step}
+                                        for ro in wins])[-self.npo.replay_per_prompt :]
+        self.buffer[g.prompt] = rec
+        while len(self.buffer) > self.npo.replay_capacity:
+            self.buffer.pop(next(iter(self.buffer)))
+
+    def state_dict(self) -> dict:
+        if len(self.segments) >= self.MAX_SEGMENTS:  # compact: forget the old segments
+            self.segments = []
+            for rec in self.buffer.values():
+                for t in rec["trajs"]:
+                    t.pop("ref", None)
+        new = [t for rec in self.buffer.values() for t in rec["trajs"] if "ref" not in t]
+        if new:
+            seg = len(self.segments)
+            self.segments.append(self.store.put_json([{k: v for k, v in t.items() if k != "ref"} for t in new]))
+            for j, t in enumerate(new):
+                t["ref"] = [seg, j]
+        index = {"format": "npo-replay/1", "segments": self.segments,
+                 "prompts": [[p, {**{k: v for k, v in rec.items() if k != "trajs"},
+                                  "trajs": [t["ref"] for t in rec["trajs"]]}] for p, rec in self.buffer.items()]}
+        oid = self.store.put_json(index)
+        return {**super().state_dict(), "replay": oid, "objects": [oid, *self.segments]}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.buffer, self.segments = {}, []
+        if not state.get("replay"):
+            return
+        index = self.store.get_json(state["replay"], "exgrpo replay buffer")
+        self.segments = list(index["segments"])
+        segs = [self.store.get_json(o, "exgrpo replay segment") for o in self.segments]
+        for p, rec in index["prompts"]:
+            rec["trajs"] = [{**segs[s][j], "ref": [s, j]} for s, j in rec["trajs"]]
+            self.buffer[p] = rec
+
+
+def make_source(recipe, store):
+    """The slot source named by npo.source."""
+    s = recipe.npo.source
+    if s == "none":
+        return NoSource()
+    if s == "npo":
+        return NPOSource(recipe, store)
+    if s == "luffy":
+        return LuffySource(recipe, store)
+    if s == "exgrpo":
+        return ExGRPOSource(recipe, store)
+    if s == "rlep":
+        return RLEPSource(recipe, store)
+    raise NpoError(f"unknown npo.source {s!r}")

@@ -1,0 +1,120 @@
+"""`npo intervene`: branch at A with guide G, NPO until U, then GRPO; `npo ls` shows fork and guide."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from npo_cli.errors import NpoError
+from npo_cli.intervene import plan
+from npo_cli.recipe import build_recipe
+from npo_cli.trainer import Trainer
+
+TASK = {"arithmetic": {"digits": 1}, "eval_size": 8}
+
+
+@pytest.fixture(scope="module")
+def run_store(npo_base_store, tmp_path_factory) -> Path:
+    """'base' plus run 'r': 8 GRPO steps of 4 prompts x 4, checkpoints every 2 steps."""
+    from npo_cli.store import Store
+
+    d = tmp_path_factory.mktemp("intervene") / "store"
+    shutil.copytree(npo_base_store, d)
+    recipe = build_recipe({
+        "name": "r", "seed": 0, "model": {"path": "base@0"}, "task": TASK,
+        "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4}, "grpo": {"lr": 1e-3},
+        "train": {"steps": 8, "save_every": 2, "eval_every": 4},
+        "logging": {"progress": False, "metrics_jsonl": str(d.parent / "runs/{run}/{branch}/metrics.jsonl")},
+    })
+    Trainer.new(recipe, Store.open(str(d))).train()
+    return d
+
+
+@pytest.fixture
+def store_dir(run_store, tmp_path, monkeypatch) -> Path:
+    d = tmp_path / "store"
+    shutil.copytree(run_store, d)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NPO_STORE", str(d))
+    return d
+
+
+def open_store(d):
+    from npo_cli.store import Store
+
+    return Store.open(str(d))
+
+
+def run_main(argv, monkeypatch, capsys):
+    from npo_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["npo", *argv])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_intervene_end_to_end(store_dir, monkeypatch, capsys):
+    # --run left out: the store holds 'base' (step 0 only) and 'r'; only 'r' has steps 2 and 6
+    code, out, err = run_main(["intervene", "--at", "2", "--guide", "6", "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["branch"] == "npo-2-g6" and res["step"] == 8 and res["plan"]["until"] == 6
+    store = open_store(store_dir)
+    guide = store.resolve("r@6")
+    own = [m for m in store.lineage("r/npo-2-g6") if m.branch == "npo-2-g6"]
+    assert [m.step for m in own] == [8, 6, 4]
+    assert all(m.guide == guide for m in own)
+    assert own[-1].parent == store.resolve("r@2")
+    assert own[-1].events[-1]["kind"] == "intervene" and own[-1].events[-1]["guide"] == guide
+    rows = [json.loads(line) for line in Path(res["metrics_jsonl"]).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 4, 5, 6, 7, 8]
+    npo_rows = [r for r in rows if "npo/active" in r]
+    assert [r["step"] for r in npo_rows] == [3, 4, 5, 6]  # NPO for steps 2..5, then plain GRPO
+    assert all(k in r for r in npo_rows for k in ("npo/gated_frac", "npo/hit_rate", "npo/guide_tokens"))
+    assert any("npo/Q" in r for r in npo_rows) and any("npo/V" in r for r in npo_rows)
+    assert any("npo/S" in r for r in npo_rows)
+    code, out, err = run_main(["ls", "--store", str(store_dir)], monkeypatch, capsys)
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if "npo-2-g6" in x)
+    assert "from main@2" in line and "guide main@6" in line
+    # a second intervention with the same default name is refused
+    code, _, err = run_main(["intervene", "--at", "2", "--guide", "6"], monkeypatch, capsys)
+    assert code == 1 and "already exists" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--at", "4", "--guide", "4"], "must come after --at 4"),
+    (["--at", "4", "--guide", "2"], "must come after --at 4"),
+    (["--at", "3", "--guide", "6"], "no checkpoint at step 3"),
+    (["--at", "2", "--guide", "7"], "no checkpoint at step 7"),
+    (["--at", "2", "--guide", "6", "--gate", "1.5"], "--gate must be in [0, 1]"),
+    (["--at", "2", "--guide", "6", "--gate", "-0.1"], "--gate must be in [0, 1]"),
+    (["--at", "2", "--guide", "base@0"], "--allow-any-guide"),
+    (["--at", "2", "--guide", "6", "--until", "2"], "--until 2 must be after"),
+    (["--at", "2", "--guide", "6", "--until", "9"], "past the run's train.steps=8"),
+    (["--at", "2", "--guide", "6", "--run", "ghost"], "unknown run"),
+])
+def test_intervene_errors(store_dir, monkeypatch, capsys, argv, expect):
+    code, _, err = run_main(["intervene", "--run", "r", *argv] if "--run" not in argv else ["intervene", *argv],
+                            monkeypatch, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and expect in err, err
+    assert set(open_store(store_dir).branches("r")) == {"main"}  # nothing written
+
+
+def test_plan_other_guides(store_dir):
+    store = open_store(store_dir)
+    p = plan(store, run="r", at=2, guide="base@0", until=6, allow_any_guide=True)
+    assert p["guide"] == store.resolve("base@0") and not p["same_lineage"] and p["until"] == 6
+    with pytest.raises(NpoError, match="give --until"):
+        plan(store, run="r", at=2, guide="base@0", allow_any_guide=True)
+    p = plan(store, run="r", at=0, guide="8", gate=0.25, branch="boot")
+    assert (p["branch"], p["until"], p["gate"], p["steps"]) == ("boot", 8, 0.25, 8)
