@@ -56,12 +56,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--micro-batch", type=int, help="rows per forward/backward on both sides (default 64)")
     ap.add_argument("--no-static-cache", action="store_true", help="npo without the static KV cache")
     ap.add_argument("--no-trl-gc", action="store_true", help="skip timing TRL with gradient checkpointing on")
+    ap.add_argument("--reward", choices=("hash", "exact"), default="hash",
+                    help="hash (default): a coin flip on the completion, so every group trains; exact: the "
+                    "arithmetic verifier (all-zero at random init: npo skips zero-advantage rows, TRL does not)")
     ap.add_argument("--json", metavar="PATH", help="results file (default $OUT/gpu_bench.json when $OUT is set)")
     a = ap.parse_args(argv)
     cfg = SMALL if a.small else QWEN2_05B
     if not a.small and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --small for the CPU smoke test")
-    over = {"with_trl_gc": not a.no_trl_gc, "static_cache": not a.no_static_cache}
+    over = {"with_trl_gc": not a.no_trl_gc, "static_cache": not a.no_static_cache, "reward": a.reward}
     for k in ("steps", "warmup", "micro_batch"):
         if getattr(a, k) is not None:
             over[k] = getattr(a, k)

@@ -25,6 +25,11 @@ def _looks_like_ref(s: str) -> bool:
     return s.count("/") <= 1 and not s.startswith((".", "/", "~"))
 
 
+def param_dtype(cfg: ModelConfig) -> torch.dtype:
+    """dtype the trained weights live in: fp32 masters under a 16-bit compute dtype (master_fp32)."""
+    return torch.float32 if cfg.master_fp32 else DTYPES[cfg.dtype]
+
+
 def load_policy(cfg: ModelConfig, store=None, seed: int = 0):
     """(model, tokenizer, source_manifest | None) for model.path, on the recipe's device and dtype.
 
@@ -32,7 +37,7 @@ def load_policy(cfg: ModelConfig, store=None, seed: int = 0):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device, dtype = resolve_device(cfg), DTYPES[cfg.dtype]
+    device, dtype = resolve_device(cfg), param_dtype(cfg)
     if device == "cpu":
         torch.set_num_threads(cfg.threads)
     manifest = None

@@ -30,7 +30,12 @@ class ModelConfig(Section):
         None, description="Store URL that `path` refers to when it is a ref (default: the run's store)."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Parameter dtype for training and sampling."
+        "float32", description="Compute dtype for sampling and the training forward/backward."
+    )
+    master_fp32: bool = Field(
+        True, description="With a 16-bit dtype: fp32 weights and optimizer state, training under autocast, "
+        "sampling from a 16-bit copy synced every step. Off: pure 16-bit training (AdamW updates below "
+        "the weights' 8-bit mantissa resolution round away).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when present.")
     threads: int = Field(1, ge=1, description="torch.set_num_threads on CPU (1 avoids stalls on shared cores).")
@@ -101,6 +106,10 @@ class GRPOConfig(Section):
     schedule: Literal["constant", "cosine"] = Field("constant", description="LR schedule.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (both schedules).")
     micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward (grad accumulation).")
+    skip_zero_adv: bool = Field(
+        True, description="Skip forward/backward of rows with zero advantage (exact: they add 0 to the "
+        "gradient; ignored when kl_coef > 0)."
+    )
     logprob_chunk: int = Field(2048, ge=1, description="Tokens per chunk when computing log-probs.")
 
 

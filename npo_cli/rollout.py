@@ -70,8 +70,16 @@ class _Recorder(LogitsProcessor):
 class HFBackend:
     """Batched sampling with `model.generate`. Sampling uses torch's global RNG (seeded, resumable)."""
 
-    def __init__(self, model, tokenizer, cfg: RolloutConfig, add_special_tokens: bool = True):
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+    def __init__(self, model, tokenizer, cfg: RolloutConfig, add_special_tokens: bool = True,
+                 dtype: torch.dtype | None = None):
+        # Sampling runs on `model` itself, or on a copy in `dtype` (16-bit sampling of fp32 master
+        # weights) that sync() refreshes after the weights change.
+        self.policy, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.model = model
+        if dtype is not None and next(model.parameters()).dtype != dtype:
+            import copy
+
+            self.model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
         self.add_special_tokens = add_special_tokens
         eos = set()
         if tokenizer.eos_token_id is not None:
@@ -83,6 +91,13 @@ class HFBackend:
             raise NpoError("the tokenizer has no EOS token; set one so completions can end")
         self.eos_ids = sorted(eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Bring the sampling weights up to date with the policy (a no-op when they are the same)."""
+        if self.model is not self.policy:
+            for dst, src in zip(self.model.parameters(), self.policy.parameters()):
+                dst.copy_(src)
 
     def _gen_config(self, greedy: bool) -> GenerationConfig:
         # Every sampling knob is explicit so a model's own generation_config (top_k=20,
@@ -143,8 +158,9 @@ class HFBackend:
         return rollouts
 
 
-def make_backend(model, tokenizer, cfg: RolloutConfig, add_special_tokens: bool = True):
+def make_backend(model, tokenizer, cfg: RolloutConfig, add_special_tokens: bool = True,
+                 dtype: torch.dtype | None = None):
     """The rollout engine named by rollout.backend (the seam for vLLM)."""
     if cfg.backend == "hf":
-        return HFBackend(model, tokenizer, cfg, add_special_tokens=add_special_tokens)
+        return HFBackend(model, tokenizer, cfg, add_special_tokens=add_special_tokens, dtype=dtype)
     raise NpoError("rollout.backend 'vllm' is not available yet; use rollout.backend=hf")

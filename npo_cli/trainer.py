@@ -201,12 +201,12 @@ class Trainer:
         # model: the branch head when resuming, else model.path
         if init is not None:
             from npo_cli.checkpoint import load_model
-            from npo_cli.model import DTYPES, resolve_device
+            from npo_cli.model import param_dtype, resolve_device
 
             device = resolve_device(recipe.model)
             if device == "cpu":
                 torch.set_num_threads(recipe.model.threads)
-            self.model, self.tokenizer, _ = load_model(store, init.id, dtype=DTYPES[recipe.model.dtype],
+            self.model, self.tokenizer, _ = load_model(store, init.id, dtype=param_dtype(recipe.model),
                                                        device=device)
             if recipe.model.gradient_checkpointing:
                 self.model.gradient_checkpointing_enable()
@@ -229,8 +229,15 @@ class Trainer:
 
         g = recipe.grpo
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=g.lr, betas=tuple(g.betas),
-                                           weight_decay=g.weight_decay)
-        self.backend = make_backend(self.model, self.tokenizer, recipe.rollout,
+                                           weight_decay=g.weight_decay,
+                                           fused=self.device.type == "cuda")  # one kernel for all params
+        from npo_cli.model import DTYPES
+
+        # fp32 masters under a 16-bit compute dtype: autocast the training forward; the backend samples
+        # from its own 16-bit copy of the weights (synced before every rollout, as a vLLM engine would be)
+        compute = DTYPES[recipe.model.dtype]
+        self.autocast = compute if next(self.model.parameters()).dtype != compute else None
+        self.backend = make_backend(self.model, self.tokenizer, recipe.rollout, dtype=compute,
                                     add_special_tokens=not recipe.task.chat_template)
 
         # counters and data position (all restored on resume)
@@ -334,6 +341,7 @@ class Trainer:
         prompts = [format_prompt(r, self.tokenizer, p.prompt) for p in problems]
 
         # 2. rollout: n completions per prompt from the current policy, with behaviour log-probs
+        self.backend.sync()
         sampled = self.backend.generate(prompts, r.rollout.group_size)
         t_gen = time.perf_counter() - t0
 
@@ -400,19 +408,29 @@ class Trainer:
         """
         r, g = self.recipe, self.recipe.grpo
         mbs = g.micro_batch_size
-        n_tokens = float(sum(len(ro.completion_ids) for ro in rows))
+        n_tokens, n_seqs = float(sum(len(ro.completion_ids) for ro in rows)), float(len(rows))
         max_len = r.rollout.max_new_tokens
+        # Entropy of the sampling policy, estimated over every on-policy token from the behaviour
+        # log-probs (E[-log p] = H): covers rows the update below skips, at no extra forward.
+        on = [ro for ro in rows if ro.source == "policy"]
+        entropy = -sum(sum(ro.logprobs) for ro in on) / max(sum(len(ro.logprobs) for ro in on), 1)
+        if g.skip_zero_adv and g.kl_coef == 0:
+            # A row with advantage 0 adds exactly 0 to the loss and to its gradient (every term is
+            # scaled by A): skip its forward/backward. Normalisers stay the whole batch's.
+            keep = [i for i, a in enumerate(adv.tolist()) if a != 0.0]
+            rows, adv = [rows[i] for i in keep], adv[keep]
         acc: dict[str, float] = {}
         counts: dict[str, float] = {}
         weights: dict[str, float] = {}
-        ent_sum, ent_tok, grad_norms = 0.0, 0.0, []
+        grad_norms = []
         for _ in range(g.updates_per_batch):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=False)  # zeros, not None: AdamW steps even with no row kept
             for s in range(0, len(rows), mbs):
                 b = collate(rows[s : s + mbs], self.pad_id, self.device)
-                logp, ent = self._logprobs(self.model, b["input_ids"], b["attention_mask"], b["n_completion"],
-                                           g.logprob_chunk, with_entropy=True,
-                                           temperature=r.rollout.temperature)
+                with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                    logp, _ = self._logprobs(self.model, b["input_ids"], b["attention_mask"], b["n_completion"],
+                                             g.logprob_chunk, with_entropy=False,
+                                             temperature=r.rollout.temperature)
                 if g.updates_per_batch == 1:
                     old = torch.where(b["offpolicy"][:, None], b["old_logp"], logp.detach())
                 else:
@@ -432,7 +450,7 @@ class Trainer:
                     logp, old, adv[s : s + mbs].to(self.device), b["mask"],
                     clip_low=g.clip_low, clip_high=g.clip_high, agg=g.agg, max_len=max_len,
                     ref_logp=ref_logp, kl_coef=g.kl_coef, offpolicy=off,
-                    num_tokens=n_tokens, num_seqs=float(len(rows)),
+                    num_tokens=n_tokens, num_seqs=n_seqs,
                 )
                 loss.backward()
                 # token-weighted means of the loss stats over micro-batches and passes
@@ -444,15 +462,13 @@ class Trainer:
                     wk = st.get("off/tokens", w) if k.startswith("off/") else w
                     acc[k] = acc.get(k, 0.0) + v * wk
                     weights[k] = weights.get(k, 0.0) + wk
-                ent_sum += float((ent * b["mask"]).sum())
-                ent_tok += float(b["mask"].sum())
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), g.grad_clip)))
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # micro-batch losses sum to the batch loss; counts and the loss are per pass
         out = {k: v / g.updates_per_batch for k, v in counts.items()}
         out.update({k: v / max(weights[k], 1e-12) for k, v in acc.items()})
-        out["entropy"] = ent_sum / max(ent_tok, 1.0)
+        out["entropy"] = entropy
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return out
 
@@ -460,7 +476,8 @@ class Trainer:
 
     def evaluate(self, samples: int | None = None) -> dict[str, float]:
         k = samples or self.recipe.train.eval_samples
-        self.last_eval = evaluate(self.model, self.tokenizer, self.recipe, self.eval_problems, k,
+        self.backend.sync()
+        self.last_eval = evaluate(self.backend.model, self.tokenizer, self.recipe, self.eval_problems, k,
                                   seed=self.recipe.seed * 7919 + self.step_num)
         return self.last_eval
 
