@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     res["wall_s"] = time.perf_counter() - t0
     print(table(res))
     for side in ("npo", "trl", "trl_gc"):
-        if isinstance(res.get(side), dict):
+        if isinstance(res.get(side), dict) and "step_s_all" in res[side]:
             print(f"{side}: all step times {res[side]['step_s_all']} (first {cfg.warmup} = warm-up)")
     if res.get("errors"):
         print("errors:", json.dumps(res["errors"]))

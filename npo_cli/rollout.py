@@ -141,8 +141,8 @@ class HFBackend:
             input_ids=input_ids.to(device), attention_mask=attn.to(device),
             generation_config=self._gen_config(greedy), logits_processor=[rec],
         )
+        lps = rec.finish(seqs[:, P:]).cpu()  # on the device, where the recorded log-probs are
         new = seqs[:, P:].cpu()
-        lps = rec.finish(new).cpu()
         eos = torch.tensor(self.eos_ids)
         rollouts = []
         for j, p in enumerate(prompt_ids):
