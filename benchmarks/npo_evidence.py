@@ -111,13 +111,28 @@ def with_saves(recipe: Recipe, steps: list[int]) -> Recipe:
     return build_recipe(recipe.model_dump(mode="json"), [f"train.save_every={every}"])
 
 
-def train_run(store, recipe: Recipe, name: str, seed: int) -> None:
+def _finish(store, run: str, branch: str, steps: int) -> bool:
+    """True if run/branch is complete; resumes it first when a killed process left it part-way."""
     from npo_cli.trainer import Trainer
 
-    if name in store.runs():
+    head = store.head(run, branch)
+    if head is None:
+        return False
+    if store.manifest(head).step < steps:
+        print(f"  {run}/{branch}: resuming at step {store.manifest(head).step}", flush=True)
+        Trainer.resume(store, f"{run}/{branch}").train(progress=False, force=True)  # we are its only writer
+    return True
+
+
+def train_run(store, recipe: Recipe, name: str, seed: int, sets: list[str] = ()) -> None:
+    """A new run `name` from `recipe` (plus overrides); reused (or finished) if it is in the store."""
+    from npo_cli.trainer import Trainer
+
+    if name in store.runs() and _finish(store, name, "main", recipe.train.steps):
         print(f"  {name}: in the store, reused", flush=True)
         return
-    r = build_recipe(recipe.model_dump(mode="json"), [f"name={name}", f"seed={seed}", "logging.progress=false"])
+    r = build_recipe(recipe.model_dump(mode="json"),
+                     [f"name={name}", f"seed={seed}", "logging.progress=false", *sets])
     t0 = time.perf_counter()
     Trainer.new(r, store).train(progress=False)
     print(f"  {name}: {r.train.steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -127,6 +142,8 @@ def branch(store, run: str, name: str, at: int, guide: int, until: int, gate: fl
     from npo_cli.intervene import intervene
 
     if name in store.branches(run):
+        steps = store.get_json(store.manifest(store.head(run, name)).recipe)["train"]["steps"]
+        _finish(store, run, name, steps)
         print(f"  {run}/{name}: in the store, reused", flush=True)
         return
     t0 = time.perf_counter()

@@ -151,10 +151,16 @@ def ls_cmd(
         return
     tree = Tree(f"[bold]{data['store']}")
     for r in data["runs"]:
-        rt = tree.add(f"[bold]{r['run']}")
+        rt = tree.add(f"[bold]{r['run']}" + (f"  auto chain: {' -> '.join(r['auto_chain'])} (live)"
+                                             if len(r.get("auto_chain") or []) > 1 else ""))
         for b in r["branches"]:
             extra = [f"from {b['fork']['ref']}"] if b["fork"] else []
             extra += [f"guide {b['guide']['ref']}"] if b["guide"] else []
+            if b.get("auto"):  # AutoNPO (issue 5)
+                a = b["auto"]
+                extra.append(f"AutoNPO {'#' + str(a['k']) if a['k'] else 'bootstrap'}: D*={a['delta']}, "
+                             f"NPO {a['fork_step']}..{a['until']}")
+            extra += ["[bold green]live[/]"] if b.get("live") else []
             bt = rt.add(f"[cyan]{b['branch']}[/] " + ", ".join(extra))
             for c in b["checkpoints"]:
                 bt.add(f"step {c['step']:>5}  {c['id'][:12]}  reward {_fmt(c['reward'])}  "
@@ -186,6 +192,7 @@ def show_cmd(ref: str = StoreRefArg, store: str | None = StoreOpt, as_json: bool
     if m["events"]:
         t.add_row("events", "; ".join(str(e.get("kind", e)) for e in m["events"]))
     console.print(t)
+    _print_auto_events(m["events"])
     cols = d["metrics"]["columns"]
     if cols:
         mt = Table("metric", "first", "last", "mean", "min", "max",
@@ -358,6 +365,131 @@ def guide_cmd(
     print(f"guide {res['guide_ref']} ({res['guide'][:12]}): {res['found']}/{res['prompts']} prompts with a "
           f"verified trajectory; {res['cache_hits']} from the cache, {res['sampled']} sampled "
           f"({res['samples']} samples, {res['tokens']} tokens, {res['seconds']:.1f} s)")
+
+
+# ------------------------------------------------------------------ compare (issue 6)
+
+
+CompareRefsArg = typer.Argument(..., help="Branches or checkpoints (RUN, RUN/BRANCH, RUN@STEP, id). A glob "
+                                "('grpo-s*', 'grpo-s*/npo-boot') averages its matches, mean ± std; "
+                                "LABEL=REF names a curve.")
+
+
+@app.command("compare")
+def compare_cmd(
+    refs: list[str] = CompareRefsArg,
+    metric: str = typer.Option("eval/accuracy", "--metric", help="Per-step metric to plot."),
+    x: str = typer.Option("step", "--x", help="x axis: step; or work so far, replays and guides included: updates, "
+                           "samples, tokens (policy + guide) or wall."),
+    plot: str | None = typer.Option(None, "--plot", help="Write the chart to this PNG file."),
+    threshold: float | None = typer.Option(None, "--threshold",
+                                           help="Steps-to-threshold target (default: the first curve's final value)."),
+    store: str | None = StoreOpt,
+    as_json: bool = JsonOpt,
+):
+    """Curves of several branches on one chart (a branch continues its parent's up to the fork), finals,
+    and steps to a threshold."""
+    from npo_cli.compare import compare
+    from npo_cli.store import Store
+
+    data = compare(Store.open(store), refs, metric, x, threshold)
+    if plot:
+        from npo_cli.compare import plot as draw
+
+        draw(data, plot)
+        data["plot"] = plot
+    if as_json:
+        print(json.dumps(data, indent=1))
+        return
+    xs = data["x"]
+    t = Table("curve", "fork", "final step", f"final {data['metric']}", f"steps to {data['threshold']:.3f}",
+              *([f"{xs} to {data['threshold']:.3f}", f"{xs} total"] if xs != "step" else []),
+              title=f"npo compare: {data['metric']}")
+    for c in data["curves"]:
+        f, hit = c["final"], c["to_threshold"]
+        val = f"{f['y']:.3f}" + (f" ± {f['std']:.3f}" if f.get("std") is not None else "")
+        name = c["label"] + (f" ({c['members']} runs)" if c["members"] > 1 else "")
+        row = [name, f"@{c['fork']['step']:g}" if c["fork"] else "-", str(f["step"]), val,
+               str(hit["step"]) if hit else "not reached"]
+        if xs != "step":
+            row += [f"{hit['x']:.4g}" if hit else "-", f"{c['work'][xs]:.4g}"]
+        t.add_row(*row)
+    console.print(t)
+    if plot:
+        console.print(f"chart: {plot}")
+
+
+# ------------------------------------------------------------------ AutoNPO (issue 5)
+
+
+def _print_auto_events(events: list[dict]) -> None:
+    """AutoNPO decisions of a checkpoint: signals, every candidate's Q, V, S and the chosen D*."""
+    for e in events:
+        kind = e.get("kind")
+        if kind == "auto-branch":
+            p = e.get("prefill", {})
+            console.print(f"auto-branch #{e['k']}: {e['branch']} from {e['from_branch']}@{e['fork_step']}, NPO to "
+                          f"{e['until']} with guide {e['from_branch']}@{e['guide_step']} ({e['guide'][:12]}); "
+                          f"guide cache pre-filled for {p.get('found', 0)}/{p.get('prompts', 0)} mistakes",
+                          highlight=False, soft_wrap=True)
+        elif kind == "auto-bootstrap":
+            console.print(f"auto-bootstrap: scout done at step {e['step']}; restart from step 0 on {e['branch']} "
+                          "with this checkpoint as guide", highlight=False, soft_wrap=True)
+        elif kind in ("auto", "auto-probe"):
+            sig = ", ".join(f"{k} {v:.4f}" for k, v in e.get("signals", {}).items() if v is not None)
+            verdict = (f"confirmed: roll back D*={e['delta']} to step {e['fork_step']} ({e['branch']})"
+                       if e.get("confirmed") else f"not confirmed: {e.get('reason', '')}")
+            pr = e.get("probe")
+            probe = f"; probe {pr['prompts']} x {pr['samples']}, pass {pr['pass']:.3f}" if pr else ""
+            console.print(f"auto decision at step {e['step']} (pool {e.get('pool', 0)}{probe}): {sig}; {verdict}",
+                          highlight=False, soft_wrap=True)
+            if e.get("candidates"):
+                ct = Table("step", "delta", "n", "Q", "KL", "V", "S", title="rollback candidates")
+                for c in e["candidates"]:
+                    mark = " *" if e.get("confirmed") and c["delta"] == e.get("delta") else ""
+                    ct.add_row(str(c["step"]), str(c["delta"]) + mark, str(c["n"]), _fmt(c["Q"]), f"{c['kl']:.4f}",
+                               f"{c['V']:.3f}", _fmt(c["S"]))
+                console.print(ct)
+
+
+@app.command("auto")
+def auto_cmd(
+    recipe: str | None = RecipeArg,
+    sets: list[str] = SetOpt,
+    store: str | None = StoreOpt,
+    resume: str | None = typer.Option(None, "--resume", help="Continue an AutoNPO run: RUN (its live branch) "
+                                      "or RUN/BRANCH."),
+    force: bool = typer.Option(False, "--force", help="Break a dead or expired lease on the branch."),
+    as_json: bool = JsonOpt,
+):
+    """AutoNPO: GRPO that detects plateaus, rolls back and replays them with NPO on its own."""
+    from npo_cli.auto import auto_run
+
+    res = auto_run(recipe, sets, store, resume, console=console, progress=not as_json, force=force)
+    if as_json:
+        print(json.dumps(res, indent=1))
+    else:
+        a, s = res["auto"], res["summary"]
+        t = Table("", "", title=f"npo auto {res['run']}", show_header=False)
+        rows = [("chain", " -> ".join(a["chain"]) + " (live)"), ("step", str(res["step"])),
+                ("checkpoint", (res["checkpoint"] or "-")[:12])]
+        rows += [(k, f"{s[k]:.3f}") for k in ("reward", "eval/accuracy") if k in s]
+        rows += [("interventions", str(a["interventions"])), ("phase", a["phase"]),
+                 ("compute", f"{a['compute_tokens']} tokens ({a['compute']['steps']} steps trained)")]
+        for row in rows:
+            t.add_row(*row)
+        console.print(t)
+        for e in a["events"]:
+            if e["kind"] in ("auto", "auto-probe", "auto-bootstrap"):
+                what = (f"D*={e['delta']}: {e['branch']} from step {e['fork_step']}" if e.get("confirmed")
+                        else "bootstrap restart from step 0" if e["kind"] == "auto-bootstrap"
+                        else f"not confirmed ({e.get('reason', '')})")
+                console.print(f"  step {e['step']} on {e['at']}: {what}", highlight=False)
+        if res["stopped_by"]:
+            console.print(f"stopped by {res['stopped_by']} at step {res['step']}; continue with "
+                          f"npo auto --resume {res['run']}")
+    if res["stopped_by"] in ("SIGINT", "SIGTERM"):
+        raise typer.Exit(130)
 
 
 def main():

@@ -67,6 +67,10 @@ class GuideGenerator:
         self.store, self.recipe = store, recipe
         self.guide_id = store.resolve(guide)
         self.manifest = store.manifest(self.guide_id)
+        # Seeds derive from the guide's weights, not its checkpoint id: the id covers the manifest's
+        # creation time, so a re-run of the same experiment would sample different guide trajectories.
+        self.seed_id = hashlib.sha256(json.dumps(sorted((k, e.oids()) for k, e in self.manifest.model.items()))
+                                      .encode()).hexdigest()
         self.settings = sampling_settings(recipe)
         self.max_tries, self.round = recipe.npo.max_tries, recipe.npo.guide_round
         self.device = device
@@ -247,7 +251,7 @@ def prefill(store_url: str | None, guide: str, prompts: str | None = None, split
     try:
         for s in range(0, len(items), chunk):
             part = items[s : s + chunk]
-            res = gen.get(part, derive_seed(recipe.seed, gen.guide_id, "prefill", s))
+            res = gen.get(part, derive_seed(recipe.seed, gen.seed_id, "prefill", s))
             found += sum(e is not None for e in res)
             if bar is not None:
                 st = gen.stats

@@ -139,7 +139,7 @@ class GuideSource(SlotSource):
 
     def entries(self, trainer, groups: list[Group]) -> list[dict | None]:
         before = (self.gen.stats.tokens, self.gen.stats.seconds)
-        seed = derive_seed(self.recipe.seed, self.guide, trainer.step_num)
+        seed = derive_seed(self.recipe.seed, self.gen.seed_id, trainer.step_num)
         out = self.gen.get([(g.prompt, g.problem) for g in groups], seed)
         self.add_cost(self.gen.stats.tokens - before[0], self.gen.stats.seconds - before[1])
         return out

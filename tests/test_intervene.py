@@ -118,3 +118,24 @@ def test_plan_other_guides(store_dir):
         plan(store, run="r", at=2, guide="base@0", allow_any_guide=True)
     p = plan(store, run="r", at=0, guide="8", gate=0.25, branch="boot")
     assert (p["branch"], p["until"], p["gate"], p["steps"]) == ("boot", 8, 0.25, 8)
+
+
+def test_intervention_is_reproducible_across_runs(store_dir):
+    """The same experiment re-run (new run name, new checkpoint ids, same weights) samples the same
+    guide trajectories and ends with the same parameters: guide seeds come from the weights."""
+    import torch
+
+    from npo_cli.intervene import intervene
+
+    store = open_store(store_dir)
+    r = build_recipe({**store.get_json(store.manifest("r@0").recipe), "name": "r2"})
+    Trainer.new(r, store).train()
+    assert store.resolve("r2@6") != store.resolve("r@6")
+    for run in ("r", "r2"):
+        intervene(str(store_dir), run=run, at=2, guide="6", until=6, progress=False,
+                  overrides=["train.steps=6"])
+    from npo_cli.checkpoint import load_model
+
+    (a, _, ma), (b, _, mb) = (load_model(store, f"{run}/npo-2-g6") for run in ("r", "r2"))
+    assert ma.step == mb.step == 6
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))

@@ -1,0 +1,168 @@
+"""`npo compare` (curves along lineages, forks, work on x, globs, PNG) and the convergence benchmark's --quick."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from npo_cli.recipe import build_recipe
+from npo_cli.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+TASK = {"arithmetic": {"digits": 1}, "eval_size": 8}
+
+
+@pytest.fixture(scope="module")
+def cmp_store(npo_base_store, tmp_path_factory) -> Path:
+    """Run 'r': 8 GRPO steps (4 prompts x 4, eval every 2); 'r/rw' rewound to step 4 and trained 4 steps
+    with another lr; 'r/npo' forked at 2 with guide r@6 (NPO 2..6, then GRPO to 8)."""
+    from npo_cli.intervene import intervene
+    from npo_cli.store import Store
+
+    d = tmp_path_factory.mktemp("compare") / "store"
+    shutil.copytree(npo_base_store, d)
+    store = Store.open(str(d))
+    recipe = build_recipe({
+        "name": "r", "seed": 0, "model": {"path": "base@0"}, "task": TASK,
+        "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4}, "grpo": {"lr": 1e-3},
+        "train": {"steps": 8, "save_every": 2, "eval_every": 2},
+        "logging": {"progress": False, "metrics_jsonl": None},
+    })
+    Trainer.new(recipe, store).train()
+    store.branch(store.resolve("r@4"), "rw", run="r")
+    Trainer.resume(store, "r/rw", ["grpo.lr=3e-3"]).train()
+    intervene(str(d), run="r", at=2, guide="6", branch="npo", progress=False)
+    return d
+
+
+def run_cli(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    from npo_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["npo", *argv])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def evals(store, ref: str) -> dict[int, float]:
+    from npo_cli.checkpoint import load_metrics
+
+    return {r["step"]: r["eval/accuracy"] for m in reversed(store.lineage(ref)) for r in load_metrics(store, m)
+            if "eval/accuracy" in r}
+
+
+def test_compare_json_matches_metrics(cmp_store, monkeypatch, capsys):
+    from npo_cli.store import Store
+
+    store = Store.open(str(cmp_store))
+    code, out, err = run_cli(["compare", "r", "r/rw", "--store", str(cmp_store), "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["metric"] == "eval/accuracy" and [c["label"] for c in data["curves"]] == ["r", "r/rw"]
+    main, rw = data["curves"]
+    assert {p["step"]: p["y"] for p in main["points"]} == evals(store, "r")
+    assert {p["step"]: p["y"] for p in rw["points"]} == evals(store, "r/rw")
+    assert [p["step"] for p in main["points"]] == [2, 4, 6, 8] and main["fork"] is None
+    # the rewind continues main's curve up to its fork at 4, then its own steps
+    assert [(p["step"], p["inherited"]) for p in rw["points"]] == [(2, True), (4, True), (6, False), (8, False)]
+    assert [(p["x"], p["y"]) for p in rw["points"][:2]] == [(p["x"], p["y"]) for p in main["points"][:2]]
+    assert rw["fork"]["step"] == 4 and rw["fork"]["y"] == main["points"][1]["y"]
+    # default threshold: the first curve's final value, which main reaches at its first such step
+    assert data["threshold"] == main["final"]["y"]
+    first = next(p["step"] for p in main["points"] if p["y"] >= data["threshold"])
+    assert main["to_threshold"]["step"] == first
+
+
+def test_compare_plot_png(cmp_store, tmp_path, monkeypatch, capsys):
+    import matplotlib.image as mpimg
+
+    from npo_cli.compare import compare, plot
+    from npo_cli.store import Store
+
+    png = tmp_path / "cmp.png"
+    code, out, err = run_cli(["compare", "r", "r/rw", "r/npo", "--store", str(cmp_store), "--plot", str(png)],
+                             monkeypatch, capsys)
+    assert code == 0, err
+    assert "r/rw" in out and "@4" in out and "chart:" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = mpimg.imread(png)
+    assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500
+    # one solid line per curve, whose data are the curve's own points (after the fork)
+    data = compare(Store.open(str(cmp_store)), ["r", "r/rw", "r/npo"])
+    lines = plot(data, str(tmp_path / "again.png"))
+    assert len(lines) == 3
+    assert [ln.get_label() for ln in lines] == ["r", "r/rw (fork @4)", "r/npo (fork @2)"]
+    assert list(lines[1].get_ydata()) == [data["curves"][1]["fork"]["y"]] + [
+        p["y"] for p in data["curves"][1]["points"] if not p["inherited"]]
+
+
+def test_compare_work_axes_count_the_guides_stretch(cmp_store):
+    from npo_cli.compare import compare
+    from npo_cli.store import Store
+
+    store = Store.open(str(cmp_store))
+    data = compare(store, ["r", "r/npo"], x="samples")
+    main, npo = data["curves"]
+    assert [p["x"] for p in main["points"]] == [32.0, 64.0, 96.0, 128.0]  # 16 completions a step
+    # r/npo forks at 2 with guide r@6: main's steps 3..6 (64 samples) were spent to get the guide
+    assert npo["fork"]["x"] == 32.0 and npo["fork"]["x_resume"] == 96.0
+    assert [p["x"] for p in npo["points"] if not p["inherited"]] == [128.0, 160.0, 192.0]
+    assert npo["work"]["samples"] == 192.0
+    tok = compare(store, ["r/npo"], x="tokens")["curves"][0]
+    guide_tokens = sum(r.get("npo/guide_tokens", 0.0) for m in store.lineage("r/npo") if m.branch == "npo"
+                       for r in store.get_json(m.metrics))
+    assert guide_tokens > 0 and tok["work"]["tokens"] > guide_tokens
+    wall = compare(store, ["r"], x="wall")["curves"][0]
+    assert 0 < wall["points"][0]["x"] < wall["points"][-1]["x"]
+
+
+def test_compare_glob_averages(cmp_store):
+    from npo_cli.compare import compare
+    from npo_cli.store import Store
+
+    store = Store.open(str(cmp_store))
+    data = compare(store, ["all=r/*"], threshold=2.0)
+    (c,) = data["curves"]
+    assert c["label"] == "all" and c["members"] == 3 and sorted(c["refs"]) == ["r/main", "r/npo", "r/rw"]
+    each = [evals(store, r) for r in ("r", "r/npo", "r/rw")]
+    for p in c["points"]:
+        ys = [e[p["step"]] for e in each]
+        assert p["y"] == pytest.approx(statistics.mean(ys)) and p["std"] == pytest.approx(statistics.stdev(ys))
+    assert c["to_threshold"] is None
+
+
+def test_compare_errors(cmp_store, monkeypatch, capsys):
+    s = ["--store", str(cmp_store)]
+    for argv, msg in [(["compare", "r", "--metric", "nope", *s], "no 'nope' values"),
+                      (["compare", "r", "--x", "flops", *s], "--x must be one of"),
+                      (["compare", "zz*", *s], "matches 'zz*'"),
+                      (["compare", "nosuchrun", *s], "nosuchrun")]:
+        code, _, err = run_cli(argv, monkeypatch, capsys)
+        assert code == 1 and err.startswith("error:") and msg in err, (argv, err)
+        assert "Traceback" not in err
+
+
+@pytest.mark.timeout(120)
+def test_convergence_quick(tmp_path):
+    out = tmp_path / "conv"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.run([sys.executable, "benchmarks/convergence.py", "--quick", "--out", str(out)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=110, check=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    md = (out / "convergence.md").read_text()
+    for name in ("GRPO", "NPO bootstrapping", "NPO plateau", "LUFFY", "ExGRPO", "RLEP", "AutoNPO"):
+        assert name in md, name
+    assert (out / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = json.loads((out / "convergence.json").read_text())
+    assert res["arms"]["grpo"]["seeds"] and res["arms"]["npo-boot"]["seeds"]
