@@ -44,7 +44,7 @@ def ls_data(store: Store, run: str | None = None) -> dict[str, Any]:
     out = []
     for r in runs:
         branches = store.branches(r)
-        rows = []
+        rows, is_auto = [], False
         for b in sorted(branches, key=lambda x: (x != "main", x)):
             own: list[Manifest] = []
             fork = None
@@ -60,9 +60,34 @@ def ls_data(store: Store, run: str | None = None) -> dict[str, Any]:
                 "fork": {"id": fork.id, "ref": short_ref(store, fork.id, r), "step": fork.step} if fork else None,
                 "guide": {"id": guide, "ref": short_ref(store, guide, r)} if guide else None,
                 "checkpoints": [_entry(m) for m in reversed(own)],
+                "auto": _auto_branch(own),
             })
-        out.append({"run": r, "branches": rows})
+            if b == "main":
+                is_auto = any((m.state or {}).get("controller", {}).get("auto") for m in own)
+        chain = _auto_chain(rows) if is_auto else []
+        for row in rows:
+            row["live"] = bool(chain) and row["branch"] == chain[-1]
+        out.append({"run": r, "branches": rows, "auto_chain": chain})
     return {"store": store.url, "runs": out}
+
+
+def _auto_branch(own: list[Manifest]) -> dict | None:
+    """The AutoNPO intervention that made this branch (its first checkpoint's auto-branch event)."""
+    for m in reversed(own):
+        for e in m.events:
+            if e.get("kind") == "auto-branch":
+                return {k: e.get(k) for k in ("k", "from_branch", "fork_step", "guide_step", "delta", "until")}
+    return None
+
+
+def _auto_chain(rows: list[dict]) -> list[str]:
+    """main -> the auto branch made from it -> ... (AutoNPO's rollbacks); the last one is live."""
+    chain = ["main"]
+    while True:
+        nxt = [r for r in rows if r["auto"] and r["auto"]["from_branch"] == chain[-1] and r["branch"] not in chain]
+        if not nxt:
+            return chain
+        chain.append(max(nxt, key=lambda r: r["checkpoints"][0]["created"] if r["checkpoints"] else "")["branch"])
 
 
 def _numeric_summary(metrics: list[dict]) -> dict[str, dict[str, float]]:

@@ -86,6 +86,14 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
     batch_size: int = Field(256, ge=1, description="Sequences per generate call.")
     static_cache: bool = Field(False, description="HF static KV cache + compiled decoding (fast on GPU).")
+    vllm_gpu_memory: float = Field(
+        0.3, gt=0, le=1, description="backend=vllm on GPU: share of GPU memory the engine may take "
+        "(weights + KV cache); the rest is left to training."
+    )
+    vllm_max_model_len: int | None = Field(
+        None, ge=1, description="backend=vllm: longest prompt + completion the engine plans for "
+        "(default: the model's context length; lower it to fit the KV cache)."
+    )
 
 
 class GRPOConfig(Section):
@@ -118,6 +126,10 @@ class TrainConfig(Section):
     save_every: int = Field(25, ge=1, description="Checkpoint every N steps (and at the end).")
     eval_every: int = Field(50, ge=1, description="Held-out eval every N steps (and at the end).")
     eval_samples: int = Field(1, ge=1, description="Sampled completions per eval problem (pass@k).")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: ddp (full model per rank, gradients summed) or fsdp (FSDP2: "
+        "decoder layers, their gradients and AdamW state sharded). Ignored in a single process."
+    )
 
 
 class LoggingConfig(Section):
@@ -160,7 +172,49 @@ class NPOConfig(Section):
 
 
 class AutoConfig(Section):
+    """AutoNPO (npo_cli/auto.py): warn on a plateau, confirm with a probe, roll back, replay with NPO."""
+
     enabled: bool = Field(False, description="AutoNPO controller on (npo auto sets it).")
+    ema_alpha: float = Field(
+        0.05, gt=0.0, le=1.0, description="Weight of the newest step in the EMAs of training reward and entropy."
+    )
+    window: int = Field(40, ge=2, description="Steps over which the EMAs' trends are fitted (least squares).")
+    slope_eps: float = Field(
+        0.001, description="Warning needs the reward EMA's slope below this (reward per step): stagnation."
+    )
+    entropy_drop: float = Field(
+        0.1, ge=-1.0, le=1.0, description="Warning needs the entropy EMA to fall by at least this share of its "
+        "level over the window (fitted slope x window / level)."
+    )
+    patience: int = Field(5, ge=1, description="Consecutive warned steps before the confirming probe.")
+    min_gap: int = Field(
+        30, ge=0, description="Steps after a replay ends (or a probe that did not confirm) before the next warning."
+    )
+    pool_size: int = Field(
+        512, ge=1, description="Mistake pool B: most recent all-wrong prompts kept, each with the step it failed at."
+    )
+    probe_size: int = Field(64, ge=1, description="Pool prompts in the confirming probe (spread over candidates).")
+    probe_samples: int = Field(4, ge=1, description="Completions per probe prompt (current policy).")
+    deltas: list[int] | None = Field(
+        None, description="Candidate rollback distances; None: every saved step within delta_max."
+    )
+    delta_max: int = Field(100, ge=1, description="Largest rollback distance considered (steps).")
+    bucket: Literal["around", "stretch"] = Field(
+        "around", description="B_delta for Q: mistakes nearest to step t-delta (around, within train.save_every), "
+        "or every mistake made since t-delta (stretch) (ours)."
+    )
+    min_score: float = Field(
+        0.05, ge=0.0, description="Confirmation: intervene only when the best S = Q/V reaches this."
+    )
+    max_interventions: int = Field(2, ge=0, description="Plateau interventions (rollback + replay) at most.")
+    gate: float | None = Field(
+        None, ge=0.0, le=1.0, description="npo.gate during replays (None: the recipe's npo.gate)."
+    )
+    bootstrap: bool = Field(
+        False, description="Early bootstrapping: a scout to scout_steps, then restart from step 0 with the "
+        "scout's checkpoint as guide (NPO for steps 0..scout_steps)."
+    )
+    scout_steps: int = Field(20, ge=1, description="Length of the bootstrapping scout (steps).")
 
 
 class Recipe(Section):

@@ -1,0 +1,523 @@
+"""AutoNPO (`npo auto`): NPO without a human. DESIGN.md §1, issue 5.
+
+The controller (`AutoController`, the trainer's `controller` seam) watches every step:
+1. warning: the reward EMA stagnates (least-squares slope over `auto.window` steps < slope_eps) while the
+   entropy EMA declines (by >= entropy_drop of its level over the window), for `patience` steps;
+2. confirmation: a probe rollout of the current policy pi_t on the mistake pool B (prompts whose whole
+   group failed, each with the step it failed at; `AutoTrainer.score` feeds it);
+3. rollback distance: for every saved checkpoint t-D of the lineage (D <= delta_max, or auto.deltas),
+   Q(D) = pi_t's pass rate on B_D (the probed mistakes from around step t-D) and
+   V(D) = exp(mean per-token KL(pi_t || pi_{t-D})) on the probe's own trajectories (one forward of the
+   old checkpoint each, no extra sampling); D* = argmax S = Q/V (`select_delta`, a pure function).
+   When S(D*) >= min_score the controller stops the branch (the trainer checkpoints step t: the guide).
+4. the driver (`auto_run`) makes branch `auto-k` at t-D*, pre-fills the guide cache (guide = the step-t
+   checkpoint) for the mistakes of the replayed stretch [t-D*, t) (the replay meets exactly those
+   prompts again: the data order is a function of the step; other gated prompts are generated on
+   demand), replays t-D*..t with npo.source=npo, then continues GRPO, and repeats on the next plateau.
+5. auto.bootstrap: the run starts as a scout; at step scout_steps it restarts from step 0 on branch
+   `auto-boot` with the scout's checkpoint as guide (NPO for steps 0..scout_steps).
+
+Every decision is an event stored with the checkpoint of the step it was taken at (`npo show`); each
+auto branch's first checkpoint carries an `auto-branch` event (`npo ls` draws the chain from them).
+The controller's state (EMAs, window, pool (a JSON object in the store), interventions, phase, compute
+spent) is saved in every checkpoint, so `npo auto --resume RUN` (or `npo run --resume RUN`) continues
+exactly, also in the middle of a replay or between a decision and its branch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from npo_cli.errors import NpoError
+from npo_cli.trainer import Group, Trainer, collate, format_prompt
+
+DECISION_KINDS = ("auto", "auto-probe", "auto-bootstrap", "auto-branch")
+
+
+# --------------------------------------------------------------------------- pure functions (tested alone)
+
+
+def ls_slope(ys: list[float]) -> float:
+    """Least-squares slope of ys against 0..n-1."""
+    n = len(ys)
+    if n < 2:
+        return 0.0
+    mx, my = (n - 1) / 2, sum(ys) / n
+    return sum((i - mx) * (y - my) for i, y in enumerate(ys)) / sum((i - mx) ** 2 for i in range(n))
+
+
+def warning(hist: list[list[float]], cfg) -> tuple[bool, dict[str, float]]:
+    """(warn, signals) from the last window+1 [reward_ema, entropy_ema] pairs: the reward stagnates
+    while the entropy declines. No warning before the window is full."""
+    if len(hist) < cfg.window + 1:
+        return False, {}
+    h = hist[-(cfg.window + 1):]
+    r_slope = ls_slope([x[0] for x in h])
+    e_slope = ls_slope([x[1] for x in h])
+    level = max(abs(h[-1][1]), 1e-8)
+    drop = -e_slope * cfg.window / level  # share of the entropy level lost over the window
+    sig = {"reward_slope": r_slope, "entropy_drop": drop}
+    return r_slope < cfg.slope_eps and drop >= cfg.entropy_drop, sig
+
+
+def members(pool: list[dict], steps: list[int], t: int, mode: str, radius: int) -> dict[int, list[dict]]:
+    """B_D for every candidate step c = t-D. around: each mistake goes to the candidate nearest to the
+    step it failed at (ties: the older), if within radius; stretch: every mistake made in [c, t)."""
+    out: dict[int, list[dict]] = {c: [] for c in steps}
+    if not steps:
+        return out
+    for it in pool:
+        s = it["step"]
+        if mode == "stretch":
+            for c in steps:
+                if c <= s < t:
+                    out[c].append(it)
+            continue
+        c = min(steps, key=lambda c: (abs(s - c), c))
+        if abs(s - c) <= radius and s < t:
+            out[c].append(it)
+    return out
+
+
+def spread(groups: dict[int, list[dict]], k: int) -> list[dict]:
+    """Up to k distinct mistakes, taken round-robin over the candidates, newest first in each."""
+    queues = [sorted(v, key=lambda it: -it["step"]) for _, v in sorted(groups.items(), reverse=True)]
+    picked, seen = [], set()
+    while len(picked) < k and any(queues):
+        for q in queues:
+            while q and q[0]["prompt"] in seen:
+                q.pop(0)
+            if q and len(picked) < k:
+                it = q.pop(0)
+                seen.add(it["prompt"])
+                picked.append(it)
+    return picked
+
+
+def select_delta(table: list[dict], min_score: float = 0.0) -> dict:
+    """D* = argmax Q/V over the candidates (ties: the smaller D, a shorter replay).
+
+    table rows: {"delta", "Q" (None: no probed mistake in B_D), "V"}; returns the rows with S added,
+    the best row (or None) and whether it confirms the plateau (S >= min_score)."""
+    rows = []
+    for r in table:
+        q, v = r.get("Q"), r.get("V")
+        s = q / v if q is not None and v is not None and v > 0 else None
+        rows.append({**r, "S": s})
+    scored = [r for r in rows if r["S"] is not None]
+    best = max(scored, key=lambda r: (r["S"], -r["delta"])) if scored else None
+    ok = best is not None and best["S"] >= min_score
+    return {"rows": rows, "best": best, "confirmed": ok}
+
+
+# --------------------------------------------------------------------------- the controller
+
+
+class AutoController:
+    """Watches every step (observe), probes and decides (after_step). JSON state in every checkpoint."""
+
+    def __init__(self, cfg, store):
+        self.cfg, self.store = cfg, store
+        self.phase = "scouting" if cfg.bootstrap else "watching"
+        self.reward_ema: float | None = None  # bias-corrected EMAs (as Adam's moments): the first
+        self.entropy_ema: float | None = None  # steps do not drag the trend
+        self.raw = [0.0, 0.0, 0]  # uncorrected EMAs of reward and entropy, steps seen
+        self.hist: list[list[float]] = []  # [reward_ema, entropy_ema] of the last window+1 steps
+        self.warned = 0  # consecutive warned steps
+        self.quiet_until = 0  # no warning before this step
+        self.floor = 0  # rollback candidates are at or after this step (the end of the last replay)
+        self.interventions = 0  # plateau interventions so far (bootstrap not counted)
+        self.replay: dict | None = None  # {"k", "branch", "start", "until", "guide"} while replaying
+        self.decision: dict | None = None  # the confirmed decision the driver acts on
+        self.pool: list[dict] = []  # {"prompt", "answer", "tags", "step"}; unique prompts, oldest first
+        self.compute = {"steps": 0, "rollout_tokens": 0, "guide_tokens": 0, "probe_tokens": 0}
+        self.signals: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict:
+        pool = self.store.put_json({"format": "npo-auto-pool/1", "items": self.pool})
+        return {"auto": 1, "phase": self.phase, "reward_ema": self.reward_ema, "entropy_ema": self.entropy_ema,
+                "raw": self.raw, "hist": self.hist, "warned": self.warned, "quiet_until": self.quiet_until,
+                "floor": self.floor, "interventions": self.interventions, "replay": self.replay, "decision": self.decision,
+                "compute": dict(self.compute), "signals": self.signals, "pool": pool, "objects": [pool]}
+
+    def load_state_dict(self, st: dict) -> None:
+        if not st.get("auto"):
+            return  # a checkpoint written without the controller (e.g. a plain run's step 0)
+        self.phase, self.reward_ema, self.entropy_ema = st["phase"], st["reward_ema"], st["entropy_ema"]
+        self.raw = list(st["raw"])
+        self.hist, self.warned, self.quiet_until = [list(x) for x in st["hist"]], st["warned"], st["quiet_until"]
+        self.floor, self.interventions = st["floor"], st["interventions"]
+        self.replay, self.decision, self.signals = st["replay"], st["decision"], dict(st["signals"])
+        self.compute = {**self.compute, **st["compute"]}
+        self.pool = list(self.store.get_json(st["pool"], "auto mistake pool")["items"])
+
+    @classmethod
+    def from_state(cls, cfg, store, st: dict) -> AutoController:
+        c = cls(cfg, store)
+        c.load_state_dict(st)
+        return c
+
+    def status(self) -> str:
+        """For the progress bar."""
+        if self.phase == "scouting":
+            return f"auto: scouting to {self.cfg.scout_steps}"
+        if self.phase == "replaying":
+            k = self.replay["k"]
+            return f"auto: replaying {k if k else 'boot'} (NPO to {self.replay['until']})"
+        if self.phase == "warned":
+            return f"auto: warned {self.warned}/{self.cfg.patience}"
+        used = f", {self.interventions}/{self.cfg.max_interventions} interventions used"
+        return f"auto: {self.phase}" + (used if self.interventions >= self.cfg.max_interventions else "")
+
+    # ---------------------------------------------------------------- watching
+
+    def note_mistake(self, problem, step: int) -> None:
+        """A prompt whose whole group failed at `step` (the policy of checkpoint `step`)."""
+        self.pool = [it for it in self.pool if it["prompt"] != problem.prompt]
+        self.pool.append({"prompt": problem.prompt, "answer": problem.answer, "tags": list(problem.tags),
+                          "step": step})
+        del self.pool[: max(0, len(self.pool) - self.cfg.pool_size)]
+
+    def observe(self, trainer, m: dict, rollout_tokens: int) -> None:
+        """After each step's update, before the progress bar: EMAs, trend, phase; auto/* metrics."""
+        c, a, step = self.cfg, self.cfg.ema_alpha, trainer.step_num
+        self.compute["steps"] += 1
+        self.compute["rollout_tokens"] += int(rollout_tokens)
+        self.compute["guide_tokens"] += int(m.get("npo/guide_tokens", 0))
+        r, h = float(m["reward"]), float(m["entropy"])
+        n = self.raw[2] + 1
+        self.raw = [(1 - a) * self.raw[0] + a * r, (1 - a) * self.raw[1] + a * h, n]
+        self.reward_ema, self.entropy_ema = (x / (1 - (1 - a) ** n) for x in self.raw[:2])
+        self.hist = (self.hist + [[self.reward_ema, self.entropy_ema]])[-(c.window + 1):]
+        warn, self.signals = warning(self.hist, c)
+        if self.phase == "replaying" and step >= self.replay["until"]:
+            self.floor, self.quiet_until = self.replay["until"], step + c.min_gap
+            self.phase, self.replay = "watching", None
+        if self.phase in ("watching", "warned"):
+            if warn and step >= self.quiet_until and self.interventions < c.max_interventions:
+                self.phase, self.warned = "warned", self.warned + 1
+            else:
+                self.phase, self.warned = "watching", 0
+        m.update({"auto/reward_ema": self.reward_ema, "auto/entropy_ema": self.entropy_ema,
+                  **{f"auto/{k}": v for k, v in self.signals.items()},
+                  "auto/warned": float(self.warned), "auto/pool": float(len(self.pool)),
+                  "auto/interventions": float(self.interventions),
+                  "auto/compute_tokens": float(self.total_tokens())})
+
+    def total_tokens(self) -> int:
+        """Generated tokens of every branch (replays and abandoned stretches), guide and probe sampling."""
+        c = self.compute
+        return c["rollout_tokens"] + c["guide_tokens"] + c["probe_tokens"]
+
+    def after_step(self, trainer, m: dict) -> bool:
+        """True: stop the branch (the trainer checkpoints this step, the guide) for the driver to act."""
+        step = trainer.step_num
+        if self.phase == "scouting" and step >= self.cfg.scout_steps:
+            fork = next((x for x in trainer.store.lineage(trainer.head) if x.step == 0 and x.run == trainer.run),
+                        None)
+            if fork is None:
+                raise NpoError(f"auto.bootstrap: no step-0 checkpoint on {trainer.run}/{trainer.branch}")
+            self.decision = {"kind": "auto-bootstrap", "k": 0, "step": step, "fork_step": 0, "fork": fork.id,
+                             "until": step, "delta": step, "branch": "auto-boot", "pool": len(self.pool)}
+            return self._decide(trainer)
+        if self.phase == "warned" and self.warned >= self.cfg.patience:
+            self._say(trainer, f"auto: step {step} plateau warning ({self._sig()}); probing {len(self.pool)} "
+                      "mistakes")
+            d = self.probe(trainer)
+            if d["confirmed"]:
+                self.decision = d
+                return self._decide(trainer)
+            trainer.events.append(d)
+            self._say(trainer, f"auto: step {step} not confirmed: {d.get('reason', 'S below min_score')}")
+            self.phase, self.warned, self.quiet_until = "watching", 0, step + self.cfg.min_gap
+        return False
+
+    def _decide(self, trainer) -> bool:
+        trainer.events.append(self.decision)
+        self.phase = "decided"
+        d = self.decision
+        self._say(trainer, f"auto: step {d['step']} -> roll back to step {d['fork_step']} (D*={d['delta']}), "
+                  f"guide = this step, branch {d['branch']}")
+        return True
+
+    def _sig(self) -> str:
+        s = self.signals
+        return f"reward slope {s.get('reward_slope', 0):+.4f}/step, entropy -{100 * s.get('entropy_drop', 0):.1f}%"
+
+    @staticmethod
+    def _say(trainer, text: str) -> None:
+        if trainer.console is not None and trainer.recipe.logging.progress:
+            trainer.console.print(text, highlight=False, soft_wrap=True)
+
+    # ---------------------------------------------------------------- confirmation and D*
+
+    def candidates(self, trainer) -> list[tuple[int, str]]:
+        """(step, checkpoint id) of the saved checkpoints t-D on this lineage that may be rolled back to."""
+        t, cfg, seen, out = trainer.step_num, self.cfg, set(), []
+        for m in trainer.store.lineage(trainer.head):
+            if m.run != trainer.run or m.step in seen:
+                continue
+            seen.add(m.step)
+            d = t - m.step
+            if 0 < d <= cfg.delta_max and m.step >= self.floor and (cfg.deltas is None or d in cfg.deltas):
+                out.append((m.step, m.id))
+        return out
+
+    def probe(self, trainer) -> dict:
+        """Sample pi_t on the pool once; Q, V, S for every candidate; the decision event."""
+        from npo_cli.guide import derive_seed
+        from npo_cli.tasks import Problem
+
+        t, cfg, r = trainer.step_num, self.cfg, trainer.recipe
+        d = {"kind": "auto", "k": self.interventions + 1, "step": t, "confirmed": False,
+             "signals": {"reward_ema": self.reward_ema, "entropy_ema": self.entropy_ema, **self.signals},
+             "pool": len(self.pool)}
+        cands = self.candidates(trainer)
+        if not cands:
+            return {**d, "kind": "auto-probe", "reason": f"no saved checkpoint within {cfg.delta_max} steps "
+                    f"after step {self.floor}"}
+        groups = members(self.pool, [s for s, _ in cands], t, cfg.bucket, r.train.save_every)
+        picks = spread(groups, cfg.probe_size)
+        if not picks:
+            return {**d, "kind": "auto-probe", "reason": "no mistakes near the candidate checkpoints"}
+        prompts = [format_prompt(r, trainer.tokenizer, it["prompt"]) for it in picks]
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        trainer.backend.sync()
+        with torch.random.fork_rng(devices=devices):  # the training RNG stream does not see the probe
+            torch.manual_seed(derive_seed(r.seed, trainer.run, "auto-probe", t))
+            sampled = trainer.backend.generate(prompts, cfg.probe_samples)
+        passed = {}
+        for it, g in zip(picks, sampled):
+            p = Problem(it["prompt"], it["answer"], tuple(it["tags"]))
+            passed[it["prompt"]] = sum(trainer.judge(p.prompt, ro.text, p.answer) >= 1.0 for ro in g) / len(g)
+        rows = [ro for g in sampled for ro in g]
+        tokens = sum(len(ro.completion_ids) for ro in rows)
+        self.compute["probe_tokens"] += tokens
+        kls = self._kls(trainer, rows, cands)
+        table = []
+        for (step, cid), kl in zip(cands, kls):
+            b = [passed[it["prompt"]] for it in groups[step] if it["prompt"] in passed]
+            table.append({"step": step, "delta": t - step, "checkpoint": cid, "n": len(b),
+                          "Q": sum(b) / len(b) if b else None, "kl": kl, "V": math.exp(min(kl, 50.0))})
+        sel = select_delta(table, cfg.min_score)
+        d.update(candidates=sel["rows"], confirmed=sel["confirmed"],
+                 probe={"prompts": len(picks), "samples": cfg.probe_samples, "tokens": tokens,
+                        "pass": sum(passed.values()) / len(passed)})
+        best = sel["best"]
+        if best is not None:
+            d.update(delta=best["delta"], fork_step=best["step"], fork=best["checkpoint"], until=t,
+                     branch=f"auto-{d['k']}", S=best["S"])
+        if not sel["confirmed"]:
+            d["kind"] = "auto-probe"
+            d["reason"] = "no candidate with probed mistakes" if best is None else \
+                f"best S={best['S']:.3f} < min_score {cfg.min_score}"
+        return d
+
+    def _kls(self, trainer, rows, cands) -> list[float]:
+        """Mean per-token KL(pi_t || pi_c) on the probe trajectories (k3 estimator: they are pi_t's
+        samples), one forward of pi_t and one of each candidate, in the sampling dtype."""
+        from npo_cli.checkpoint import load_model
+        from npo_cli.model import DTYPES
+
+        r = trainer.recipe
+        mbs, device = r.grpo.micro_batch_size, trainer.device
+        batches = [collate(rows[s : s + mbs], trainer.pad_id, device) for s in range(0, len(rows), mbs)]
+
+        def logps(model) -> list[torch.Tensor]:
+            was = model.training
+            model.eval()
+            with torch.no_grad():
+                out = [trainer._logprobs(model, b["input_ids"], b["attention_mask"], b["n_completion"],
+                                         r.grpo.logprob_chunk, with_entropy=False,
+                                         temperature=r.rollout.temperature)[0].float() for b in batches]
+            model.train(was)
+            return out
+
+        cur = logps(trainer.backend.model)
+        kls = []
+        for _, cid in cands:
+            old_model = load_model(trainer.store, cid, dtype=DTYPES[r.model.dtype], device=str(device))[0]
+            tot = n = 0.0
+            for b, lc, lo in zip(batches, cur, logps(old_model)):
+                lr = (lo - lc).clamp(-20.0, 20.0)  # log pi_c / pi_t on pi_t's tokens
+                k3 = (lr.exp() - 1 - lr) * b["mask"]
+                tot, n = tot + float(k3.sum()), n + float(b["mask"].sum())
+            del old_model
+            kls.append(tot / max(n, 1.0))
+        return kls
+
+    # ---------------------------------------------------------------- after a rollback
+
+    def begin_replay(self, prev: AutoController, d: dict, guide: str) -> None:
+        """On the new branch (state restored from the fork): carry over what the run has learnt so far."""
+        c = d["fork_step"]
+        self.pool = [it for it in prev.pool if it["step"] < c]  # later ones belong to the abandoned stretch
+        self.interventions = prev.interventions + (1 if d["kind"] == "auto" else 0)
+        self.compute, self.floor = dict(prev.compute), prev.floor
+        self.replay = {"k": d["k"], "branch": d["branch"], "start": c, "until": d["until"], "guide": guide}
+        self.phase, self.warned, self.decision = "replaying", 0, None
+
+
+class AutoTrainer(Trainer):
+    """The trainer with an AutoController: feeds it the mistakes (all-wrong groups) and every step."""
+
+    def __init__(self, recipe, store, **kw):
+        kw.setdefault("controller", AutoController(recipe.auto, store))
+        super().__init__(recipe, store, **kw)
+
+    def score(self, problem, prompt: str, rollouts) -> Group:
+        g = super().score(problem, prompt, rollouts)
+        if not any(g.correct):  # before any slot is mixed in: the policy's own failure
+            self.controller.note_mistake(problem, self.step_num)
+        return g
+
+    def step(self) -> dict[str, float]:
+        before = self.tokens_generated
+        m = super().step()
+        self.controller.observe(self, m, self.tokens_generated - before)
+        return m
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def auto_chain(store, run: str) -> list[str]:
+    """Branches of an auto run in order, main first; the last one is live."""
+    from npo_cli.history import ls_data
+
+    return ls_data(store, run)["runs"][0]["auto_chain"] or ["main"]
+
+
+def rollback(store, live, from_branch: str, prev: AutoController, guide: str, console=None) -> AutoTrainer:
+    """Branch at the decision's fork, NPO from the fork to the guide's step, the guide cache pre-filled.
+    `live` is the recipe of the branch that stopped (it carries every override so far)."""
+    from npo_cli.guide import GuideGenerator, derive_seed
+    from npo_cli.recipe import build_recipe
+    from npo_cli.tasks import Problem
+
+    d, run = prev.decision, live.name
+    name, c, until = d["branch"], d["fork_step"], d["until"]
+    fork = store.manifest(d["fork"])
+    have = store.branches(run).get(name)
+    if have is None:
+        store.branch(fork.id, name, run=run)
+    elif have != fork.id:  # a branch made by a crashed driver is reused; anything else is not ours
+        raise NpoError(f"branch {run}/{name} already exists and has moved on; resume it with "
+                       f"npo auto --resume {run}/{name}")
+    sets = ["npo.source=npo", f"npo.guide='{guide}'", f"npo.start={c}", f"npo.until={until}"]
+    if live.auto.gate is not None:
+        sets.append(f"npo.gate={live.auto.gate}")
+    recipe = build_recipe(live.model_dump(mode="json"), sets)
+    trainer = AutoTrainer(recipe, store, branch=name, init=fork, console=console)
+    trainer.controller.begin_replay(prev, d, guide)
+
+    # guide trajectories for the replay's known mistakes (the same cache keys the NPO source reads)
+    todo = [it for it in prev.pool if c <= it["step"] < until]
+    gen = GuideGenerator(store, guide, recipe)
+    items = [(format_prompt(recipe, trainer.tokenizer, it["prompt"]),
+              Problem(it["prompt"], it["answer"], tuple(it["tags"]))) for it in todo]
+    seed = derive_seed(recipe.seed, gen.seed_id, "auto-prefill")  # from the guide's weights, as the source's
+    found = sum(e is not None for e in gen.get(items, seed)) if items else 0
+    gen.unload()
+    trainer.controller.compute["guide_tokens"] += gen.stats.tokens
+    trainer.events.append({"kind": "auto-branch", "k": d["k"], "branch": name, "from_branch": from_branch,
+                           "fork": fork.id, "fork_step": c, "guide": guide, "guide_step": d["step"],
+                           "until": until, "delta": d["delta"],
+                           "prefill": {"prompts": len(items), "found": found, "tokens": gen.stats.tokens}})
+    with store.lease(run, name):
+        trainer.save()  # the branch's first checkpoint: settings, carried controller state, the event
+    if console is not None and recipe.logging.progress:
+        console.print(f"auto: branch {run}/{name} from step {c}: NPO to step {until} with guide "
+                      f"{store.describe(guide)}; guide cache pre-filled for {found}/{len(items)} mistakes",
+                      highlight=False, soft_wrap=True)
+    return trainer
+
+
+def auto_events(store, run: str) -> list[dict]:
+    """The decision events of every branch of the auto chain, in order."""
+    out = []
+    for b in auto_chain(store, run):
+        own = [m for m in store.lineage(f"{run}/{b}") if m.branch == b and m.run == run]
+        for m in reversed(own):
+            out += [{**e, "at": f"{b}@{m.step}"} for e in m.events if e.get("kind") in DECISION_KINDS]
+    return out
+
+
+def auto_run(recipe_path: str | None, overrides: list[str], store_url: str | None, resume: str | None,
+             console=None, progress: bool = True, force: bool = False) -> dict:
+    """`npo auto`: train with the controller; on each decision branch, pre-fill, replay; until the live
+    branch reaches train.steps. --resume RUN continues the live branch (RUN/BRANCH: that branch)."""
+    from npo_cli.recipe import build_recipe, load_recipe
+    from npo_cli.trainer import open_store
+
+    if resume:
+        if recipe_path:
+            raise NpoError("--resume takes the recipe stored in the checkpoint; drop RECIPE and pass "
+                           "changes with --set")
+        if "@" in resume:
+            raise NpoError(f"--resume takes RUN or RUN/BRANCH, not '{resume}'")
+        store = open_store(store_url)
+        run, _, branch = resume.partition("/")
+        if run not in store.runs():
+            raise NpoError(f"unknown run {run!r} in {store.url} (see npo ls)")
+        branch = branch or auto_chain(store, run)[-1]
+        head = store.head(run, branch)
+        if head is None:
+            raise NpoError(f"no branch '{run}/{branch}' in the store (see npo ls)")
+        man = store.manifest(head)
+        if man.recipe is None:
+            raise NpoError(f"checkpoint {head[:12]} has no stored recipe; cannot resume it")
+        live = build_recipe(store.get_json(man.recipe), list(overrides))
+        if not live.auto.enabled:
+            raise NpoError(f"{run}/{branch} is not an AutoNPO run; continue it with npo run --resume")
+        if man.branch != branch:
+            raise NpoError(f"branch {run}/{branch} was made but never trained; resume the run with "
+                           f"npo auto --resume {run}")
+        ctrl = (man.state or {}).get("controller", {})
+        if ctrl.get("phase") == "decided":  # stopped for a rollback that was not made yet
+            prev = AutoController.from_state(live.auto, store, ctrl)
+            trainer = rollback(store, live, branch, prev, man.id, console)
+        else:
+            trainer = AutoTrainer.resume(store, f"{run}/{branch}", list(overrides), console=console)
+    else:
+        if not recipe_path:
+            raise NpoError("give a recipe file (npo auto RECIPE) or --resume RUN")
+        recipe = load_recipe(recipe_path, list(overrides) + ["auto.enabled=true"])
+        if recipe.npo.source != "none":
+            raise NpoError("npo auto starts from plain GRPO (npo.source=none); it sets the NPO guide on its "
+                           "replay branches itself")
+        if recipe.auto.bootstrap and recipe.auto.scout_steps >= recipe.train.steps:
+            raise NpoError(f"auto.scout_steps={recipe.auto.scout_steps} must be below train.steps="
+                           f"{recipe.train.steps}")
+        store = open_store(store_url, recipe)
+        trainer = AutoTrainer.new(recipe, store, console=console)
+    while True:
+        show = progress and trainer.recipe.logging.progress
+        res = trainer.train(progress=show, force=force)
+        force = False
+        if res["stopped_by"] != "controller":
+            break
+        prev, live, from_branch = trainer.controller, trainer.recipe, trainer.branch
+        trainer = None  # free the old policy before loading the branch's
+        trainer = rollback(store, live, from_branch, prev, res["checkpoint"], console if show else None)
+    ctrl = trainer.controller
+    res["auto"] = {"live": trainer.branch, "chain": auto_chain(store, trainer.run),
+                   "interventions": ctrl.interventions, "phase": ctrl.phase, "compute": dict(ctrl.compute),
+                   "compute_tokens": ctrl.total_tokens(), "events": auto_events(store, trainer.run)}
+    return res
+
+
+def is_auto(store, ref: str) -> bool:
+    """Whether RUN / RUN/BRANCH is an AutoNPO run (its head's stored recipe has auto.enabled)."""
+    run, _, branch = ref.partition("/")
+    if run not in store.runs():
+        return False
+    head = store.head(run, branch or "main")
+    if head is None:
+        return False
+    man = store.manifest(head)
+    return bool(man.recipe and store.get_json(man.recipe).get("auto", {}).get("enabled"))
