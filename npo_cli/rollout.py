@@ -3,7 +3,7 @@
 The HF backend wraps `model.generate` (batched, KV cache, left padding). The behaviour log-probs
 are recorded by a logits processor while sampling: it applies temperature and top-p itself and
 keeps only the previous step's log-softmax, so a 150k vocabulary never holds all steps' logits.
-A vLLM backend later implements the same `generate(prompts, n, greedy)` signature.
+npo_cli/vllm_backend.py implements the same `generate(prompts, n, greedy)` / `sync()` interface.
 """
 
 from __future__ import annotations
@@ -71,15 +71,17 @@ class HFBackend:
     """Batched sampling with `model.generate`. Sampling uses torch's global RNG (seeded, resumable)."""
 
     def __init__(self, model, tokenizer, cfg: RolloutConfig, add_special_tokens: bool = True,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, copy: bool = False):
         # Sampling runs on `model` itself, or on a copy in `dtype` (16-bit sampling of fp32 master
-        # weights) that sync() refreshes after the weights change.
+        # weights) that sync() refreshes after the weights change. copy=True forces the copy (FSDP
+        # shards the policy's weights, so sampling needs its own full ones).
         self.policy, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.model = model
-        if dtype is not None and next(model.parameters()).dtype != dtype:
-            import copy
+        if copy or (dtype is not None and next(model.parameters()).dtype != dtype):
+            import copy as _copy
 
-            self.model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+            self.model = _copy.deepcopy(model).to(dtype or next(model.parameters()).dtype)
+            self.model.eval().requires_grad_(False)
         self.add_special_tokens = add_special_tokens
         eos = set()
         if tokenizer.eos_token_id is not None:
@@ -97,7 +99,7 @@ class HFBackend:
         """Bring the sampling weights up to date with the policy (a no-op when they are the same)."""
         if self.model is not self.policy:
             for dst, src in zip(self.model.parameters(), self.policy.parameters()):
-                dst.copy_(src)
+                dst.copy_(src.full_tensor() if hasattr(src, "full_tensor") else src)  # FSDP2: gather
 
     def _gen_config(self, greedy: bool) -> GenerationConfig:
         # Every sampling knob is explicit so a model's own generation_config (top_k=20,
@@ -159,8 +161,13 @@ class HFBackend:
 
 
 def make_backend(model, tokenizer, cfg: RolloutConfig, add_special_tokens: bool = True,
-                 dtype: torch.dtype | None = None):
-    """The rollout engine named by rollout.backend (the seam for vLLM)."""
-    if cfg.backend == "hf":
-        return HFBackend(model, tokenizer, cfg, add_special_tokens=add_special_tokens, dtype=dtype)
-    raise NpoError("rollout.backend 'vllm' is not available yet; use rollout.backend=hf")
+                 dtype: torch.dtype | None = None, copy: bool = False):
+    """The rollout engine named by rollout.backend: HF generate, or an in-process vLLM engine.
+
+    copy: sample from a separate full-weight copy even when dtype matches (vLLM always has its own).
+    """
+    if cfg.backend == "vllm":
+        from npo_cli.vllm_backend import VLLMBackend  # lazy: vllm is an optional extra
+
+        return VLLMBackend(model, tokenizer, cfg, add_special_tokens=add_special_tokens, dtype=dtype)
+    return HFBackend(model, tokenizer, cfg, add_special_tokens=add_special_tokens, dtype=dtype, copy=copy)

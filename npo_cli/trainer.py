@@ -19,12 +19,14 @@ import random
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from npo_cli import dist
 from npo_cli.errors import NpoError
 from npo_cli.recipe import Recipe, build_recipe
 from npo_cli.rollout import Rollout, make_backend
@@ -131,7 +133,8 @@ def collate(rollouts: list[Rollout], pad_id: int, device) -> dict[str, torch.Ten
             "old_logp": old.to(device), "offpolicy": off.to(device), "n_completion": C}
 
 
-def evaluate(model, tokenizer, recipe: Recipe, problems: list, samples: int, seed: int) -> dict[str, float]:
+def evaluate(model, tokenizer, recipe: Recipe, problems: list, samples: int, seed: int,
+             backend=None) -> dict[str, float]:
     """Held-out accuracy: sampled (mean over `samples` per problem), pass@samples, and greedy.
 
     Runs in a forked RNG seeded from `seed`, so evaluating never changes the training stream.
@@ -140,7 +143,8 @@ def evaluate(model, tokenizer, recipe: Recipe, problems: list, samples: int, see
 
     t0 = time.perf_counter()
     judge = make_verifier(recipe.task.model_copy(update={"format_reward": 0.0}))  # correctness only
-    backend = make_backend(model, tokenizer, recipe.rollout, add_special_tokens=not recipe.task.chat_template)
+    if backend is None:
+        backend = make_backend(model, tokenizer, recipe.rollout, add_special_tokens=not recipe.task.chat_template)
     prompts = [format_prompt(recipe, tokenizer, p.prompt) for p in problems]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
@@ -227,17 +231,15 @@ class Trainer:
             self.ref_model = load_policy(recipe.model, store, seed=recipe.seed)[0].eval()
             self.ref_model.requires_grad_(False)
 
-        g = recipe.grpo
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=g.lr, betas=tuple(g.betas),
-                                           weight_decay=g.weight_decay,
-                                           fused=self.device.type == "cuda")  # one kernel for all params
+        self.fsdp = dist.on() and recipe.train.parallel == "fsdp"
+        self.optimizer = self._make_optimizer()
         from npo_cli.model import DTYPES
 
         # fp32 masters under a 16-bit compute dtype: autocast the training forward; the backend samples
         # from its own 16-bit copy of the weights (synced before every rollout, as a vLLM engine would be)
         compute = DTYPES[recipe.model.dtype]
         self.autocast = compute if next(self.model.parameters()).dtype != compute else None
-        self.backend = make_backend(self.model, self.tokenizer, recipe.rollout, dtype=compute,
+        self.backend = make_backend(self.model, self.tokenizer, recipe.rollout, dtype=compute, copy=self.fsdp,
                                     add_special_tokens=not recipe.task.chat_template)
 
         # counters and data position (all restored on resume)
@@ -250,7 +252,34 @@ class Trainer:
         if init is not None:
             self._restore(init)
         else:
-            torch.manual_seed(recipe.seed)  # the sampling stream starts from the seed
+            torch.manual_seed(dist.rank_seed(recipe.seed))  # the sampling stream starts from the seed
+        if dist.on():
+            self._parallel_setup(init is None)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        g = self.recipe.grpo
+        # fused: one kernel for all params on CUDA; FSDP2 mixes sharded (DTensor) and replicated
+        # parameters, which the fused / foreach kernels refuse: per-parameter updates there
+        kernels = {"foreach": False} if self.fsdp else {"fused": self.device.type == "cuda"}
+        return torch.optim.AdamW(self.model.parameters(), lr=g.lr, betas=tuple(g.betas),
+                                 weight_decay=g.weight_decay, **kernels)
+
+    def _parallel_setup(self, new: bool) -> None:
+        """torchrun: check the recipe fits, start all ranks from rank 0's weights, shard for FSDP."""
+        r = self.recipe
+        if r.rollout.prompts_per_step % dist.world() != 0:
+            raise NpoError(f"rollout.prompts_per_step={r.rollout.prompts_per_step} must be a multiple of the "
+                           f"number of processes ({dist.world()}): each rank takes whole prompt groups")
+        if r.npo.source != "none" or r.auto.enabled:
+            raise NpoError("npo.source / auto with torchrun are not supported yet; train them in one process")
+        if new:
+            dist.broadcast_params(self.model)
+        dist.barrier()  # no rank writes to the store before every rank has read it
+        if self.fsdp:
+            old = self.optimizer
+            dist.shard(self.model)
+            self.optimizer = self._make_optimizer()
+            dist.move_optimizer_state(old, self.optimizer)
 
     # ---------------------------------------------------------------- construction
 
@@ -298,13 +327,14 @@ class Trainer:
         if man.optimizer:
             load_optimizer(self.store, man, self.optimizer)
         tensors = load_state_tensors(self.store, man)
-        if "torch_rng" in tensors:
+        sfx = f"_rank{dist.rank()}" if dist.rank() else ""  # torchrun: each rank's own sampling stream
+        if "torch_rng" + sfx in tensors:
             # clone: set_state reads from the start of the storage, and a loaded tensor may be a view
-            torch.set_rng_state(tensors["torch_rng"].to(torch.uint8).clone())
+            torch.set_rng_state(tensors["torch_rng" + sfx].to(torch.uint8).clone())
         else:
-            torch.manual_seed(self.recipe.seed + self.step_num)
-        if "cuda_rng" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["cuda_rng"].to(torch.uint8).clone())
+            torch.manual_seed(dist.rank_seed(self.recipe.seed) + self.step_num)
+        if "cuda_rng" + sfx in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["cuda_rng" + sfx].to(torch.uint8).clone())
         self.head = man.id
 
     # ---------------------------------------------------------------- data
@@ -338,6 +368,7 @@ class Trainer:
 
         # 1. sample prompts
         problems = self.next_problems(r.rollout.prompts_per_step)
+        problems = problems[dist.rank() :: dist.world()]  # torchrun: this rank's whole groups
         prompts = [format_prompt(r, self.tokenizer, p.prompt) for p in problems]
 
         # 2. rollout: n completions per prompt from the current policy, with behaviour log-probs
@@ -347,8 +378,9 @@ class Trainer:
 
         # 3. verify
         groups = [self.score(p, prompt, rollouts) for p, prompt, rollouts in zip(problems, prompts, sampled)]
-        on_policy_reward = sum(sum(g.rewards) for g in groups) / sum(len(g.rewards) for g in groups)
-        on_policy_acc = sum(sum(g.correct) for g in groups) / sum(len(g.correct) for g in groups)
+        rsum, csum, cnt = dist.all_sum([sum(sum(g.rewards) for g in groups), sum(sum(g.correct) for g in groups),
+                                        sum(len(g.rewards) for g in groups)])
+        on_policy_reward, on_policy_acc = rsum / cnt, csum / cnt
 
         # 4. off-policy slots (issue 4: NPO guide / LUFFY / replay); plain GRPO leaves groups alone
         groups = self.source.mix(self, groups)
@@ -368,17 +400,20 @@ class Trainer:
 
         # 7. metrics
         self.step_num += 1
-        n_tok = sum(len(ro.completion_ids) for ro in rows)
-        self.samples_seen += len(rows)
+        n_tok, n_rows, n_fin, n_zero, n_groups = dist.all_sum([
+            sum(len(ro.completion_ids) for ro in rows), len(rows), sum(ro.finished for ro in rows),
+            float((adv == 0).all(-1).sum()), len(groups)])
+        n_tok, n_rows = int(n_tok), int(n_rows)
+        self.samples_seen += n_rows
         self.tokens_generated += n_tok
         dt = time.perf_counter() - t0
         m = {
             "step": self.step_num,
             "reward": on_policy_reward,
             "accuracy": on_policy_acc,
-            "zero_adv_frac": float((adv == 0).all(-1).float().mean()),
-            "response_length": n_tok / len(rows),
-            "finished_frac": sum(ro.finished for ro in rows) / len(rows),
+            "zero_adv_frac": n_zero / n_groups,
+            "response_length": n_tok / n_rows,
+            "finished_frac": n_fin / n_rows,
             "lr": lr,
             **stats,
             **self.source.metrics(stats),
@@ -408,12 +443,15 @@ class Trainer:
         """
         r, g = self.recipe, self.recipe.grpo
         mbs = g.micro_batch_size
-        n_tokens, n_seqs = float(sum(len(ro.completion_ids) for ro in rows)), float(len(rows))
+        # global counts: per-rank losses then sum to the single-process loss, and so do the gradients
+        n_tokens, n_seqs = dist.all_sum([float(sum(len(ro.completion_ids) for ro in rows)), float(len(rows))])
         max_len = r.rollout.max_new_tokens
         # Entropy of the sampling policy, estimated over every on-policy token from the behaviour
         # log-probs (E[-log p] = H): covers rows the update below skips, at no extra forward.
         on = [ro for ro in rows if ro.source == "policy"]
-        entropy = -sum(sum(ro.logprobs) for ro in on) / max(sum(len(ro.logprobs) for ro in on), 1)
+        lp_sum, lp_n = dist.all_sum([sum(sum(ro.logprobs) for ro in on), sum(len(ro.logprobs) for ro in on)])
+        entropy = -lp_sum / max(lp_n, 1)
+        pad_row = rows[0]  # FSDP: ranks with fewer micro-batches run this row with zero weight
         if g.skip_zero_adv and g.kl_coef == 0:
             # A row with advantage 0 adds exactly 0 to the loss and to its gradient (every term is
             # scaled by A): skip its forward/backward. Normalisers stay the whole batch's.
@@ -425,7 +463,15 @@ class Trainer:
         grad_norms = []
         for _ in range(g.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=False)  # zeros, not None: AdamW steps even with no row kept
-            for s in range(0, len(rows), mbs):
+            n_mb = -(-len(rows) // mbs)
+            for s in range(0, mbs * (dist.all_max(n_mb) if self.fsdp else n_mb), mbs):
+                if s >= len(rows):  # FSDP runs collectives per forward/backward: every rank runs as many
+                    b = collate([pad_row], self.pad_id, self.device)
+                    with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                        logp, _ = self._logprobs(self.model, b["input_ids"], b["attention_mask"],
+                                                 b["n_completion"], g.logprob_chunk, with_entropy=False)
+                    (logp.sum() * 0.0).backward()
+                    continue
                 b = collate(rows[s : s + mbs], self.pad_id, self.device)
                 with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                     logp, _ = self._logprobs(self.model, b["input_ids"], b["attention_mask"], b["n_completion"],
@@ -462,9 +508,12 @@ class Trainer:
                     wk = st.get("off/tokens", w) if k.startswith("off/") else w
                     acc[k] = acc.get(k, 0.0) + v * wk
                     weights[k] = weights.get(k, 0.0) + wk
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), g.grad_clip)))
+            dist.sum_grads(self.model)
+            grad_norms.append(dist.clip_grad_norm(self.model, g.grad_clip))
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if dist.on():  # ranks' loss stats: counts add up, means are re-weighted by their token weights
+            acc, counts, weights = _merge_stats(dist.gather_json([acc, counts, weights]))
         # micro-batch losses sum to the batch loss; counts and the loss are per pass
         out = {k: v / g.updates_per_batch for k, v in counts.items()}
         out.update({k: v / max(weights[k], 1e-12) for k, v in acc.items()})
@@ -477,8 +526,12 @@ class Trainer:
     def evaluate(self, samples: int | None = None) -> dict[str, float]:
         k = samples or self.recipe.train.eval_samples
         self.backend.sync()
-        self.last_eval = evaluate(self.backend.model, self.tokenizer, self.recipe, self.eval_problems, k,
-                                  seed=self.recipe.seed * 7919 + self.step_num)
+        res = {}
+        if dist.is_main():  # torchrun: rank 0 evaluates, the others wait for its numbers
+            res = evaluate(getattr(self.backend, "model", self.model), self.tokenizer, self.recipe,
+                           self.eval_problems, k, seed=self.recipe.seed * 7919 + self.step_num,
+                           backend=self.backend)
+        self.last_eval = dist.broadcast_json(res)
         return self.last_eval
 
     def summary(self) -> dict[str, float]:
@@ -502,15 +555,22 @@ class Trainer:
         objects = [*state["source"].get("objects", []), *state["controller"].get("objects", [])]
         if objects:
             state["objects"] = objects
-        tensors = {"torch_rng": torch.get_rng_state()}
+        tensors = {}
+        for i, t in enumerate(dist.gather_tensor(torch.get_rng_state())):  # torchrun: every rank's stream
+            tensors["torch_rng" + (f"_rank{i}" if i else "")] = t
         if torch.cuda.is_available():
-            tensors["cuda_rng"] = torch.cuda.get_rng_state()
-        self.head = save_checkpoint(
-            self.store, run=self.run, branch=self.branch, step=self.step_num, model=self.model,
-            tokenizer=self.tokenizer, optimizer=self.optimizer, state=state, state_tensors=tensors,
-            metrics=self.pending_metrics, summary=self.summary(), recipe=self.recipe.model_dump(mode="json"),
-            guide=self.source.guide, events=self.events,
-        )
+            for i, t in enumerate(dist.gather_tensor(torch.cuda.get_rng_state())):
+                tensors["cuda_rng" + (f"_rank{i}" if i else "")] = t
+        model, optimizer = dist.full_state(self.model, self.optimizer)  # FSDP: gathered on every rank
+        head = None
+        if dist.is_main():  # only rank 0 writes the store
+            head = save_checkpoint(
+                self.store, run=self.run, branch=self.branch, step=self.step_num, model=model,
+                tokenizer=self.tokenizer, optimizer=optimizer, state=state, state_tensors=tensors,
+                metrics=self.pending_metrics, summary=self.summary(), recipe=self.recipe.model_dump(mode="json"),
+                guide=self.source.guide, events=self.events,
+            )
+        self.head = dist.broadcast_json(head)
         self.pending_metrics, self.events = [], []
         return self.head
 
@@ -532,9 +592,10 @@ class Trainer:
             for s in (signal.SIGINT, signal.SIGTERM):
                 handlers[s] = signal.signal(s, self._on_signal)
         try:
-            with self.store.lease(self.run, self.branch, force=force):
-                sinks = MetricSinks(r, self.run, self.branch)
-                bar = Progress(self.console, r.train.steps, start_step, enabled=show)
+            main = dist.is_main()  # torchrun: rank 0 holds the lease and writes metrics
+            with self.store.lease(self.run, self.branch, force=force) if main else nullcontext():
+                sinks = MetricSinks(r, self.run, self.branch) if main else None
+                bar = Progress(self.console, r.train.steps, start_step, enabled=show and main)
                 if self.head is None:  # new run: the initial policy is step 0 (rewind/intervene --at 0)
                     self.save()
                 while self.step_num < r.train.steps:
@@ -542,13 +603,16 @@ class Trainer:
                     due_eval = self.step_num % r.train.eval_every == 0 or self.step_num == r.train.steps
                     if due_eval and self.eval_problems:
                         m.update(self.evaluate())
-                    sinks.write(m)
-                    bar.update(m)
+                    if sinks is not None:
+                        sinks.write(m)
+                    bar.update(m, getattr(self.controller, "status", str)())  # e.g. AutoNPO's phase
                     stop = bool(self.controller.after_step(self, m))
                     if stop:
                         stopped_by = "controller"
                     elif self._stop_signal is not None:
                         stopped_by = signal.Signals(self._stop_signal).name
+                    if dist.on():  # every rank stops at the same step
+                        stopped_by = dist.broadcast_json(stopped_by)
                     if (self.step_num % r.train.save_every == 0 or self.step_num == r.train.steps
                             or stopped_by):
                         self.save()
@@ -570,6 +634,18 @@ class Trainer:
             "median_step_s": times[len(times) // 2] if times else None,
             "summary": self.summary(), "stopped_by": stopped_by, "metrics_jsonl": sinks and sinks.jsonl_path,
         }
+
+
+def _merge_stats(parts: list) -> tuple[dict, dict, dict]:
+    """Sum ranks' (token-weighted sums, counts, weights) of the loss stats."""
+    acc: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for a, c, w in parts:
+        for src, dst in ((a, acc), (c, counts), (w, weights)):
+            for k, v in src.items():
+                dst[k] = dst.get(k, 0.0) + v
+    return acc, counts, weights
 
 
 # --------------------------------------------------------------------------- logging sinks and progress
@@ -642,13 +718,15 @@ class Progress:
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()
 
-    def update(self, m: dict) -> None:
+    def update(self, m: dict, status: str = "") -> None:
         if not self.enabled:
             return
         info = (f"reward {m['reward']:.3f}  acc {m['accuracy']:.3f}  {m['tokens_per_s']:.0f} tok/s  "
                 f"{m['step_time']:.2f} s/step")
         if "eval/accuracy" in m:
             info += f"  eval {m['eval/accuracy']:.3f}"
+        if status:
+            info += f"  {status}"
         if self.bar is not None:
             self.bar.update(self.task, completed=m["step"], info=info)
         elif m["step"] % self.every == 0 or m["step"] == self.total or "eval/accuracy" in m:
@@ -674,16 +752,28 @@ def run_recipe(recipe_path: str | None, overrides: list[str], store_url: str | N
     """`npo run`: a new run from a recipe file, or --resume RUN[/BRANCH] from its head."""
     from npo_cli.recipe import load_recipe
 
+    dist.init()  # torchrun --nproc-per-node N -m npo_cli run ...: data-parallel (no-op in one process)
+    if not dist.is_main() and console is not None:
+        console.quiet = True
     if resume:
         if recipe_path:
             raise NpoError("--resume takes the recipe stored in the checkpoint; drop RECIPE "
                            "and pass changes with --set")
         store = open_store(store_url)
+        from npo_cli.auto import auto_run, is_auto
+
+        if is_auto(store, resume):  # an AutoNPO run continues with its controller (and its rollbacks)
+            return auto_run(None, overrides, store_url, resume, console=console, progress=progress, force=force)
         trainer = Trainer.resume(store, resume, overrides, console=console)
     else:
         if not recipe_path:
             raise NpoError("give a recipe file (npo run RECIPE) or --resume RUN[/BRANCH]")
         recipe = load_recipe(recipe_path, overrides)
+        if recipe.auto.enabled:  # auto.enabled in the recipe: the same as npo auto RECIPE
+            from npo_cli.auto import auto_run
+
+            return auto_run(recipe_path, overrides, store_url, None, console=console, progress=progress,
+                            force=force)
         store = open_store(store_url, recipe)
         trainer = Trainer.new(recipe, store, console=console)
     return trainer.train(progress=progress and trainer.recipe.logging.progress, force=force)
