@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+
 import typer
 from rich.console import Console
 from rich.table import Table
