@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grpo_bench import H100_BF16_DENSE, make_model_dir  # noqa: E402
-from gpu_bench import QWEN2_05B, SMALL  # noqa: E402
+from gpu_bench import QWEN2_05B, SMALL
+from grpo_bench import H100_BF16_DENSE, make_model_dir
 
 VARIANTS = {
     "default (fp32 master, chunk 2048)": [],
@@ -47,7 +47,7 @@ def main() -> None:
     from npo_cli.recipe import build_recipe
     from npo_cli.rollout import Rollout
     from npo_cli.store import Store
-    from npo_cli.trainer import Trainer, collate
+    from npo_cli.trainer import Trainer
 
     rows_n, P, C = cfg.prompts * cfg.group, 8, cfg.new_tokens
     g = torch.Generator().manual_seed(0)
