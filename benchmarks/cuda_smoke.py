@@ -16,16 +16,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", default=None)
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
-    from test_trainer import sft_base  # the suite's 10-second supervised warm start (CPU)
-
+    from npo_cli.example import quick_warm_start
     from npo_cli.intervene import intervene
     from npo_cli.recipe import build_recipe
     from npo_cli.store import Store
@@ -35,9 +32,9 @@ def main() -> int:
     root = Path(a.store or tempfile.mkdtemp())
     store_dir = root / "store"
     t0 = time.perf_counter()
-    sft_base(store_dir)
-    print(json.dumps({"check": "sft_base", "s": round(time.perf_counter() - t0, 1)}), flush=True)
     store = Store.open(str(store_dir))
+    quick_warm_start(store, steps=200, task={"arithmetic": {"digits": 1}, "eval_size": 16})
+    print(json.dumps({"check": "warm_start", "s": round(time.perf_counter() - t0, 1)}), flush=True)
     recipe = build_recipe({
         "name": "cuda", "model": {"path": "base@0", "device": a.device, "dtype": "bfloat16"},
         "task": {"arithmetic": {"digits": 1}, "eval_size": 64},

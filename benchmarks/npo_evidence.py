@@ -51,33 +51,10 @@ NPO_KEYS = ("npo/hit_rate", "npo/Q", "npo/V", "npo/S", "npo/guide_clip_frac", "n
 
 def quick_base(store, name: str = "base") -> str:
     """A tiny warm start (1-digit sums, ~30% accuracy) as run `name` step 0, for --quick without recipes."""
-    import random
+    from npo_cli.example import quick_warm_start
 
-    from transformers import AutoModelForCausalLM
-
-    from npo_cli.checkpoint import save_checkpoint
-    from npo_cli.tasks import load_problems
-    from npo_cli.tiny import char_tokenizer, tiny_config
-
-    if name in store.runs():
-        return f"{name}@0"
-    task = {"arithmetic": {"digits": 1}, "eval_size": 32}
-    torch.manual_seed(0)
-    model, tok = AutoModelForCausalLM.from_config(tiny_config()), char_tokenizer()
-    problems = load_problems(build_recipe({"task": task}).task, "train", 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rng = random.Random(0)
-    for _ in range(150):
-        batch = [rng.choice(problems) for _ in range(32)]
-        rows = [(tok(p.prompt)["input_ids"], tok(p.answer)["input_ids"] + [tok.eos_token_id]) for p in batch]
-        L = max(len(a) + len(b) for a, b in rows)
-        x = torch.tensor([a + b + [0] * (L - len(a) - len(b)) for a, b in rows])
-        y = torch.tensor([[-100] * len(a) + b + [-100] * (L - len(a) - len(b)) for a, b in rows])
-        model(input_ids=x, labels=y).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    save_checkpoint(store, run=name, branch="main", step=0, model=model, tokenizer=tok,
-                    recipe=Recipe(name=name, task=task).model_dump(mode="json"))
+    if name not in store.runs():
+        quick_warm_start(store, run=name, task={"arithmetic": {"digits": 1}, "eval_size": 32})
     return f"{name}@0"
 
 

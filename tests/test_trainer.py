@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import statistics
@@ -29,32 +28,11 @@ TASK = {"arithmetic": {"digits": 1}, "eval_size": 16}
 
 
 def sft_base(store_dir: Path, steps: int = 200, lr: float = 3e-3) -> None:
-    """A warm start in a few seconds: supervised training of the tiny model on 'a+b=' -> 'c<eos>',
-    saved as run 'base' step 0 (deterministic: fixed seeds, one thread)."""
-    from transformers import AutoModelForCausalLM
-
-    from npo_cli.checkpoint import save_checkpoint
-    from npo_cli.recipe import Recipe
+    """A warm start in a few seconds (~40% sampled accuracy on 1-digit sums), saved as run 'base' step 0."""
+    from npo_cli.example import quick_warm_start
     from npo_cli.store import Store
-    from npo_cli.tasks import load_problems
-    from npo_cli.tiny import char_tokenizer, tiny_config
 
-    torch.manual_seed(0)
-    model, tok = AutoModelForCausalLM.from_config(tiny_config()), char_tokenizer()
-    problems = load_problems(build_recipe({"task": TASK}).task, "train", 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    rng = random.Random(0)
-    for _ in range(steps):
-        batch = [rng.choice(problems) for _ in range(32)]
-        rows = [(tok(p.prompt)["input_ids"], tok(p.answer)["input_ids"] + [tok.eos_token_id]) for p in batch]
-        L = max(len(a) + len(b) for a, b in rows)
-        x = torch.tensor([a + b + [0] * (L - len(a) - len(b)) for a, b in rows])
-        y = torch.tensor([[-100] * len(a) + b + [-100] * (L - len(a) - len(b)) for a, b in rows])
-        model(input_ids=x, labels=y).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    save_checkpoint(Store.open(str(store_dir)), run="base", branch="main", step=0, model=model, tokenizer=tok,
-                    recipe=Recipe(name="base", task=TASK).model_dump(mode="json"))
+    quick_warm_start(Store.open(str(store_dir)), steps=steps, task=TASK, lr=lr)
 
 
 @pytest.fixture(scope="module")
@@ -336,11 +314,13 @@ def test_quickstart_30_steps(tmp_path, monkeypatch):
 
     from npo_cli.cli import app
 
-    store = tmp_path / "store"
-    shutil.copytree(EXAMPLE, store)
+    # as from the repository root: the recipe reads ./checkpoints.example, runs go to ./checkpoints
+    shutil.copytree(EXAMPLE, tmp_path / "checkpoints.example")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NPO_STORE", raising=False)
+    store = tmp_path / "checkpoints"
     res = run_recipe(str(QUICKSTART), ["train.steps=30", "train.save_every=10", "train.eval_every=30",
-                                       "logging.progress=false"], str(store), None)
+                                       "logging.progress=false"], None, None)
     assert res["step"] == 30
     rows = [json.loads(line) for line in Path(res["metrics_jsonl"]).read_text().splitlines()]
     first = statistics.mean(r["reward"] for r in rows[:10])
