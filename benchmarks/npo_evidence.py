@@ -71,7 +71,9 @@ QUICK_SETS = ["train.steps=6", "train.save_every=2", "train.eval_every=2", "roll
 
 def base_recipe(path: str | None, quick: bool, store, sets: list[str]) -> Recipe:
     if path and Path(path).is_file():
-        return load_recipe(path, (QUICK_SETS if quick else []) + sets)
+        # the example store was copied into `store`: the recipe's model ref resolves there (a recipe's
+        # own model.store, e.g. the relative checkpoints.example, would not from the work folder)
+        return load_recipe(path, [f"model.store={store.url}"] + (QUICK_SETS if quick else []) + sets)
     if not quick:
         raise NpoError(f"recipe {path} not found; give --sparse-recipe/--plateau-recipe or use --quick")
     d = quick_recipe()
