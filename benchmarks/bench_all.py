@@ -77,9 +77,10 @@ def quickstart_rows(tmp: Path, quick: bool) -> list[tuple[str, str, str]]:
     recipe = ROOT / "recipes" / "quickstart.yaml"
     if not recipe.is_file():
         return [("quickstart", "skipped", "recipes/quickstart.yaml does not exist")]
-    store = tmp / "qs-store"
-    if (ROOT / "checkpoints.example" / "runs").is_dir():  # the recipe's warm start lives there
-        shutil.copytree(ROOT / "checkpoints.example", store)
+    # the newcomer's path, as from the repository root: the recipe reads ./checkpoints.example
+    store = tmp / "checkpoints"
+    if (ROOT / "checkpoints.example" / "runs").is_dir():
+        shutil.copytree(ROOT / "checkpoints.example", tmp / "checkpoints.example")
     sets = ["--set", "train.steps=10"] if quick else []
     rc, wall, text = sh([PY, "-m", "npo_cli", "run", str(recipe), "--store", str(store), "--json", *sets], tmp, 1800)
     if rc:
