@@ -29,8 +29,8 @@ tensors (model, optimizer, state_tensors), recipe, metrics, model_config, tokeni
 oid listed in `state["objects"]` and in `events[i]["objects"]` (a list of oids, or a dict whose
 values are oids). Listed objects are kept as leaves: their contents are not parsed, so whoever
 stores e.g. guide trajectories must list every oid it needs there. Guide-cache entries
-(`guides/<guide checkpoint id>/<key>` -> object) are kept while their guide checkpoint is reachable. Guide-cache entries
-(guides/<checkpoint>/<key>) are kept while their guide checkpoint is reachable; gc drops the others.
+(`guides/<guide checkpoint id>/<key>` -> object) are kept while their guide checkpoint is reachable;
+gc drops the others.
 """
 
 from __future__ import annotations
