@@ -67,6 +67,19 @@ class _Recorder(LogitsProcessor):
         return torch.stack(out, dim=1).float()
 
 
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends a completion: the tokenizer's EOS and the model's generation_config's."""
+    eos = set()
+    if tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        eos.update([int(gen_eos)] if isinstance(gen_eos, int) else [int(e) for e in gen_eos])
+    if not eos:
+        raise NpoError("the tokenizer has no EOS token; set one so completions can end")
+    return sorted(eos)
+
+
 class HFBackend:
     """Batched sampling with `model.generate`. Sampling uses torch's global RNG (seeded, resumable)."""
 
@@ -83,15 +96,7 @@ class HFBackend:
             self.model = _copy.deepcopy(model).to(dtype or next(model.parameters()).dtype)
             self.model.eval().requires_grad_(False)
         self.add_special_tokens = add_special_tokens
-        eos = set()
-        if tokenizer.eos_token_id is not None:
-            eos.add(int(tokenizer.eos_token_id))
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        if gen_eos is not None:
-            eos.update([int(gen_eos)] if isinstance(gen_eos, int) else [int(e) for e in gen_eos])
-        if not eos:
-            raise NpoError("the tokenizer has no EOS token; set one so completions can end")
-        self.eos_ids = sorted(eos)
+        self.eos_ids = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     @torch.no_grad()

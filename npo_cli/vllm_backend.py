@@ -25,7 +25,7 @@ import torch
 
 from npo_cli.errors import NpoError
 from npo_cli.recipe import RolloutConfig
-from npo_cli.rollout import Rollout
+from npo_cli.rollout import Rollout, eos_ids
 
 
 def _refresh_tied_head(worker) -> bool:
@@ -63,15 +63,7 @@ class VLLMBackend:
         self.policy, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.add_special_tokens = add_special_tokens
         self.dtype = dtype or next(model.parameters()).dtype
-        eos = set()
-        if tokenizer.eos_token_id is not None:
-            eos.add(int(tokenizer.eos_token_id))
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        if gen_eos is not None:
-            eos.update([int(gen_eos)] if isinstance(gen_eos, int) else [int(e) for e in gen_eos])
-        if not eos:
-            raise NpoError("the tokenizer has no EOS token; set one so completions can end")
-        self.eos_ids = sorted(eos)
+        self.eos_ids = eos_ids(model, tokenizer)
 
         self._dir = tempfile.mkdtemp(prefix="npo-vllm-")
         try:
