@@ -66,7 +66,9 @@ class SlotSource(NoSource):
         return self.npo.start <= step and (self.npo.until is None or step < self.npo.until)
 
     def trajectories(self, trainer, groups: list[Group]) -> list[Rollout | None]:
-        raise NotImplementedError
+        """One off-policy trajectory (or None) per group; sources that mix through the base `mix` define it
+        (ExGRPO adds replayed groups instead and overrides `mix`)."""
+        raise TypeError(f"{type(self).__name__} uses SlotSource.mix but defines no trajectories()")
 
     def mix(self, trainer, groups: list[Group]) -> list[Group]:
         self._m = {}
