@@ -31,7 +31,7 @@ import math
 import torch
 
 from npo_cli.errors import NpoError
-from npo_cli.trainer import Group, Trainer, collate, format_prompt
+from npo_cli.trainer import Group, Trainer, collate, format_prompt, head_with_recipe
 
 DECISION_KINDS = ("auto", "auto-probe", "auto-bootstrap", "auto-branch")
 
@@ -465,13 +465,8 @@ def auto_run(recipe_path: str | None, overrides: list[str], store_url: str | Non
         if run not in store.runs():
             raise NpoError(f"unknown run {run!r} in {store.url} (see npo ls)")
         branch = branch or auto_chain(store, run)[-1]
-        head = store.head(run, branch)
-        if head is None:
-            raise NpoError(f"no branch '{run}/{branch}' in the store (see npo ls)")
-        man = store.manifest(head)
-        if man.recipe is None:
-            raise NpoError(f"checkpoint {head[:12]} has no stored recipe; cannot resume it")
-        live = build_recipe(store.get_json(man.recipe), list(overrides))
+        man, stored = head_with_recipe(store, run, branch)
+        live = build_recipe(stored, list(overrides))
         if not live.auto.enabled:
             raise NpoError(f"{run}/{branch} is not an AutoNPO run; continue it with npo run --resume")
         if man.branch != branch:

@@ -90,6 +90,17 @@ class NoController:
 # --------------------------------------------------------------------------- helpers
 
 
+def head_with_recipe(store, run: str, branch: str):
+    """The head checkpoint of RUN/BRANCH and the recipe stored with it: what a resume continues."""
+    head = store.head(run, branch)
+    if head is None:
+        raise NpoError(f"no branch '{run}/{branch}' in the store (see npo ls)")
+    man = store.manifest(head)
+    if man.recipe is None:
+        raise NpoError(f"checkpoint {head[:12]} has no stored recipe; cannot resume it")
+    return man, store.get_json(man.recipe)
+
+
 def format_prompt(recipe: Recipe, tokenizer, text: str) -> str:
     s = recipe.task.template.replace("{prompt}", text)
     if recipe.task.chat_template:
@@ -298,13 +309,7 @@ class Trainer:
                            "to train from an older step make a branch first (npo rewind)")
         run, _, branch = ref.partition("/")
         branch = branch or "main"
-        head = store.head(run, branch)
-        if head is None:
-            raise NpoError(f"no branch '{run}/{branch}' in the store (see npo ls)")
-        man = store.manifest(head)
-        if man.recipe is None:
-            raise NpoError(f"checkpoint {head[:12]} has no stored recipe; cannot resume it")
-        stored = store.get_json(man.recipe)
+        man, stored = head_with_recipe(store, run, branch)
         recipe = build_recipe(stored, list(overrides))
         if recipe.name != man.run:
             raise NpoError(f"--set name cannot rename run '{man.run}' on resume")

@@ -52,3 +52,19 @@ def npo_base_store(tmp_path_factory):
     d = tmp_path_factory.mktemp("npo_base") / "store"
     quick_warm_start(Store.open(str(d)))
     return d
+
+
+def run_main(argv, monkeypatch, capsys):
+    """`npo ARGV…` in-process through the console entry point: (exit code, stdout, stderr)."""
+    import sys
+
+    from npo_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["npo", *argv])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err

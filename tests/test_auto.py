@@ -7,10 +7,10 @@ import json
 import random
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_main
 
 from npo_cli.auto import AutoController, members, select_delta, spread, warning
 from npo_cli.recipe import AutoConfig, build_recipe
@@ -155,19 +155,6 @@ def write_recipe(d: Path, data: dict) -> str:
     p = d.parent / "auto.yaml"
     p.write_text(json.dumps(data))  # JSON is YAML
     return str(p)
-
-
-def run_main(argv, monkeypatch, capsys):
-    from npo_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["npo", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def open_store(d):

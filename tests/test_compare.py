@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_main
 
 from npo_cli.recipe import build_recipe
 from npo_cli.trainer import Trainer
@@ -42,19 +43,6 @@ def cmp_store(npo_base_store, tmp_path_factory) -> Path:
     return d
 
 
-def run_cli(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    from npo_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["npo", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def evals(store, ref: str) -> dict[int, float]:
     from npo_cli.checkpoint import load_metrics
 
@@ -66,7 +54,7 @@ def test_compare_json_matches_metrics(cmp_store, monkeypatch, capsys):
     from npo_cli.store import Store
 
     store = Store.open(str(cmp_store))
-    code, out, err = run_cli(["compare", "r", "r/rw", "--store", str(cmp_store), "--json"], monkeypatch, capsys)
+    code, out, err = run_main(["compare", "r", "r/rw", "--store", str(cmp_store), "--json"], monkeypatch, capsys)
     assert code == 0, err
     data = json.loads(out)
     assert data["metric"] == "eval/accuracy" and [c["label"] for c in data["curves"]] == ["r", "r/rw"]
@@ -91,7 +79,7 @@ def test_compare_plot_png(cmp_store, tmp_path, monkeypatch, capsys):
     from npo_cli.store import Store
 
     png = tmp_path / "cmp.png"
-    code, out, err = run_cli(["compare", "r", "r/rw", "r/npo", "--store", str(cmp_store), "--plot", str(png)],
+    code, out, err = run_main(["compare", "r", "r/rw", "r/npo", "--store", str(cmp_store), "--plot", str(png)],
                              monkeypatch, capsys)
     assert code == 0, err
     assert "r/rw" in out and "@4" in out and "chart:" in out
@@ -148,7 +136,7 @@ def test_compare_errors(cmp_store, monkeypatch, capsys):
                       (["compare", "r", "--x", "flops", *s], "--x must be one of"),
                       (["compare", "zz*", *s], "matches 'zz*'"),
                       (["compare", "nosuchrun", *s], "nosuchrun")]:
-        code, _, err = run_cli(argv, monkeypatch, capsys)
+        code, _, err = run_main(argv, monkeypatch, capsys)
         assert code == 1 and err.startswith("error:") and msg in err, (argv, err)
         assert "Traceback" not in err
 

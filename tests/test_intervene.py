@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_main
 
 from npo_cli.errors import NpoError
 from npo_cli.intervene import plan
@@ -47,19 +47,6 @@ def open_store(d):
     from npo_cli.store import Store
 
     return Store.open(str(d))
-
-
-def run_main(argv, monkeypatch, capsys):
-    from npo_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["npo", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_intervene_end_to_end(store_dir, monkeypatch, capsys):
