@@ -81,12 +81,13 @@ def all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def all_max(value: int) -> int:
+def all_max(value: float) -> float:
+    """The largest of the ranks' values (of the caller's type)."""
     if not on():
         return value
-    t = torch.tensor([value], dtype=torch.int64, device=_device())
+    t = torch.tensor([value], dtype=torch.float64, device=_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return type(value)(t.item())
 
 
 def gather_json(obj) -> list:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from npo_cli import dist
 from npo_cli.errors import NpoError
 
 CACHE_FORMAT = "npo-guide/1"
@@ -78,6 +79,7 @@ class GuideGenerator:
         self.judge = make_verifier(recipe.task.model_copy(update={"format_reward": 0.0}))
         self.backend = None
         self.stats = GuideStats()
+        self.unwritten: list[dict] = []
 
     def key(self, prompt: str, answer: str) -> str:
         return cache_key(self.guide_id, prompt, answer, self.settings)
@@ -103,9 +105,18 @@ class GuideGenerator:
             return None  # the verifier changed its mind: never hand out a wrong trajectory
         return e
 
-    def _write(self, entry: dict) -> None:
+    def write(self, entry: dict) -> None:
+        """Cache one entry; under torchrun only rank 0 writes, the others keep theirs for it
+        (`take_unwritten`, sent over by the trainer's source)."""
+        if not dist.is_main():
+            self.unwritten.append(entry)
+            return
         oid = self.store.put_json(entry)  # object first, then the ref
         self.store.cache_put(self.guide_id, self.key(entry["prompt"], entry["answer"]), oid)
+
+    def take_unwritten(self) -> list[dict]:
+        out, self.unwritten = self.unwritten, []
+        return out
 
     # ---------------------------------------------------------------- sampling
 
@@ -144,7 +155,7 @@ class GuideGenerator:
                 todo.append(i)
         if todo:
             for i, e in zip(todo, self._sample([items[i] for i in todo], seed)):
-                self._write(e)
+                self.write(e)
                 out[i] = e if e["found"] else None
         return out
 

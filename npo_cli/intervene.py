@@ -92,16 +92,22 @@ def intervene(store_url: str | None, *, run: str | None, at: int, guide: str, un
               gate: float | None = None, branch: str | None = None, overrides: list[str] = (),
               allow_any_guide: bool = False, console=None, progress: bool = True) -> dict:
     """Plan, make the branch (one ref), train it; returns the trainer's summary plus the plan."""
+    from npo_cli import dist
+    from npo_cli.recipe import build_recipe
     from npo_cli.sources import make_source
     from npo_cli.trainer import Trainer, open_store
 
+    dist.init()  # torchrun --nproc-per-node N -m npo_cli intervene ...: the branch trains data-parallel
+    if not dist.is_main() and console is not None:
+        console.quiet = True
     store = open_store(store_url)
     p = plan(store, run=run, at=at, guide=guide, until=until, gate=gate, branch=branch, overrides=overrides,
              allow_any_guide=allow_any_guide)
-    from npo_cli.recipe import build_recipe
-
     make_source(build_recipe(store.get_json(store.manifest(p["fork"]).recipe), p["sets"]), store)  # fail early
-    store.branch(p["fork"], p["branch"], run=p["run"])
+    dist.barrier()  # every rank has planned (which refuses an existing branch) before rank 0 makes it
+    if dist.is_main():
+        store.branch(p["fork"], p["branch"], run=p["run"])
+    dist.barrier()
     trainer = Trainer.resume(store, f"{p['run']}/{p['branch']}", p["sets"], console=console)
     trainer.events.append({"kind": "intervene", "at": at, "fork": p["fork"], "guide": p["guide"],
                            "until": p["until"], "gate": p["gate"], "same_lineage": p["same_lineage"]})

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import random
 
+from npo_cli import dist
 from npo_cli.errors import NpoError
 from npo_cli.guide import GuideGenerator, derive_seed
 from npo_cli.rollout import Rollout
@@ -84,26 +85,37 @@ class SlotSource(NoSource):
     def mix_groups(self, trainer, groups: list[Group], fetch) -> None:
         acc = [g.accuracy for g in groups]  # before mixing
         gate = [g for g, a in zip(groups, acc) if gated(a, self.npo.gate)]
+        tokens, seconds = self._cost
         trajs = fetch(gate) if gate else []
+        tokens, seconds = self._cost[0] - tokens, self._cost[1] - seconds
+        self.share_ranks()
         hit = {id(g) for g, ro in zip(gate, trajs) if ro is not None and put_slot(trainer, g, ro)}
         failing = [g for g, a in zip(groups, acc) if a == 0.0]
-        m = {"npo/active": 1.0, "npo/gated_frac": len(gate) / max(1, len(groups)),
-             "npo/hit_rate": len(hit) / len(gate) if gate else 0.0, "npo/slots": float(len(hit))}
-        if failing:
-            m["npo/Q"] = sum(id(g) in hit for g in failing) / len(failing)
+        # torchrun: each rank mixed its own groups; the metrics and the cost are the whole batch's
+        n_groups, n_gate, n_hit, n_fail, n_fail_hit, tokens = dist.all_sum(
+            [len(groups), len(gate), len(hit), len(failing), sum(id(g) in hit for g in failing), tokens])
+        seconds = dist.all_max(float(seconds))  # ranks sample side by side: the slowest one's wall time
+        m = {"npo/active": 1.0, "npo/gated_frac": n_gate / max(1, n_groups),
+             "npo/hit_rate": n_hit / n_gate if n_gate else 0.0, "npo/slots": n_hit,
+             "npo/guide_tokens": tokens, "npo/guide_seconds": seconds}
+        if n_fail:
+            m["npo/Q"] = n_fail_hit / n_fail
         self._m.update(m)
-
-    def add_cost(self, tokens: int, seconds: float) -> None:
-        self._m["npo/guide_tokens"] = self._m.get("npo/guide_tokens", 0.0) + tokens
-        self._m["npo/guide_seconds"] = self._m.get("npo/guide_seconds", 0.0) + seconds
         self.cost["tokens"] += int(tokens)
-        self.cost["seconds"] += float(seconds)
+        self.cost["seconds"] += seconds
+
+    @property
+    def _cost(self) -> tuple[int, float]:
+        """This rank's generator totals so far (tokens, seconds); sources without a generator cost nothing."""
+        return (0, 0.0)
+
+    def share_ranks(self) -> None:
+        """torchrun: a collective every rank runs once per mixing step (GuideSource: the cache writes)."""
 
     def metrics(self, stats: dict | None = None) -> dict[str, float]:
         if not self._m:
             return {}
-        m = {"npo/guide_tokens": 0.0, "npo/guide_seconds": 0.0, **self._m,
-             "npo/guide_tokens_total": float(self.cost["tokens"])}
+        m = {**self._m, "npo/guide_tokens_total": float(self.cost["tokens"])}
         stats = stats or {}
         if "off/kl" in stats:
             m["npo/guide_clip_frac"] = stats.get("off/clip_frac", 0.0)
@@ -140,11 +152,20 @@ class GuideSource(SlotSource):
         self.guide = self.gen.guide_id
 
     def entries(self, trainer, groups: list[Group]) -> list[dict | None]:
-        before = (self.gen.stats.tokens, self.gen.stats.seconds)
-        seed = derive_seed(self.recipe.seed, self.gen.seed_id, trainer.step_num)
-        out = self.gen.get([(g.prompt, g.problem) for g in groups], seed)
-        self.add_cost(self.gen.stats.tokens - before[0], self.gen.stats.seconds - before[1])
-        return out
+        # torchrun: ranks sample different prompts; a rank's own seed keeps their streams apart
+        seed = derive_seed(self.recipe.seed, self.gen.seed_id, trainer.step_num, *([dist.rank()] if dist.rank() else []))
+        return self.gen.get([(g.prompt, g.problem) for g in groups], seed)
+
+    @property
+    def _cost(self) -> tuple[int, float]:
+        return (self.gen.stats.tokens, self.gen.stats.seconds) if self.gen else (0, 0.0)
+
+    def share_ranks(self) -> None:
+        """torchrun: only rank 0 writes the store, so the other ranks' new cache entries go through it."""
+        if dist.on() and self.gen:
+            for entries in dist.gather_json(self.gen.take_unwritten())[1:]:
+                for e in entries:
+                    self.gen.write(e)
 
     def trajectories(self, trainer, groups: list[Group]) -> list[Rollout | None]:
         out = []
@@ -194,6 +215,7 @@ class LuffySource(GuideSource):
         self.table: dict[str, list[dict]] | None = None
         if npo.teacher_path:
             SlotSource.__init__(self, recipe, store)
+            self.gen = None  # a file, not a checkpoint: nothing to sample
             self.table = read_teacher(npo.teacher_path, recipe.task.prompt_field)
             self.has_logprobs = False
         elif npo.guide:

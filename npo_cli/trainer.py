@@ -281,8 +281,11 @@ class Trainer:
         if r.rollout.prompts_per_step % dist.world() != 0:
             raise NpoError(f"rollout.prompts_per_step={r.rollout.prompts_per_step} must be a multiple of the "
                            f"number of processes ({dist.world()}): each rank takes whole prompt groups")
-        if r.npo.source != "none" or r.auto.enabled:
-            raise NpoError("npo.source / auto with torchrun are not supported yet; train them in one process")
+        # npo / luffy / rlep mix per rank (each rank fills its own groups' slots); ExGRPO's replay buffer and
+        # AutoNPO's controller are one state over the whole batch, not sharded yet
+        if r.npo.source == "exgrpo" or r.auto.enabled:
+            raise NpoError(f"{'auto' if r.auto.enabled else 'npo.source=exgrpo'} does not run under torchrun yet; "
+                           "train it in one process (npo, luffy and rlep sources do run data-parallel)")
         if new:
             dist.broadcast_params(self.model)
         dist.barrier()  # no rank writes to the store before every rank has read it

@@ -33,6 +33,9 @@ RECIPE = {
 REWARD = '''
 def reward(prompt, completion, answer):
     return sum(c.isdigit() for c in completion) / 4 + 0.1 * ("+" in completion)
+
+def any_digit(prompt, completion, answer):  # "correct" about half the time: the guide finds some
+    return 1.0 if any(c.isdigit() for c in completion) else 0.1 * ("+" in completion)
 '''
 
 WORKER = '''
@@ -41,6 +44,7 @@ from dataclasses import asdict
 import torch
 torch.set_num_threads(1)
 from npo_cli import dist
+from npo_cli.intervene import intervene
 from npo_cli.recipe import build_recipe
 from npo_cli.rollout import Rollout
 from npo_cli.store import Store
@@ -48,23 +52,35 @@ from npo_cli.trainer import Trainer
 
 store_dir, out, mode, recipe = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 dist.init()
-trainer = Trainer.new(build_recipe(recipe), Store.open(store_dir))
-trainer.eval_problems = []  # every generate call below is a training rollout
-real, steps = trainer.backend.generate, []
+steps = []
 if mode == "replay":
     rec = [json.load(open(f"{out}.rank{r}.json")) for r in range(2)]
 
-def generate(prompts, n, greedy=False):
-    if mode == "record":
-        groups = real(prompts, n, greedy)
-        steps.append([[asdict(r) for r in g] for g in groups])
-        return groups
-    s = len(steps)
-    steps.append(None)
-    return [[Rollout(**d) for d in rec[j % 2][s][j // 2]] for j in range(len(prompts))]
+def patch(trainer):  # record / replay the policy's own rollouts (not the guide's); or plain
+    real = trainer.backend.generate
+    trainer.eval_problems = []  # every generate call is a training rollout
 
-trainer.backend.generate = generate
-trainer.train(progress=False)
+    def generate(prompts, n, greedy=False):
+        if mode != "replay":
+            groups = real(prompts, n, greedy)
+            steps.append([[asdict(r) for r in g] for g in groups])
+            return groups
+        s = len(steps)
+        steps.append(None)
+        return [[Rollout(**d) for d in rec[j % 2][s][j // 2]] for j in range(len(prompts))]
+
+    trainer.backend.generate = generate
+
+init = Trainer.__init__
+def patched_init(self, *a, **k):
+    init(self, *a, **k)
+    patch(self)
+Trainer.__init__ = patched_init
+
+if len(sys.argv) > 5:  # intervene: branch name, then --set overrides
+    intervene(store_dir, run=None, at=0, guide="2", branch=sys.argv[5], overrides=sys.argv[6:], progress=False)
+else:
+    Trainer.new(build_recipe(recipe), Store.open(store_dir)).train(progress=False)
 if mode == "record":
     json.dump(steps, open(f"{out}.rank{dist.rank()}.json", "w"))
 '''
@@ -128,6 +144,36 @@ def test_two_ranks_equal_one_process(workdir: Path, parallel: str):
     assert {"torch_rng", "torch_rng_rank1"} <= set(dp_man.state_tensors)
 
 
+def test_npo_branch_two_ranks_equal_one_process(workdir: Path):
+    """`npo intervene` under torchrun: each rank mixes guide slots into its own groups, and rank 0 alone
+    writes the guide cache, the other rank's entries included. The single-process run of the same branch
+    (same on-policy rollouts) then finds every guide trajectory in the cache, samples none, and ends
+    with the same parameters and NPO metrics."""
+    recipe = {**RECIPE, "task": {**RECIPE["task"], "verifier": "ddp_reward:any_digit"},
+              "train": {**RECIPE["train"], "steps": 2}, "grpo": {**RECIPE["grpo"], "updates_per_batch": 1}}
+    store, out = str(workdir / "s"), str(workdir / "rollouts")
+    _run([sys.executable, "worker.py", store, out, "plain", json.dumps(recipe)], workdir)  # the run: steps 0..2
+    sets = ["npo.gate=1.0", "npo.max_tries=16"]  # every group gets a slot when the guide finds one
+    _run(_torchrun("worker.py", store, out, "record", "{}", "dp", *sets), workdir)
+    _run([sys.executable, "worker.py", store, out, "replay", "{}", "one", *sets], workdir)
+
+    from npo_cli.checkpoint import load_metrics, load_model
+    from npo_cli.store import Store
+
+    st = Store.open(store)
+    (dp, _, dp_man), (one, _, one_man) = (load_model(st, f"ddp/{b}") for b in ("dp", "one"))
+    dp_m, one_m = load_metrics(st, dp_man), load_metrics(st, one_man)
+    assert dp_man.step == one_man.step == 2 and dp_man.guide == one_man.guide
+    worst = max(float((dp.state_dict()[k] - v).abs().max()) for k, v in one.state_dict().items())
+    assert worst < 1e-5, f"parameters differ by {worst}"
+    for a, b in zip(dp_m, one_m):
+        for k in ("loss", "grad_norm", "npo/slots", "npo/hit_rate", "npo/gated_frac", "off/kl"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+    assert sum(m["npo/slots"] for m in dp_m) >= 2  # guide trajectories did enter the groups
+    assert all(m["npo/guide_tokens"] > 0 for m in dp_m)  # cold cache: the ranks sampled...
+    assert all(m["npo/guide_tokens"] == 0 for m in one_m)  # ...and rank 0 cached both ranks' entries
+
+
 @pytest.mark.heavy
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_cli_resume_matches_straight_run(workdir: Path, parallel: str):
@@ -158,4 +204,20 @@ def test_prompts_must_divide_over_ranks(monkeypatch, tmp_path: Path):
     monkeypatch.setattr(dist, "rank", lambda: 0)
     recipe = build_recipe({**RECIPE, "task": {"eval_size": 4}}, ["rollout.prompts_per_step=3"])
     with pytest.raises(NpoError, match=r"must be a multiple of the number of processes \(2\)"):
+        Trainer.new(recipe, Store.open(str(tmp_path / "s")))
+
+
+@pytest.mark.parametrize("sets, what", [(["npo.source=exgrpo"], "npo.source=exgrpo"), (["auto.enabled=true"], "auto")])
+def test_exgrpo_and_auto_refused_under_torchrun(monkeypatch, tmp_path: Path, sets: list[str], what: str):
+    from npo_cli import dist
+    from npo_cli.errors import NpoError
+    from npo_cli.recipe import build_recipe
+    from npo_cli.store import Store
+    from npo_cli.trainer import Trainer
+
+    monkeypatch.setattr(dist, "on", lambda: True)  # a pretend world of 2, as above
+    monkeypatch.setattr(dist, "world", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    recipe = build_recipe({**RECIPE, "task": {"eval_size": 4}}, sets)
+    with pytest.raises(NpoError, match=f"{what} does not run under torchrun yet"):
         Trainer.new(recipe, Store.open(str(tmp_path / "s")))
