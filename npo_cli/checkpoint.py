@@ -349,8 +349,12 @@ def load_model(store: Store, ref: str, dtype: torch.dtype | None = None, device:
     return model, load_tokenizer(store, m), m
 
 
+_KERNEL_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
 def load_optimizer(store: Store, manifest: Manifest, optimizer) -> None:
-    """Restore the optimizer state in place (param order = the order the optimizer was built with)."""
+    """Restore the optimizer state and hyperparameters in place (param order = the order the optimizer
+    was built with); its kernel flags (foreach, fused, ...) are kept."""
     state: dict[int, dict[str, Any]] = {}
     tensors = load_tensors(store, manifest.optimizer, _label(manifest))
     for name, v in list(tensors.items()) + list(manifest.optimizer_extra.items()):
@@ -361,6 +365,9 @@ def load_optimizer(store: Store, manifest: Manifest, optimizer) -> None:
         for k, v in cur.items():  # JSON turned tuples (betas) into lists
             if isinstance(v, tuple) and isinstance(g.get(k), list):
                 g[k] = tuple(g[k])
+        # the kernel flags say how this process runs the update (FSDP stores foreach=False, one GPU
+        # fused=True); they are not the checkpoint's hyperparameters, so the optimizer's own stay
+        g.update({k: cur[k] for k in _KERNEL_FLAGS if k in cur})
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as e:

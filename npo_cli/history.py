@@ -25,9 +25,34 @@ def short_ref(store: Store, cid: str | None, run: str | None = None) -> str | No
     return f"{m.branch}@{m.step}" if m.run == run else f"{m.run}/{m.branch}@{m.step}"
 
 
-def _entry(m: Manifest) -> dict[str, Any]:
+def _metrics(store: Store, m: Manifest) -> list[dict]:
+    return store.get_json(m.metrics, f"checkpoint {m.run}/{m.branch}@{m.step}") if m.metrics else []
+
+
+def _eval_at_own_step(store: Store, m: Manifest) -> float | None:
+    """The eval accuracy measured at this checkpoint's step, else None. The summary carries the last eval
+    forward to later checkpoints; the metrics row of the step holds eval keys only if one ran there."""
+    if EVAL_KEY not in m.summary:  # no eval yet: skip reading the metrics object
+        return None
+    row = next((r for r in reversed(_metrics(store, m)) if r.get("step") == m.step), {})
+    return row.get(EVAL_KEY)
+
+
+def _eval_step(store: Store, m: Manifest) -> int | None:
+    """The step the summary's eval numbers were measured at: the newest metrics row with an eval,
+    in this checkpoint or its ancestors (a branch carries its fork point's eval); None if unknown."""
+    if EVAL_KEY not in m.summary:
+        return None
+    for a in store.lineage(m.id):
+        row = next((r for r in reversed(_metrics(store, a)) if EVAL_KEY in r), None)
+        if row is not None:
+            return row.get("step")
+    return None
+
+
+def _entry(store: Store, m: Manifest) -> dict[str, Any]:
     return {"id": m.id, "step": m.step, "reward": m.summary.get(REWARD_KEY),
-            "eval_accuracy": m.summary.get(EVAL_KEY), "size": m.tensor_bytes(), "guide": m.guide,
+            "eval_accuracy": _eval_at_own_step(store, m), "size": m.tensor_bytes(), "guide": m.guide,
             "created": m.created}
 
 
@@ -59,7 +84,7 @@ def ls_data(store: Store, run: str | None = None) -> dict[str, Any]:
                 "branch": b, "head": branches[b],
                 "fork": {"id": fork.id, "ref": short_ref(store, fork.id, r), "step": fork.step} if fork else None,
                 "guide": {"id": guide, "ref": short_ref(store, guide, r)} if guide else None,
-                "checkpoints": [_entry(m) for m in reversed(own)],
+                "checkpoints": [_entry(store, m) for m in reversed(own)],
                 "auto": _auto_branch(own),
             })
             if b == "main":
@@ -104,7 +129,7 @@ def show_data(store: Store, ref: str) -> dict[str, Any]:
     """One checkpoint: manifest, metrics summary since its parent, recipe difference from its parent."""
     m = store.manifest(ref)
     label = f"checkpoint {m.run}/{m.branch}@{m.step}"
-    metrics = store.get_json(m.metrics, label) if m.metrics else []
+    metrics = _metrics(store, m)
     diff: list[dict] | None = None
     diff_note = None
     if m.parent is None:
@@ -122,7 +147,7 @@ def show_data(store: Store, ref: str) -> dict[str, Any]:
         "guide": {"id": m.guide, "ref": short_ref(store, m.guide, m.run)} if m.guide else None,
         "size": m.tensor_bytes(),
         "tensors": {"model": len(m.model), "optimizer": len(m.optimizer), "state": len(m.state_tensors)},
-        "summary": m.summary,
+        "summary": m.summary, "eval_step": _eval_step(store, m),
         "metrics": {"steps": len(metrics), "columns": _numeric_summary(metrics)},
         "recipe_diff": diff, "recipe_diff_note": diff_note,
         "manifest": m.model_dump(mode="json", by_alias=True),

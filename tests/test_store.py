@@ -192,6 +192,34 @@ def test_checkpoint_round_trip(any_store):
     assert any_store.verify()["ok"]
 
 
+KERNEL_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
+@pytest.mark.parametrize("saved, new", [
+    ({"foreach": False}, {}),  # a torchrun FSDP checkpoint resumed in one process
+    ({"fused": True}, {"foreach": False}),  # a one-GPU checkpoint resumed under FSDP
+])
+def test_load_optimizer_keeps_the_new_optimizers_kernel_flags(store, saved, new):
+    model = tiny_model(1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.9), weight_decay=0.05, **saved)
+    x = torch.randint(3, 100, (2, 9))
+    model(x, labels=x).loss.backward()
+    opt.step()
+    man = store.manifest(save_tiny(store, step=1, model=model, optimizer=opt))
+
+    opt2 = torch.optim.AdamW(tiny_model(2).parameters(), lr=5.0, **new)
+    want = [{k: g[k] for k in KERNEL_FLAGS} for g in opt2.param_groups]
+    load_optimizer(store, man, opt2)
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert [{k: g[k] for k in KERNEL_FLAGS} for g in b["param_groups"]] == want
+    assert b["param_groups"][0]["lr"] == 1e-3 and b["param_groups"][0]["betas"] == (0.8, 0.9)
+    assert [{k: v for k, v in g.items() if k not in KERNEL_FLAGS} for g in a["param_groups"]] == \
+        [{k: v for k, v in g.items() if k not in KERNEL_FLAGS} for g in b["param_groups"]]
+    for i, st_a in a["state"].items():
+        for k, v in st_a.items():
+            assert same(b["state"][i][k], v), (i, k)
+
+
 def test_memory_store_round_trip():
     s = Store.open(f"memory://npo-test-{os.getpid()}-{random.random()}")
     cid = save_tiny(s, step=2)

@@ -36,7 +36,8 @@ def populated(tmp_path) -> str:
     for step in (0, 10, 20):
         save_checkpoint(s, run="r1", branch="main", step=step, model=tiny_model(step), tokenizer=tok,
                         summary={"reward": step / 40, "eval/accuracy": step / 50},
-                        metrics=[{"step": step - 1, "reward": 0.1}, {"step": step, "reward": 0.3}],
+                        metrics=[{"step": step - 1, "reward": 0.1},
+                                 {"step": step, "reward": 0.3, "eval/accuracy": step / 50}],
                         recipe={"name": "r1", "grpo": {"clip_high": 0.28 if step < 20 else 0.3}})
     s.branch("r1@10", "rw")
     save_checkpoint(s, run="r1", branch="rw", step=15, model=tiny_model(15), tokenizer=tok, guide="r1@20",
@@ -79,6 +80,44 @@ def test_ls_tree_and_json(populated, capsys, monkeypatch):
     assert main["checkpoints"][0]["size"] > 0 and main["fork"] is None
     assert rw["fork"]["ref"] == "main@10" and rw["guide"]["ref"] == "main@20"
     assert [c["step"] for c in rw["checkpoints"]] == [15]
+
+
+def test_ls_shows_eval_only_where_one_ran(tmp_path, capsys, monkeypatch):
+    # eval_every=100, save_every=25: the trainer's summary carries step 100's eval to 125 and 150
+    url = str(tmp_path / "store")
+    s, model, tok = Store.open(url), tiny_model(0), char_tokenizer()
+    for step in (100, 125, 150):
+        row = {"step": step, "reward": 0.5, **({"eval/accuracy": 0.4} if step == 100 else {})}
+        save_checkpoint(s, run="r", branch="main", step=step, model=model, tokenizer=tok,
+                        summary={"reward": 0.5, "eval/accuracy": 0.4}, metrics=[row])
+    code, out, _ = npo(["ls", "r", "--json", "--store", url], capsys, monkeypatch)
+    (run,) = json.loads(out)["runs"]
+    assert code == 0 and [c["eval_accuracy"] for c in run["branches"][0]["checkpoints"]] == [0.4, None, None]
+    code, out, _ = npo(["ls", "r", "--store", url], capsys, monkeypatch)
+    assert code == 0 and out.count("eval 0.400") == 1 and out.count("eval -") == 2
+    # `show` keeps the carried eval, labelled with the step it was measured at
+    code, out, _ = npo(["show", "r@150", "--json", "--store", url], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["eval_step"] == 100
+    code, out, _ = npo(["show", "r@150", "--store", url], capsys, monkeypatch)
+    assert code == 0 and "0.400 (step 100)" in out
+
+
+def test_ls_eval_column_of_a_trained_run(tmp_path, capsys, monkeypatch):
+    # through the trainer: eval at steps 2 and 4, a checkpoint every step
+    from npo_cli.recipe import build_recipe
+    from npo_cli.trainer import Trainer
+
+    monkeypatch.chdir(tmp_path)  # metrics.jsonl goes under ./runs/
+    url = str(tmp_path / "store")
+    recipe = build_recipe({
+        "name": "t", "model": {"path": "tiny"}, "task": {"arithmetic": {"digits": 1}, "eval_size": 4},
+        "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 3},
+        "train": {"steps": 4, "save_every": 1, "eval_every": 2}, "logging": {"progress": False}})
+    Trainer.new(recipe, Store.open(url)).train()
+    code, out, _ = npo(["ls", "t", "--json", "--store", url], capsys, monkeypatch)
+    (run,) = json.loads(out)["runs"]
+    evals = {c["step"]: c["eval_accuracy"] for c in run["branches"][0]["checkpoints"]}
+    assert code == 0 and [s for s, v in evals.items() if v is not None] == [2, 4], evals
 
 
 def test_show_recipe_diff_and_metrics(populated, capsys, monkeypatch):
