@@ -8,7 +8,8 @@ eps 0.2/0.28, one optimizer step per batch, same micro batch (TRL per_device_tra
 accumulation = 128 rows), gradient checkpointing off on both (and TRL with its default on, after).
 
 npo's GPU path: rollout.static_cache (HF static KV cache + compiled decoding; the first call compiles,
-so warm-up steps are excluded and printed), chunked log-probs (grpo.logprob_chunk), micro-batching.
+so warm-up steps are excluded and printed), log-probs with the LM head chunked to fit memory
+(grpo.logprob_chunk=0, auto), micro-batching.
 
 Reports per-step time of each, generation and training time apart, and training MFU:
 6 * N * T / train_time / 989e12 (H100 SXM bf16 dense), N = all parameters with the tied embedding
@@ -41,11 +42,11 @@ from grpo_bench import BenchConfig, run, table
 QWEN2_05B = BenchConfig(
     hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936,
     prompts=16, group=8, new_tokens=256, force_length=True, dtype="bfloat16", device="cuda",
-    static_cache=True, micro_batch=64, logprob_chunk=2048, warmup=1, steps=3, lr=1e-6, threads=1,
+    static_cache=True, micro_batch=64, logprob_chunk=0, warmup=1, steps=3, lr=1e-6, threads=1,
 )
 # the same code path on a CPU in well under a minute
 SMALL = replace(QWEN2_05B, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=256, prompts=4, group=4,
-                new_tokens=16, micro_batch=8, device="cpu", logprob_chunk=32, warmup=1, steps=1)
+                new_tokens=16, micro_batch=8, device="cpu", logprob_chunk=0, warmup=1, steps=1)
 
 
 def main(argv: list[str] | None = None) -> dict:

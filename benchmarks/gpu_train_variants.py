@@ -23,12 +23,11 @@ from gpu_bench import QWEN2_05B, SMALL
 from grpo_bench import H100_BF16_DENSE, make_model_dir
 
 VARIANTS = {
-    "default (fp32 master, chunk 2048)": [],
-    "fp32 master, chunk 8192": ["grpo.logprob_chunk=8192"],
-    "pure bf16, chunk 2048": ["model.master_fp32=false"],
-    "pure bf16, chunk 8192": ["model.master_fp32=false", "grpo.logprob_chunk=8192"],
-    "pure bf16, chunk 8192, micro 128": ["model.master_fp32=false", "grpo.logprob_chunk=8192",
-                                         "grpo.micro_batch_size=128"],
+    "default (fp32 master, auto chunk)": [],
+    "fp32 master, chunk 2048": ["grpo.logprob_chunk=2048"],
+    "pure bf16, auto chunk": ["model.master_fp32=false"],
+    "pure bf16, chunk 2048": ["model.master_fp32=false", "grpo.logprob_chunk=2048"],
+    "pure bf16, auto chunk, micro 128": ["model.master_fp32=false", "grpo.micro_batch_size=128"],
 }
 
 

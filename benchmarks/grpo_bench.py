@@ -55,7 +55,7 @@ class BenchConfig:
     device: str = "cpu"
     dtype: str = "float32"  # npo model.dtype; TRL gets the model in this dtype (+ bf16 autocast if bfloat16)
     static_cache: bool = False  # npo rollout.static_cache
-    logprob_chunk: int = 2048
+    logprob_chunk: int = 0  # auto, the recipe default
     warmup: int = 1
     steps: int = 5
     seed: int = 0

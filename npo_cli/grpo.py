@@ -12,6 +12,7 @@ marked by `OffPolicy.rows`; their `old_logp` is the behaviour policy's (guide's)
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -156,6 +157,25 @@ def _decoder(model):
     return base
 
 
+# Peak bytes per logit of one chunk: the 16-bit logits, their float32 copy, log_softmax's output (kept for
+# backward) and, in backward, its gradient.
+BYTES_PER_LOGIT = 16
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # + cached blocks
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def auto_chunk(n_tokens: int, vocab: int, device: torch.device) -> int:
+    """Tokens per LM-head chunk for logprob_chunk=0: all of them when their logits fit in half the free
+    memory (one chunk: nothing recomputed in backward), else as many as fit (at least 256)."""
+    fit = free_memory(device) // 2 // (BYTES_PER_LOGIT * vocab)
+    return max(1, min(n_tokens, max(256, fit)))
+
+
 def token_logprobs(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int, chunk: int,
     with_entropy: bool = True, temperature: float = 1.0,
@@ -163,8 +183,9 @@ def token_logprobs(
     """log pi(token) and entropy [B, n_completion] for the last n_completion tokens of input_ids.
 
     One pass of the base transformer; the LM head and a float32 log_softmax run over `chunk`
-    tokens at a time, each chunk checkpointed when grad is on, so neither the forward nor the
-    backward ever holds [B, T, V] float32 logits. Position ids follow `generate` (left padding).
+    tokens at a time (0: `auto_chunk`), each chunk checkpointed when grad is on and there are several,
+    so neither the forward nor the backward holds more than one chunk's float32 logits. Position ids
+    follow `generate` (left padding).
     Entropy is detached (a metric).
     """
     base, head = _decoder(model), model.get_output_embeddings()
@@ -176,6 +197,7 @@ def token_logprobs(
     h = hidden[:, -n_completion - 1 : -1].reshape(-1, H)  # position t predicts token t+1
     targets = input_ids[:, -n_completion:].reshape(-1)
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    chunk = chunk or auto_chunk(h.shape[0], head.weight.shape[0], h.device)
 
     def piece(hc: torch.Tensor, tc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = head(hc).float()

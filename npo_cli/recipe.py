@@ -118,7 +118,11 @@ class GRPOConfig(Section):
         True, description="Skip forward/backward of rows with zero advantage (exact: they add 0 to the "
         "gradient; ignored when kl_coef > 0)."
     )
-    logprob_chunk: int = Field(2048, ge=1, description="Tokens per chunk when computing log-probs.")
+    logprob_chunk: int = Field(
+        0, ge=0, description="Tokens per LM-head chunk when computing log-probs. 0 = auto: the whole "
+        "micro-batch at once when its logits fit in half the free memory (no recompute in backward), "
+        "else the most that fit (each chunk recomputed in backward)."
+    )
 
 
 class TrainConfig(Section):

@@ -185,7 +185,7 @@ def naive(model, ids, am, n, temperature=1.0):
     return lsm.gather(-1, ids[:, -n:, None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+@pytest.mark.parametrize("chunk", [1, 7, 10_000, 0])  # 0: auto (here: all 15 tokens in one chunk)
 def test_token_logprobs_matches_naive(tiny, chunk):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 100, (3, 12), generator=g)
@@ -207,6 +207,34 @@ def test_token_logprobs_matches_naive(tiny, chunk):
     tiny.zero_grad()
     lp2, none = token_logprobs(tiny, ids, am, 5, chunk, with_entropy=False, temperature=0.7)
     assert none is None and torch.allclose(lp2, lp)
+
+
+def test_auto_chunk_sizes_to_free_memory(monkeypatch):
+    from npo_cli import grpo
+
+    assert grpo.free_memory(torch.device("cpu")) > 0  # the real reading
+    V = 151_936
+    per_token = grpo.BYTES_PER_LOGIT * V
+    monkeypatch.setattr(grpo, "free_memory", lambda device: 2 * 10_000 * per_token)
+    assert grpo.auto_chunk(16_384, V, torch.device("cpu")) == 10_000  # half the free memory's worth
+    assert grpo.auto_chunk(4_096, V, torch.device("cpu")) == 4_096  # all fit: one chunk, no recompute
+    monkeypatch.setattr(grpo, "free_memory", lambda device: 0)
+    assert grpo.auto_chunk(16_384, V, torch.device("cpu")) == 256  # floor: progress over a tight fit
+
+
+def test_auto_chunk_recomputes_when_logits_do_not_fit(tiny, monkeypatch):
+    """logprob_chunk=0 with little free memory: several checkpointed chunks, same values and gradients."""
+    from npo_cli import grpo
+
+    calls = []
+    real = grpo.checkpoint
+    monkeypatch.setattr(grpo, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(grpo, "auto_chunk", lambda n, v, d: 4)
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(2))
+    am = torch.ones_like(ids)
+    lp, _ = token_logprobs(tiny, ids, am, 6, 0)
+    assert len(calls) == 3  # 12 tokens in chunks of 4
+    assert torch.allclose(lp, naive(tiny, ids, am, 6)[0], atol=1e-5)
 
 
 # ---------- parity with TRL 1.16 ----------

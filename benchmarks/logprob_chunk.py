@@ -1,0 +1,48 @@
+"""Cost of chunking the LM head in backward: token_logprobs forward + backward at a 152k vocabulary,
+recomputed chunks (grpo.logprob_chunk=N) vs auto (0: one chunk when the logits fit, nothing recomputed).
+
+    python3 benchmarks/logprob_chunk.py [--chunk 256] [--rows 16] [--tokens 64] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from npo_cli.grpo import token_logprobs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = Qwen2Config(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=512, vocab_size=151_936, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg).to(a.device)
+    ids = torch.randint(0, cfg.vocab_size, (a.rows, a.tokens + 8), device=a.device)
+    am = torch.ones_like(ids)
+    best = {}
+    for chunk in (a.chunk, 0) * 2:  # interleaved, best of 3 each
+        for _ in range(3):
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            lp, _ = token_logprobs(model, ids, am, a.tokens, chunk, with_entropy=False)
+            lp.sum().backward()
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            best[chunk] = min(best.get(chunk, float("inf")), time.perf_counter() - t0)
+    n = a.rows * a.tokens
+    print(f"{n} tokens, vocab {cfg.vocab_size}, {a.device}: chunk {a.chunk} (recomputed) {best[a.chunk]:.3f} s, "
+          f"auto {best[0]:.3f} s, ratio {best[0] / best[a.chunk]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
