@@ -27,9 +27,11 @@ exactly, also in the middle of a replay or between a decision and its branch.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 
+from npo_cli import dist
 from npo_cli.errors import NpoError
 from npo_cli.trainer import Group, Trainer, collate, format_prompt, head_with_recipe
 
@@ -227,7 +229,11 @@ class AutoController:
         if self.phase == "warned" and self.warned >= self.cfg.patience:
             self._say(trainer, f"auto: step {step} plateau warning ({self._sig()}); probing {len(self.pool)} "
                       "mistakes")
-            d = self.probe(trainer)
+            # torchrun: rank 0 probes (the controller's state is the same on every rank), the others take
+            # its decision and its cost
+            d = dist.broadcast_json(self.probe(trainer) if dist.is_main() else None)
+            if not dist.is_main():
+                self.compute["probe_tokens"] += d.get("probe", {}).get("tokens", 0)
             if d["confirmed"]:
                 self.decision = d
                 return self._decide(trainer)
@@ -372,12 +378,21 @@ class AutoTrainer(Trainer):
     def score(self, problem, prompt: str, rollouts) -> Group:
         g = super().score(problem, prompt, rollouts)
         if not any(g.correct):  # before any slot is mixed in: the policy's own failure
-            self.controller.note_mistake(problem, self.step_num)
+            self._mistakes.append([self._scored, problem.prompt, problem.answer, list(problem.tags)])
+        self._scored += 1
         return g
 
     def step(self) -> dict[str, float]:
-        before = self.tokens_generated
+        from npo_cli.tasks import Problem
+
+        before, step = self.tokens_generated, self.step_num
+        self._mistakes, self._scored = [], 0
         m = super().step()
+        # torchrun: every rank's mistakes, in the global prompt order (rank r scored prompts r, r+W, ...)
+        w = dist.world()
+        merged = sorted((i * w + r, p) for r, part in enumerate(dist.gather_json(self._mistakes)) for i, *p in part)
+        for _, (prompt, answer, tags) in merged:
+            self.controller.note_mistake(Problem(prompt, answer, tuple(tags)), step)
         self.controller.observe(self, m, self.tokens_generated - before)
         return m
 
@@ -403,11 +418,13 @@ def rollback(store, live, from_branch: str, prev: AutoController, guide: str, co
     name, c, until = d["branch"], d["fork_step"], d["until"]
     fork = store.manifest(d["fork"])
     have = store.branches(run).get(name)
-    if have is None:
-        store.branch(fork.id, name, run=run)
-    elif have != fork.id:  # a branch made by a crashed driver is reused; anything else is not ours
+    if have is not None and have != fork.id:  # a branch made by a crashed driver is reused; not another
         raise NpoError(f"branch {run}/{name} already exists and has moved on; resume it with "
                        f"npo auto --resume {run}/{name}")
+    dist.barrier()  # torchrun: every rank has looked before rank 0 makes the branch
+    if have is None and dist.is_main():
+        store.branch(fork.id, name, run=run)
+    dist.barrier()
     sets = ["npo.source=npo", f"npo.guide='{guide}'", f"npo.start={c}", f"npo.until={until}"]
     if live.auto.gate is not None:
         sets.append(f"npo.gate={live.auto.gate}")
@@ -417,22 +434,25 @@ def rollback(store, live, from_branch: str, prev: AutoController, guide: str, co
 
     # guide trajectories for the replay's known mistakes (the same cache keys the NPO source reads)
     todo = [it for it in prev.pool if c <= it["step"] < until]
-    gen = GuideGenerator(store, guide, recipe)
     items = [(format_prompt(recipe, trainer.tokenizer, it["prompt"]),
               Problem(it["prompt"], it["answer"], tuple(it["tags"]))) for it in todo]
-    seed = derive_seed(recipe.seed, gen.seed_id, "auto-prefill")  # from the guide's weights, as the source's
-    found = sum(e is not None for e in gen.get(items, seed)) if items else 0
-    gen.unload()
-    trainer.controller.compute["guide_tokens"] += gen.stats.tokens
+    pre = None
+    if dist.is_main():  # torchrun: rank 0 fills the cache (it writes the store), the others read it after
+        gen = GuideGenerator(store, guide, recipe)
+        seed = derive_seed(recipe.seed, gen.seed_id, "auto-prefill")  # from the guide's weights, as the source's
+        found = sum(e is not None for e in gen.get(items, seed)) if items else 0
+        gen.unload()
+        pre = {"prompts": len(items), "found": found, "tokens": gen.stats.tokens}
+    pre = dist.broadcast_json(pre)
+    trainer.controller.compute["guide_tokens"] += pre["tokens"]
     trainer.events.append({"kind": "auto-branch", "k": d["k"], "branch": name, "from_branch": from_branch,
                            "fork": fork.id, "fork_step": c, "guide": guide, "guide_step": d["step"],
-                           "until": until, "delta": d["delta"],
-                           "prefill": {"prompts": len(items), "found": found, "tokens": gen.stats.tokens}})
-    with store.lease(run, name):
+                           "until": until, "delta": d["delta"], "prefill": pre})
+    with store.lease(run, name) if dist.is_main() else nullcontext():
         trainer.save()  # the branch's first checkpoint: settings, carried controller state, the event
     if console is not None and recipe.logging.progress:
         console.print(f"auto: branch {run}/{name} from step {c}: NPO to step {until} with guide "
-                      f"{store.describe(guide)}; guide cache pre-filled for {found}/{len(items)} mistakes",
+                      f"{store.describe(guide)}; guide cache pre-filled for {pre['found']}/{len(items)} mistakes",
                       highlight=False, soft_wrap=True)
     return trainer
 
@@ -454,6 +474,9 @@ def auto_run(recipe_path: str | None, overrides: list[str], store_url: str | Non
     from npo_cli.recipe import build_recipe, load_recipe
     from npo_cli.trainer import open_store
 
+    dist.init()  # torchrun --nproc-per-node N -m npo_cli auto ...: data-parallel (no-op in one process)
+    if not dist.is_main() and console is not None:
+        console.quiet = True
     if resume:
         if recipe_path:
             raise NpoError("--resume takes the recipe stored in the checkpoint; drop RECIPE and pass "
@@ -499,6 +522,7 @@ def auto_run(recipe_path: str | None, overrides: list[str], store_url: str | Non
         prev, live, from_branch = trainer.controller, trainer.recipe, trainer.branch
         trainer = None  # free the old policy before loading the branch's
         trainer = rollback(store, live, from_branch, prev, res["checkpoint"], console if show else None)
+    dist.finish()
     ctrl = trainer.controller
     res["auto"] = {"live": trainer.branch, "chain": auto_chain(store, trainer.run),
                    "interventions": ctrl.interventions, "phase": ctrl.phase, "compute": dict(ctrl.compute),

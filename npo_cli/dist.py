@@ -41,6 +41,14 @@ def init() -> None:
         dist.init_process_group("gloo")
 
 
+def finish() -> None:
+    """After a command's last collective: wait for every rank, then leave the group, so no rank tears its
+    connections down while another still uses them."""
+    if on():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def on() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

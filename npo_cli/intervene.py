@@ -112,4 +112,5 @@ def intervene(store_url: str | None, *, run: str | None, at: int, guide: str, un
     trainer.events.append({"kind": "intervene", "at": at, "fork": p["fork"], "guide": p["guide"],
                            "until": p["until"], "gate": p["gate"], "same_lineage": p["same_lineage"]})
     res = trainer.train(progress=progress and trainer.recipe.logging.progress)
+    dist.finish()
     return {**res, "plan": p}

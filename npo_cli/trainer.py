@@ -281,11 +281,11 @@ class Trainer:
         if r.rollout.prompts_per_step % dist.world() != 0:
             raise NpoError(f"rollout.prompts_per_step={r.rollout.prompts_per_step} must be a multiple of the "
                            f"number of processes ({dist.world()}): each rank takes whole prompt groups")
-        # npo / luffy / rlep mix per rank (each rank fills its own groups' slots); ExGRPO's replay buffer and
-        # AutoNPO's controller are one state over the whole batch, not sharded yet
-        if r.npo.source == "exgrpo" or r.auto.enabled:
-            raise NpoError(f"{'auto' if r.auto.enabled else 'npo.source=exgrpo'} does not run under torchrun yet; "
-                           "train it in one process (npo, luffy and rlep sources do run data-parallel)")
+        # npo / luffy / rlep mix per rank (each rank fills its own groups' slots); ExGRPO's replay buffer is
+        # one state over the whole batch, not shared between ranks yet
+        if r.npo.source == "exgrpo":
+            raise NpoError("npo.source=exgrpo does not run under torchrun yet; train it in one process "
+                           "(the npo, luffy and rlep sources and AutoNPO do run data-parallel)")
         if new:
             dist.broadcast_params(self.model)
         dist.barrier()  # no rank writes to the store before every rank has read it
@@ -553,11 +553,13 @@ class Trainer:
     def save(self) -> str:
         from npo_cli.checkpoint import save_checkpoint
 
+        main = dist.is_main()  # the source's and controller's state_dict write their objects: rank 0 only
         state = {
             "step": self.step_num, "epoch": self.epoch, "pos": self.pos,
             "samples_seen": self.samples_seen, "tokens_generated": self.tokens_generated,
             "last_eval": self.last_eval,
-            "source": self.source.state_dict(), "controller": self.controller.state_dict(),
+            "source": self.source.state_dict() if main else {},
+            "controller": self.controller.state_dict() if main else {},
         }
         # objects the source / controller keep in the store (e.g. a replay buffer): gc keeps them
         objects = [*state["source"].get("objects", []), *state["controller"].get("objects", [])]
@@ -571,7 +573,7 @@ class Trainer:
                 tensors["cuda_rng" + (f"_rank{i}" if i else "")] = t
         model, optimizer = dist.full_state(self.model, self.optimizer)  # FSDP: gathered on every rank
         head = None
-        if dist.is_main():  # only rank 0 writes the store
+        if main:  # only rank 0 writes the store
             head = save_checkpoint(
                 self.store, run=self.run, branch=self.branch, step=self.step_num, model=model,
                 tokenizer=self.tokenizer, optimizer=optimizer, state=state, state_tensors=tensors,
@@ -784,7 +786,9 @@ def run_recipe(recipe_path: str | None, overrides: list[str], store_url: str | N
                             force=force)
         store = open_store(store_url, recipe)
         trainer = Trainer.new(recipe, store, console=console)
-    return trainer.train(progress=progress and trainer.recipe.logging.progress, force=force)
+    res = trainer.train(progress=progress and trainer.recipe.logging.progress, force=force)
+    dist.finish()
+    return res
 
 
 def eval_checkpoint(store_url: str | None, ref: str, samples: int | None = None,

@@ -44,45 +44,63 @@ from dataclasses import asdict
 import torch
 torch.set_num_threads(1)
 from npo_cli import dist
+from npo_cli.auto import auto_run
 from npo_cli.intervene import intervene
 from npo_cli.recipe import build_recipe
 from npo_cli.rollout import Rollout
 from npo_cli.store import Store
 from npo_cli.trainer import Trainer
 
-store_dir, out, mode, recipe = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+store_dir, out, mode, recipe, command, *args = sys.argv[1:]
+recipe = json.loads(recipe)
 dist.init()
-steps = []
+rank = dist.rank()  # the commands leave the process group when they end (dist.finish)
+sampled = {}  # "step|prompt" -> the policy's rollouts of each time it was sampled (auto replays steps)
 if mode == "replay":
-    rec = [json.load(open(f"{out}.rank{r}.json")) for r in range(2)]
+    for r in range(2):
+        for k, v in json.load(open(f"{out}.rank{r}.json")).items():
+            sampled.setdefault(k, []).extend(v)  # a prompt at a given step is always on the same rank
+in_step = [False]
 
-def patch(trainer):  # record / replay the policy's own rollouts (not the guide's); or plain
+def patch(trainer):  # record (torchrun) or replay (one process) the rollouts of training steps; or plain
     real = trainer.backend.generate
-    trainer.eval_problems = []  # every generate call is a training rollout
+    trainer.eval_problems = []
 
     def generate(prompts, n, greedy=False):
-        if mode != "replay":
-            groups = real(prompts, n, greedy)
-            steps.append([[asdict(r) for r in g] for g in groups])
-            return groups
-        s = len(steps)
-        steps.append(None)
-        return [[Rollout(**d) for d in rec[j % 2][s][j // 2]] for j in range(len(prompts))]
+        if not in_step[0]:  # e.g. the AutoNPO probe: seeded, so it needs no replay
+            return real(prompts, n, greedy)
+        keys = [f"{trainer.step_num}|{p}" for p in prompts]
+        if mode == "replay":
+            return [[Rollout(**d) for d in sampled[k].pop(0)] for k in keys]
+        groups = real(prompts, n, greedy)
+        for k, g in zip(keys, groups):
+            sampled.setdefault(k, []).append([asdict(r) for r in g])
+        return groups
 
     trainer.backend.generate = generate
 
-init = Trainer.__init__
+init, step = Trainer.__init__, Trainer.step
 def patched_init(self, *a, **k):
     init(self, *a, **k)
     patch(self)
-Trainer.__init__ = patched_init
+def patched_step(self):
+    in_step[0] = True
+    try:
+        return step(self)
+    finally:
+        in_step[0] = False
+Trainer.__init__, Trainer.step = patched_init, patched_step
 
-if len(sys.argv) > 5:  # intervene: branch name, then --set overrides
-    intervene(store_dir, run=None, at=0, guide="2", branch=sys.argv[5], overrides=sys.argv[6:], progress=False)
+if command == "intervene":  # args: branch name, then --set overrides
+    intervene(store_dir, run=None, at=0, guide="2", branch=args[0], overrides=args[1:], progress=False)
+elif command == "auto":
+    json.dump(recipe, open(f"{store_dir}.recipe.json", "w"))
+    auto_run(f"{store_dir}.recipe.json", [], store_dir, None, progress=False)
 else:
     Trainer.new(build_recipe(recipe), Store.open(store_dir)).train(progress=False)
 if mode == "record":
-    json.dump(steps, open(f"{out}.rank{dist.rank()}.json", "w"))
+    json.dump(sampled, open(f"{out}.rank{rank}.json", "w"))
+dist.finish()
 '''
 
 
@@ -121,8 +139,8 @@ def workdir(tmp_path: Path) -> Path:
 def test_two_ranks_equal_one_process(workdir: Path, parallel: str):
     recipe = json.dumps({**RECIPE, "train": {**RECIPE["train"], "parallel": parallel}})
     out = str(workdir / "rollouts")
-    _run(_torchrun("worker.py", str(workdir / "dp"), out, "record", recipe), workdir)
-    _run([sys.executable, "worker.py", str(workdir / "single"), out, "replay", recipe], workdir)
+    _run(_torchrun("worker.py", str(workdir / "dp"), out, "record", recipe, "train"), workdir)
+    _run([sys.executable, "worker.py", str(workdir / "single"), out, "replay", recipe, "train"], workdir)
 
     dp, dp_m, dp_man = _head(workdir / "dp")
     one, one_m, _ = _head(workdir / "single")
@@ -139,7 +157,7 @@ def test_two_ranks_equal_one_process(workdir: Path, parallel: str):
     init = load_policy(build_recipe(RECIPE).model, seed=0)[0].state_dict()
     assert max(float((dp[k] - init[k]).abs().max()) for k in dp) > 1e-3
     r0, r1 = (json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2))
-    assert r0[0][0][0]["completion_ids"] != r1[0][0][0]["completion_ids"]
+    assert {x["text"] for gs in r0.values() for g in gs for x in g} != {x["text"] for gs in r1.values() for g in gs for x in g}
     # every rank's sampling RNG is in the checkpoint, so all ranks resume their own stream
     assert {"torch_rng", "torch_rng_rank1"} <= set(dp_man.state_tensors)
 
@@ -152,10 +170,10 @@ def test_npo_branch_two_ranks_equal_one_process(workdir: Path):
     recipe = {**RECIPE, "task": {**RECIPE["task"], "verifier": "ddp_reward:any_digit"},
               "train": {**RECIPE["train"], "steps": 2}, "grpo": {**RECIPE["grpo"], "updates_per_batch": 1}}
     store, out = str(workdir / "s"), str(workdir / "rollouts")
-    _run([sys.executable, "worker.py", store, out, "plain", json.dumps(recipe)], workdir)  # the run: steps 0..2
+    _run([sys.executable, "worker.py", store, out, "plain", json.dumps(recipe), "train"], workdir)  # steps 0..2
     sets = ["npo.gate=1.0", "npo.max_tries=16"]  # every group gets a slot when the guide finds one
-    _run(_torchrun("worker.py", store, out, "record", "{}", "dp", *sets), workdir)
-    _run([sys.executable, "worker.py", store, out, "replay", "{}", "one", *sets], workdir)
+    _run(_torchrun("worker.py", store, out, "record", "{}", "intervene", "dp", *sets), workdir)
+    _run([sys.executable, "worker.py", store, out, "replay", "{}", "intervene", "one", *sets], workdir)
 
     from npo_cli.checkpoint import load_metrics, load_model
     from npo_cli.store import Store
@@ -207,8 +225,7 @@ def test_prompts_must_divide_over_ranks(monkeypatch, tmp_path: Path):
         Trainer.new(recipe, Store.open(str(tmp_path / "s")))
 
 
-@pytest.mark.parametrize("sets, what", [(["npo.source=exgrpo"], "npo.source=exgrpo"), (["auto.enabled=true"], "auto")])
-def test_exgrpo_and_auto_refused_under_torchrun(monkeypatch, tmp_path: Path, sets: list[str], what: str):
+def test_exgrpo_refused_under_torchrun(monkeypatch, tmp_path: Path):
     from npo_cli import dist
     from npo_cli.errors import NpoError
     from npo_cli.recipe import build_recipe
@@ -218,6 +235,48 @@ def test_exgrpo_and_auto_refused_under_torchrun(monkeypatch, tmp_path: Path, set
     monkeypatch.setattr(dist, "on", lambda: True)  # a pretend world of 2, as above
     monkeypatch.setattr(dist, "world", lambda: 2)
     monkeypatch.setattr(dist, "rank", lambda: 0)
-    recipe = build_recipe({**RECIPE, "task": {"eval_size": 4}}, sets)
-    with pytest.raises(NpoError, match=f"{what} does not run under torchrun yet"):
+    recipe = build_recipe({**RECIPE, "task": {"eval_size": 4}}, ["npo.source=exgrpo"])
+    with pytest.raises(NpoError, match="npo.source=exgrpo does not run under torchrun yet"):
         Trainer.new(recipe, Store.open(str(tmp_path / "s")))
+
+
+def test_auto_two_ranks_decide_as_one_process(npo_base_store, workdir: Path):
+    """`npo auto` under torchrun: the ranks' mistakes merge into one pool in global prompt order, rank 0
+    probes and every rank takes its decision, rank 0 makes the branch and pre-fills the guide cache. Up to
+    the decision the run equals one process with the same rollouts: parameters, pool, probe table."""
+    import shutil
+
+    from test_auto import FORCE, TASK
+
+    recipe = json.dumps({"name": "a", "seed": 0, "model": {"path": "base@0"}, "task": TASK,
+                         "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4},
+                         "grpo": {"lr": 1e-3}, "train": {"steps": 8, "save_every": 2, "eval_every": 100},
+                         "logging": {"progress": False, "metrics_jsonl": None}, "auto": FORCE})
+    out = str(workdir / "rollouts")
+    for d in ("dp", "one"):
+        shutil.copytree(npo_base_store, workdir / d)
+    _run(_torchrun("worker.py", str(workdir / "dp"), out, "record", recipe, "auto"), workdir)
+    _run([sys.executable, "worker.py", str(workdir / "one"), out, "replay", recipe, "auto"], workdir)
+
+    from npo_cli.auto import auto_chain, auto_events
+    from npo_cli.checkpoint import load_model
+    from npo_cli.store import Store
+
+    dp, one = Store.open(str(workdir / "dp")), Store.open(str(workdir / "one"))
+    assert auto_chain(dp, "a") == auto_chain(one, "a") == ["main", "auto-1"]
+    assert dp.manifest("a/auto-1").step == one.manifest("a/auto-1").step == 8
+    (d1, *_), (d2, *_) = ([e for e in auto_events(s, "a") if e["kind"] == "auto"] for s in (dp, one))
+    t = d1["step"]
+    assert (t, d1["fork_step"], d1["delta"]) == (d2["step"], d2["fork_step"], d2["delta"])
+    for c1, c2 in zip(d1["candidates"], d2["candidates"], strict=True):
+        assert (c1["step"], c1["n"], c1["Q"]) == (c2["step"], c2["n"], c2["Q"])
+        assert c1["kl"] == pytest.approx(c2["kl"], rel=1e-3, abs=1e-6)
+    m1, m2 = (s.manifest(f"a/main@{t}") for s in (dp, one))
+    assert m1.state["controller"]["pool"] == m2.state["controller"]["pool"]  # same JSON object: same pool
+    p1, p2 = (load_model(s, f"a/main@{t}")[0].state_dict() for s in (dp, one))
+    # k_proj.bias: its exact gradient is 0 (softmax ignores a shift shared by all keys), so AdamW turns
+    # float noise into +-lr steps there, and the other weights follow it slightly over several steps
+    worst = max(float((p1[k] - p2[k]).abs().max()) for k in p1 if not k.endswith("k_proj.bias"))
+    assert worst < 1e-4, f"parameters differ by {worst}"
+    ev = next(e for e in dp.manifest(dp.resolve(f"a/auto-1@{d1['fork_step']}")).events if e["kind"] == "auto-branch")
+    assert ev["prefill"]["prompts"] > 0  # rank 0 pre-filled the guide cache for the replayed mistakes

@@ -173,8 +173,8 @@ def test_torchrun_ddp_with_vllm_equals_one_process(tmp_path):
     recipe = json.dumps({**RECIPE, "rollout": {**RECIPE["rollout"], "backend": "vllm"},
                          "train": {**RECIPE["train"], "steps": 2}})
     out = str(tmp_path / "rollouts")
-    _run(_torchrun("worker.py", str(tmp_path / "dp"), out, "record", recipe), tmp_path)
-    _run([sys.executable, "worker.py", str(tmp_path / "single"), out, "replay", recipe], tmp_path)
+    _run(_torchrun("worker.py", str(tmp_path / "dp"), out, "record", recipe, "train"), tmp_path)
+    _run([sys.executable, "worker.py", str(tmp_path / "single"), out, "replay", recipe, "train"], tmp_path)
     dp, dp_m, man = _head(tmp_path / "dp")
     one, one_m, _ = _head(tmp_path / "single")
     assert man.step == 2
