@@ -292,28 +292,37 @@ class ExGRPOSource(SlotSource):
         self.segments: list[str] = []
 
     def mix(self, trainer, groups: list[Group]) -> list[Group]:
+        """torchrun: the buffer is the same on every rank (every rank records every rank's groups, in the
+        global order), so the picks are too; each rank samples and trains its share of them."""
         self._m = {}
-        step, extra, picks = trainer.step_num, [], []
+        step, extra, picks = trainer.step_num, [], {}
         k = round(self.npo.replay_ratio * self.recipe.rollout.prompts_per_step)
         if self.active(step) and k > 0 and self.buffer:
-            picks = self.pick(k, {g.prompt for g in groups}, step)
-            if picks:
+            batch = [p for part in dist.gather_json([g.prompt for g in groups]) for p in part]
+            picks = self.pick(k, set(batch), step)
+            mine = dict(list(picks.items())[dist.rank() :: dist.world()])  # like the prompts: rank::world
+            if mine:
                 from npo_cli.tasks import Problem
 
-                sampled = trainer.backend.generate(list(picks), self.recipe.rollout.group_size)
-                for (prompt, rec), rollouts in zip(picks.items(), sampled):
+                sampled = trainer.backend.generate(list(mine), self.recipe.rollout.group_size)
+                for (prompt, rec), rollouts in zip(mine.items(), sampled):
                     problem = Problem(prompt=rec["raw"], answer=rec["answer"], tags=tuple(rec["tags"]))
                     extra.append(trainer.score(problem, prompt, rollouts))
-        chosen = {p: self.best(rec) for p, rec in picks.items()} if picks else {}
-        for g in groups + extra:
-            self.record(g, step)
+        chosen = {p: self.best(rec) for p, rec in picks.items()}
+        mine_all = [self.outcome(g, step) for g in groups], [self.outcome(g, step) for g in extra]
+        w = dist.world()
+        for kind in (0, 1):  # the batch's groups, then the replayed ones, each in the global order
+            merged = sorted(((i * w + r, o) for r, part in enumerate(dist.gather_json(mine_all)) for i, o in
+                             enumerate(part[kind])), key=lambda x: x[0])
+            for _, o in merged:
+                self.record(o, step)
         if self.active(step):
             def fetch(gs: list[Group]) -> list[Rollout | None]:
                 return [slot_rollout(g, chosen[g.prompt], self.name) if chosen.get(g.prompt) else None
                         for g in gs]
 
             self.mix_groups(trainer, extra, fetch)
-            self._m["npo/replay_groups"] = float(len(extra))
+            self._m["npo/replay_groups"] = float(len(picks))
             self._m["npo/buffer_prompts"] = float(len(self.buffer))
         return groups + extra
 
@@ -336,22 +345,27 @@ class ExGRPOSource(SlotSource):
         trajs = rec["trajs"]
         return max(trajs, key=lambda t: sum(t["logprobs"]) / max(1, len(t["logprobs"]))) if trajs else None
 
-    def record(self, g: Group, step: int) -> None:
-        """Remember this group's on-policy successes and accuracy (before any slot is replaced)."""
-        acc = g.accuracy
-        rec = self.buffer.pop(g.prompt, None)
-        if acc >= 1.0:
-            return  # solved by the whole group: retired
+    @staticmethod
+    def outcome(g: Group, step: int) -> dict:
+        """What the buffer keeps of a group (JSON: under torchrun it goes to every rank): its accuracy and
+        on-policy successes, before any slot is replaced."""
         wins = [ro for ro, ok in zip(g.rollouts, g.correct) if ok and ro.source == "policy"]
-        if rec is None and not wins:
+        return {"prompt": g.prompt, "raw": g.problem.prompt, "answer": g.problem.answer,
+                "tags": list(g.problem.tags), "acc": g.accuracy,
+                "wins": [{"completion_ids": list(ro.completion_ids), "logprobs": list(ro.logprobs),
+                          "text": ro.text, "finished": bool(ro.finished), "step": step} for ro in wins]}
+
+    def record(self, o: dict, step: int) -> None:
+        """Remember a group's outcome (`outcome`) in the buffer."""
+        rec = self.buffer.pop(o["prompt"], None)
+        if o["acc"] >= 1.0:
+            return  # solved by the whole group: retired
+        if rec is None and not o["wins"]:
             return
-        rec = rec or {"raw": g.problem.prompt, "answer": g.problem.answer, "tags": list(g.problem.tags),
-                      "trajs": []}
-        rec["acc"], rec["step"] = acc, step
-        rec["trajs"] = (rec["trajs"] + [{"completion_ids": list(ro.completion_ids), "logprobs": list(ro.logprobs),
-                                         "text": ro.text, "finished": bool(ro.finished), "step": step}
-                                        for ro in wins])[-self.npo.replay_per_prompt :]
-        self.buffer[g.prompt] = rec
+        rec = rec or {"raw": o["raw"], "answer": o["answer"], "tags": o["tags"], "trajs": []}
+        rec["acc"], rec["step"] = o["acc"], step
+        rec["trajs"] = (rec["trajs"] + o["wins"])[-self.npo.replay_per_prompt :]
+        self.buffer[o["prompt"]] = rec
         while len(self.buffer) > self.npo.replay_capacity:
             self.buffer.pop(next(iter(self.buffer)))
 

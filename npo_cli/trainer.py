@@ -281,11 +281,6 @@ class Trainer:
         if r.rollout.prompts_per_step % dist.world() != 0:
             raise NpoError(f"rollout.prompts_per_step={r.rollout.prompts_per_step} must be a multiple of the "
                            f"number of processes ({dist.world()}): each rank takes whole prompt groups")
-        # npo / luffy / rlep mix per rank (each rank fills its own groups' slots); ExGRPO's replay buffer is
-        # one state over the whole batch, not shared between ranks yet
-        if r.npo.source == "exgrpo":
-            raise NpoError("npo.source=exgrpo does not run under torchrun yet; train it in one process "
-                           "(the npo, luffy and rlep sources and AutoNPO do run data-parallel)")
         if new:
             dist.broadcast_params(self.model)
         dist.barrier()  # no rank writes to the store before every rank has read it

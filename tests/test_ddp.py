@@ -225,19 +225,29 @@ def test_prompts_must_divide_over_ranks(monkeypatch, tmp_path: Path):
         Trainer.new(recipe, Store.open(str(tmp_path / "s")))
 
 
-def test_exgrpo_refused_under_torchrun(monkeypatch, tmp_path: Path):
-    from npo_cli import dist
-    from npo_cli.errors import NpoError
-    from npo_cli.recipe import build_recipe
+def test_exgrpo_two_ranks_equal_one_process(workdir: Path):
+    """ExGRPO under torchrun: every rank records every rank's groups (global order), so the replay buffer
+    and its picks are the same everywhere; each rank samples its share of the picks."""
+    recipe = {**RECIPE, "task": {**RECIPE["task"], "verifier": "ddp_reward:any_digit"},
+              "train": {**RECIPE["train"], "steps": 4},
+              "npo": {"source": "exgrpo", "replay_ratio": 0.5, "gate": 1.0}}
+    out = str(workdir / "rollouts")
+    _run(_torchrun("worker.py", str(workdir / "dp"), out, "record", json.dumps(recipe), "train"), workdir)
+    _run([sys.executable, "worker.py", str(workdir / "single"), out, "replay", json.dumps(recipe), "train"], workdir)
+    from npo_cli.checkpoint import load_metrics
     from npo_cli.store import Store
-    from npo_cli.trainer import Trainer
 
-    monkeypatch.setattr(dist, "on", lambda: True)  # a pretend world of 2, as above
-    monkeypatch.setattr(dist, "world", lambda: 2)
-    monkeypatch.setattr(dist, "rank", lambda: 0)
-    recipe = build_recipe({**RECIPE, "task": {"eval_size": 4}}, ["npo.source=exgrpo"])
-    with pytest.raises(NpoError, match="npo.source=exgrpo does not run under torchrun yet"):
-        Trainer.new(recipe, Store.open(str(tmp_path / "s")))
+    dp, _, dp_man = _head(workdir / "dp")
+    one, _, one_man = _head(workdir / "single")
+    assert max(float((dp[k] - one[k]).abs().max()) for k in dp) < 1e-5
+    rows = [[r for m in reversed(st.lineage(man.id)) for r in load_metrics(st, m)]
+            for st, man in ((Store.open(str(workdir / "dp")), dp_man), (Store.open(str(workdir / "single")), one_man))]
+    assert len(rows[0]) == 4
+    for a, b in zip(*rows, strict=True):
+        for k in ("loss", "grad_norm", "npo/replay_groups", "npo/buffer_prompts", "npo/slots", "tokens"):
+            assert a.get(k) == pytest.approx(b.get(k), rel=1e-4, abs=1e-6), k
+    assert sum(m.get("npo/replay_groups", 0) for m in rows[0]) >= 2 and sum(m.get("npo/slots", 0) for m in rows[0]) >= 1
+    assert dp_man.state["source"]["replay"] == one_man.state["source"]["replay"]  # the same buffer object
 
 
 def test_auto_two_ranks_decide_as_one_process(npo_base_store, workdir: Path):
