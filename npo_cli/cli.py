@@ -313,7 +313,8 @@ def import_cmd(
 
 @app.command("intervene")
 def intervene_cmd(
-    at: int = typer.Option(..., "--at", help="Fork step A: the branch starts at RUN@A."),
+    at: str = typer.Option(..., "--at", help="Fork step A (the branch starts at RUN@A), or RUN[/BRANCH]@A "
+                           "(the same as --run RUN, which torchrun mistakes for its own --run-path)."),
     guide: str = typer.Option(..., "--guide", help="Guide: a later step G of the run, or any checkpoint ref."),
     run: str | None = typer.Option(None, "--run", help="RUN or RUN/BRANCH (optional when the store has one run)."),
     until: int | None = typer.Option(None, "--until", help="NPO stops at this step (default: the guide's step)."),
@@ -327,6 +328,11 @@ def intervene_cmd(
     """Branch RUN at step A and train it with guide G: NPO from A until U, then plain GRPO."""
     from npo_cli.intervene import intervene
 
+    ref, _, step = at.rpartition("@")
+    if not step.isdigit() or (ref and run and ref != run):
+        raise NpoError(f"--at takes a step or RUN[/BRANCH]@STEP (e.g. 200 or myrun@200), not '{at}'"
+                       + (f", with a run other than --run {run}" if ref and run else ""))
+    run, at = run or ref or None, int(step)
     res = intervene(store, run=run, at=at, guide=guide, until=until, gate=gate, branch=branch, overrides=sets,
                     allow_any_guide=allow_any_guide, console=console, progress=not as_json)
     if as_json:

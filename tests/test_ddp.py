@@ -290,3 +290,32 @@ def test_auto_two_ranks_decide_as_one_process(npo_base_store, workdir: Path):
     assert worst < 1e-4, f"parameters differ by {worst}"
     ev = next(e for e in dp.manifest(dp.resolve(f"a/auto-1@{d1['fork_step']}")).events if e["kind"] == "auto-branch")
     assert ev["prefill"]["prompts"] > 0  # rank 0 pre-filled the guide cache for the replayed mistakes
+
+
+@pytest.mark.heavy
+def test_torchrun_cli_intervene_and_auto(npo_base_store, workdir: Path):
+    """`torchrun -m npo_cli intervene` and `... auto`: exit 0, one table (rank 0 prints), branches made."""
+    import shutil
+
+    from test_auto import FORCE, TASK
+
+    shutil.copytree(npo_base_store, workdir / "s")
+    (workdir / "r.yaml").write_text(yaml.safe_dump({**RECIPE, "task": {**RECIPE["task"], "verifier": "ddp_reward:any_digit"},
+                                                    "train": {**RECIPE["train"], "steps": 2}}))
+    _run(_torchrun("-m", "npo_cli", "run", "r.yaml", "--store", "s"), workdir)
+    p = subprocess.run(_torchrun("-m", "npo_cli", "intervene", "--at", "ddp@0", "--guide", "2", "--store", "s",
+                                 "--set", "npo.gate=1.0"), check=False, cwd=workdir, env=_env(workdir), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("npo intervene ddp/npo-0-g2") == 1
+    (workdir / "a.yaml").write_text(yaml.safe_dump({
+        "name": "a", "seed": 0, "model": {"path": "base@0"}, "task": TASK,
+        "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4}, "grpo": {"lr": 1e-3},
+        "train": {"steps": 8, "save_every": 2, "eval_every": 4}, "logging": {"progress": False}, "auto": FORCE}))
+    _run(_torchrun("-m", "npo_cli", "auto", "a.yaml", "--store", "s"), workdir)
+    from npo_cli.auto import auto_chain
+    from npo_cli.store import Store
+
+    st = Store.open(str(workdir / "s"))
+    assert st.manifest("ddp/npo-0-g2").step == 2
+    assert auto_chain(st, "a") == ["main", "auto-1"] and st.manifest("a/auto-1").step == 8

@@ -89,10 +89,13 @@ def test_intervene_end_to_end(store_dir, monkeypatch, capsys):
     (["--at", "2", "--guide", "6", "--until", "2"], "--until 2 must be after"),
     (["--at", "2", "--guide", "6", "--until", "9"], "past the run's train.steps=8"),
     (["--at", "2", "--guide", "6", "--run", "ghost"], "unknown run"),
+    (["--at", "ghost@2", "--guide", "6"], "unknown run"),
+    (["--at", "r@x", "--guide", "6"], "--at takes a step or RUN[/BRANCH]@STEP"),
+    (["--at", "r@2", "--guide", "6", "--run", "q"], "with a run other than --run q"),
 ])
 def test_intervene_errors(store_dir, monkeypatch, capsys, argv, expect):
-    code, _, err = run_main(["intervene", "--run", "r", *argv] if "--run" not in argv else ["intervene", *argv],
-                            monkeypatch, capsys)
+    code, _, err = run_main(["intervene", *argv] if "--run" in argv or "@" in argv[1] else
+                            ["intervene", "--run", "r", *argv], monkeypatch, capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1 and expect in err, err
     assert set(open_store(store_dir).branches("r")) == {"main"}  # nothing written
 
