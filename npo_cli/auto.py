@@ -377,22 +377,20 @@ class AutoTrainer(Trainer):
 
     def score(self, problem, prompt: str, rollouts) -> Group:
         g = super().score(problem, prompt, rollouts)
-        if not any(g.correct):  # before any slot is mixed in: the policy's own failure
-            self._mistakes.append([self._scored, problem.prompt, problem.answer, list(problem.tags)])
-        self._scored += 1
+        # before any slot is mixed in: the policy's own failure (None: solved; kept for the global order)
+        self._scored.append(None if any(g.correct) else [problem.prompt, problem.answer, list(problem.tags)])
         return g
 
     def step(self) -> dict[str, float]:
         from npo_cli.tasks import Problem
 
         before, step = self.tokens_generated, self.step_num
-        self._mistakes, self._scored = [], 0
+        self._scored = []
         m = super().step()
-        # torchrun: every rank's mistakes, in the global prompt order (rank r scored prompts r, r+W, ...)
-        w = dist.world()
-        merged = sorted((i * w + r, p) for r, part in enumerate(dist.gather_json(self._mistakes)) for i, *p in part)
-        for _, (prompt, answer, tags) in merged:
-            self.controller.note_mistake(Problem(prompt, answer, tuple(tags)), step)
+        # torchrun: every rank's groups in the global prompt order (rank r scored prompts r, r + W, ...)
+        for x in dist.gather_strided(self._scored):
+            if x is not None:
+                self.controller.note_mistake(Problem(x[0], x[1], tuple(x[2])), step)
         self.controller.observe(self, m, self.tokens_generated - before)
         return m
 

@@ -111,6 +111,14 @@ def gather_json(obj) -> list:
     return [json.loads(bytes(b[: int(s.item())].tolist()).decode()) for b, s in zip(bufs, sizes)]
 
 
+def gather_strided(items: list) -> list:
+    """Every rank's JSON-able `items` merged in the global order of a rank::world split (rank r's i-th item
+    is global item i * world + r): what one process would have produced."""
+    w = world()
+    return [x for _, x in sorted(((i * w + r, x) for r, part in enumerate(gather_json(items))
+                                  for i, x in enumerate(part)), key=lambda t: t[0])]
+
+
 def broadcast_json(obj):
     """Rank 0's `obj` on every rank."""
     return gather_json(obj if is_main() else None)[0]

@@ -309,12 +309,8 @@ class ExGRPOSource(SlotSource):
                     problem = Problem(prompt=rec["raw"], answer=rec["answer"], tags=tuple(rec["tags"]))
                     extra.append(trainer.score(problem, prompt, rollouts))
         chosen = {p: self.best(rec) for p, rec in picks.items()}
-        mine_all = [self.outcome(g, step) for g in groups], [self.outcome(g, step) for g in extra]
-        w = dist.world()
-        for kind in (0, 1):  # the batch's groups, then the replayed ones, each in the global order
-            merged = sorted(((i * w + r, o) for r, part in enumerate(dist.gather_json(mine_all)) for i, o in
-                             enumerate(part[kind])), key=lambda x: x[0])
-            for _, o in merged:
+        for gs in (groups, extra):  # the batch's groups, then the replayed ones, each in the global order
+            for o in dist.gather_strided([self.outcome(g, step) for g in gs]):
                 self.record(o, step)
         if self.active(step):
             def fetch(gs: list[Group]) -> list[Rollout | None]:
