@@ -1,11 +1,12 @@
 """Data-parallel training (torchrun, gloo on CPU): 2 processes == 1 process with the same global batch.
 
 Each rank samples its own rollouts (its own RNG stream), so the single-process reference replays
-exactly the rollouts the ranks sampled, in global prompt order (prompt j came from rank j % 2). Then
+exactly the rollouts the ranks sampled during training steps (keyed by step and prompt). Then
 the parameters, loss and gradient norm after k steps must agree to float tolerance: that checks the
 prompt sharding, the global loss normalisers, the summed gradients, the global clip norm, and that
 rank 0 alone wrote the store. The recipe makes ranks differ in kept rows and micro-batches
 (skip_zero_adv, micro_batch_size=3) and runs 2 optimizer passes per batch with a clipping norm.
+The same check runs for an NPO branch (`intervene`), ExGRPO and `npo auto`.
 """
 
 from __future__ import annotations
