@@ -472,9 +472,7 @@ def auto_run(recipe_path: str | None, overrides: list[str], store_url: str | Non
     from npo_cli.recipe import build_recipe, load_recipe
     from npo_cli.trainer import open_store
 
-    dist.init()  # torchrun --nproc-per-node N -m npo_cli auto ...: data-parallel (no-op in one process)
-    if not dist.is_main() and console is not None:
-        console.quiet = True
+    dist.init(console)  # torchrun ... -m npo_cli auto ...: data-parallel (no-op in one process)
     if resume:
         if recipe_path:
             raise NpoError("--resume takes the recipe stored in the checkpoint; drop RECIPE and pass "

@@ -30,15 +30,19 @@ import torch.distributed as dist
 from npo_cli.errors import NpoError
 
 
-def init() -> None:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1); no-op otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+def init(console=None) -> None:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1); no-op otherwise. `console` (the
+    CLI's) is silenced on every rank but 0, so a command prints its output once."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    if rank() != 0 and console is not None:
+        console.quiet = True
 
 
 def finish() -> None:

@@ -97,9 +97,7 @@ def intervene(store_url: str | None, *, run: str | None, at: int, guide: str, un
     from npo_cli.sources import make_source
     from npo_cli.trainer import Trainer, open_store
 
-    dist.init()  # torchrun --nproc-per-node N -m npo_cli intervene ...: the branch trains data-parallel
-    if not dist.is_main() and console is not None:
-        console.quiet = True
+    dist.init(console)  # torchrun ... -m npo_cli intervene ...: the branch trains data-parallel
     store = open_store(store_url)
     p = plan(store, run=run, at=at, guide=guide, until=until, gate=gate, branch=branch, overrides=overrides,
              allow_any_guide=allow_any_guide)

@@ -757,9 +757,7 @@ def run_recipe(recipe_path: str | None, overrides: list[str], store_url: str | N
     """`npo run`: a new run from a recipe file, or --resume RUN[/BRANCH] from its head."""
     from npo_cli.recipe import load_recipe
 
-    dist.init()  # torchrun --nproc-per-node N -m npo_cli run ...: data-parallel (no-op in one process)
-    if not dist.is_main() and console is not None:
-        console.quiet = True
+    dist.init(console)  # torchrun --nproc-per-node N -m npo_cli run ...: data-parallel (no-op in one process)
     if resume:
         if recipe_path:
             raise NpoError("--resume takes the recipe stored in the checkpoint; drop RECIPE "
