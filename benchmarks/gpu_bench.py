@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, help="untimed steps of each trainer first (default 1)")
     ap.add_argument("--micro-batch", type=int, help="rows per forward/backward on both sides (default 64)")
     ap.add_argument("--no-static-cache", action="store_true", help="npo without the static KV cache")
+    ap.add_argument("--compile", action="store_true", help="npo with grpo.compile (warm-up 2 steps: it compiles)")
     ap.add_argument("--no-trl-gc", action="store_true", help="skip timing TRL with gradient checkpointing on")
     ap.add_argument("--reward", choices=("hash", "exact"), default="hash",
                     help="hash (default): a coin flip on the completion, so every group trains; exact: the "
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = SMALL if a.small else QWEN2_05B
     if not a.small and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --small for the CPU smoke test")
-    over = {"with_trl_gc": not a.no_trl_gc, "static_cache": not a.no_static_cache, "reward": a.reward}
+    over = {"with_trl_gc": not a.no_trl_gc, "static_cache": not a.no_static_cache, "reward": a.reward,
+            "compile": a.compile, **({"warmup": 2} if a.compile else {})}
     for k in ("steps", "warmup", "micro_batch"):
         if getattr(a, k) is not None:
             over[k] = getattr(a, k)
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     print(f"npo vs TRL GRPOTrainer: hidden {cfg.hidden}, {cfg.layers} layers, vocab {cfg.vocab}, "
           f"{cfg.prompts}x{cfg.group}, {cfg.new_tokens} new tokens (forced), {cfg.dtype}, {cfg.device}, "
-          f"micro batch {cfg.micro_batch}, npo static cache {cfg.static_cache}", flush=True)
+          f"micro batch {cfg.micro_batch}, npo static cache {cfg.static_cache}, npo compile {cfg.compile}", flush=True)
     res = run(cfg, log=lambda s: print(s, flush=True))
     res["wall_s"] = time.perf_counter() - t0
     print(table(res))

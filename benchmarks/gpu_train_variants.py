@@ -28,6 +28,8 @@ VARIANTS = {
     "pure bf16, auto chunk": ["model.master_fp32=false"],
     "pure bf16, chunk 2048": ["model.master_fp32=false", "grpo.logprob_chunk=2048"],
     "pure bf16, auto chunk, micro 128": ["model.master_fp32=false", "grpo.micro_batch_size=128"],
+    "default, compiled": ["grpo.compile=true"],
+    "pure bf16, compiled": ["model.master_fp32=false", "grpo.compile=true"],
 }
 
 
@@ -40,6 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--only", help="variants whose name contains this (e.g. compiled)")
     a = ap.parse_args()
     cfg = SMALL if a.small else QWEN2_05B
     dev = "cuda" if cfg.device.startswith("cuda") else "cpu"
@@ -59,6 +62,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path, n_params = make_model_dir(cfg, tmp)
         for name, sets in VARIANTS.items():
+            if a.only and a.only not in name:
+                continue
             recipe = build_recipe({
                 "name": "v", "model": {"path": path, "dtype": cfg.dtype, "device": dev},
                 "rollout": {"prompts_per_step": cfg.prompts, "group_size": cfg.group, "max_new_tokens": C},
@@ -68,13 +73,14 @@ def main() -> None:
             try:
                 t = Trainer.new(recipe, Store.open(f"memory://v-{os.getpid()}-{time.time_ns()}"))
                 times = []
-                for _ in range(1 + a.steps):
+                warm = 2 if "compiled" in name else 1  # compiled: the first two calls may compile
+                for _ in range(warm + a.steps):
                     sync(dev)
                     t0 = time.perf_counter()
                     t.update(rows, adv)
                     sync(dev)
                     times.append(time.perf_counter() - t0)
-                med = sorted(times[1:])[len(times[1:]) // 2]
+                med = sorted(times[warm:])[len(times[warm:]) // 2]
                 res[name] = {"train_s": med, "all": [round(x, 4) for x in times],
                              "mfu": 6 * n_params * tokens / med / H100_BF16_DENSE if dev == "cuda" else None}
                 del t

@@ -56,6 +56,7 @@ class BenchConfig:
     dtype: str = "float32"  # npo model.dtype; TRL gets the model in this dtype (+ bf16 autocast if bfloat16)
     static_cache: bool = False  # npo rollout.static_cache
     logprob_chunk: int = 0  # auto, the recipe default
+    compile: bool = False  # npo grpo.compile (torch.compile'd decoder layers and LM-head log-probs)
     warmup: int = 1
     steps: int = 5
     seed: int = 0
@@ -206,7 +207,8 @@ def make_npo(cfg: BenchConfig, model_path: str):
                     "static_cache": cfg.static_cache},
         "grpo": {"agg": "token-mean", "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.0, "scale_std": True,
                  "updates_per_batch": 1, "lr": cfg.lr, "grad_clip": 1.0, "schedule": "constant",
-                 "micro_batch_size": cfg.micro_batch, "logprob_chunk": cfg.logprob_chunk},
+                 "micro_batch_size": cfg.micro_batch, "logprob_chunk": cfg.logprob_chunk,
+                 "compile": cfg.compile},
         "train": {"steps": 10**9, "save_every": 10**9, "eval_every": 10**9},
         "logging": {"progress": False, "metrics_jsonl": None},
     })
@@ -442,7 +444,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
             log(f"TRL failed ({err['trl']}); timing npo alone")
         while len(npo.step_s) < total and npo_once():  # TRL failed part way, or npo fell back
             log(f"  npo step {len(npo.step_s)}/{total}: {npo.step_s[-1]:.3f}s")
-        npo.notes.update({"gradient_checkpointing": False, "static_cache": cfg.static_cache,
+        npo.notes.update({"gradient_checkpointing": False, "static_cache": cfg.static_cache, "compile": cfg.compile,
                           "micro_batch_size": cfg.micro_batch, "optim": "torch.optim.AdamW (default)"})
         del npo_trainer
         state.clear()

@@ -1,5 +1,6 @@
 """Cost of chunking the LM head in backward: token_logprobs forward + backward at a 152k vocabulary,
-recomputed chunks (grpo.logprob_chunk=N) vs auto (0: one chunk when the logits fit, nothing recomputed).
+recomputed chunks (grpo.logprob_chunk=N) vs auto (0: one chunk when the logits fit, nothing recomputed),
+and auto with the torch.compile'd head (grpo.compile; its compile is excluded).
 
     python3 benchmarks/logprob_chunk.py [--chunk 256] [--rows 16] [--tokens 64] [--device cpu|cuda]
 """
@@ -28,20 +29,23 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(cfg).to(a.device)
     ids = torch.randint(0, cfg.vocab_size, (a.rows, a.tokens + 8), device=a.device)
     am = torch.ones_like(ids)
+    variants = {f"chunk {a.chunk} (recomputed)": (a.chunk, False), "auto": (0, False), "auto, compiled": (0, True)}
+    lp, _ = token_logprobs(model, ids, am, a.tokens, 0, with_entropy=False, compiled=True)  # compile it
+    lp.sum().backward()
     best = {}
-    for chunk in (a.chunk, 0) * 2:  # interleaved, best of 3 each
+    for name, (chunk, compiled) in list(variants.items()) * 2:  # interleaved, best of 3 each
         for _ in range(3):
             if a.device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            lp, _ = token_logprobs(model, ids, am, a.tokens, chunk, with_entropy=False)
+            lp, _ = token_logprobs(model, ids, am, a.tokens, chunk, with_entropy=False, compiled=compiled)
             lp.sum().backward()
             if a.device == "cuda":
                 torch.cuda.synchronize()
-            best[chunk] = min(best.get(chunk, float("inf")), time.perf_counter() - t0)
-    n = a.rows * a.tokens
-    print(f"{n} tokens, vocab {cfg.vocab_size}, {a.device}: chunk {a.chunk} (recomputed) {best[a.chunk]:.3f} s, "
-          f"auto {best[0]:.3f} s, ratio {best[0] / best[a.chunk]:.2f}")
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+    first = next(iter(best.values()))
+    print(f"{a.rows * a.tokens} tokens, vocab {cfg.vocab_size}, {a.device}, forward + backward (best of 6): "
+          + ", ".join(f"{k} {v:.3f} s ({v / first:.2f}x)" for k, v in best.items()))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from npo_cli.errors import NpoError
 
 Agg = Literal["token-mean", "seq-mean", "constant"]
 
@@ -157,6 +160,18 @@ def _decoder(model):
     return base
 
 
+def compile_layers(model) -> None:
+    """grpo.compile: torch.compile each decoder layer in place (regional compilation: one small graph
+    reused by every layer, so the compile costs one layer's, and parameter names do not change). Norms,
+    rotary embeddings and the MLP's elementwise ops fuse around the matmuls."""
+    layers = getattr(_decoder(model), "layers", None)
+    if layers is None:
+        raise NpoError(f"grpo.compile: {type(model).__name__} has no decoder layers list (model.model.layers); "
+                       "set grpo.compile=false")
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
 # Peak bytes per logit of one chunk: the 16-bit logits, their float32 copy, log_softmax's output (kept for
 # backward) and, in backward, its gradient.
 BYTES_PER_LOGIT = 16
@@ -176,16 +191,43 @@ def auto_chunk(n_tokens: int, vocab: int, device: torch.device) -> int:
     return max(1, min(n_tokens, max(256, fit)))
 
 
+def _head_logprobs(hc: torch.Tensor, tc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   softcap: float | None, temperature: float, with_entropy: bool):
+    """LM head + float32 log_softmax over one chunk of hidden states: (log p(target), entropy | None)."""
+    logits = F.linear(hc, weight, bias).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    lsm = torch.log_softmax(logits / temperature, dim=-1)
+    lp = lsm.gather(-1, tc[:, None]).squeeze(-1)
+    ent = None
+    if with_entropy:
+        with torch.no_grad():  # a metric: no graph through the [chunk, V] product
+            ent = -(lsm.exp() * lsm).sum(-1)
+    return lp, ent
+
+
+_compiled_head = None
+
+
+def compiled_head_logprobs():
+    """`_head_logprobs` through torch.compile (dynamic shapes: chunks of any length share one graph). The
+    cast, log_softmax and gather fuse into reductions over the logits instead of float32 copies of them."""
+    global _compiled_head
+    if _compiled_head is None:
+        _compiled_head = torch.compile(_head_logprobs, dynamic=True)
+    return _compiled_head
+
+
 def token_logprobs(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int, chunk: int,
-    with_entropy: bool = True, temperature: float = 1.0,
+    with_entropy: bool = True, temperature: float = 1.0, compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(token) and entropy [B, n_completion] for the last n_completion tokens of input_ids.
 
     One pass of the base transformer; the LM head and a float32 log_softmax run over `chunk`
     tokens at a time (0: `auto_chunk`), each chunk checkpointed when grad is on and there are several,
     so neither the forward nor the backward holds more than one chunk's float32 logits. Position ids
-    follow `generate` (left padding).
+    follow `generate` (left padding). compiled: the head through `compiled_head_logprobs` (grpo.compile).
     Entropy is detached (a metric).
     """
     base, head = _decoder(model), model.get_output_embeddings()
@@ -198,18 +240,8 @@ def token_logprobs(
     targets = input_ids[:, -n_completion:].reshape(-1)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     chunk = chunk or auto_chunk(h.shape[0], head.weight.shape[0], h.device)
-
-    def piece(hc: torch.Tensor, tc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = head(hc).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        lsm = torch.log_softmax(logits / temperature, dim=-1)
-        lp = lsm.gather(-1, tc[:, None]).squeeze(-1)
-        ent = None
-        if with_entropy:
-            with torch.no_grad():  # a metric: no graph through the [chunk, V] product
-                ent = -(lsm.exp() * lsm).sum(-1)
-        return lp, ent
+    piece = compiled_head_logprobs() if compiled else _head_logprobs
+    args = (head.weight, head.bias, softcap, temperature, with_entropy)
 
     lps, ents = [], []
     # With several chunks each is recomputed in backward, so only one chunk's logits live at a time;
@@ -218,9 +250,9 @@ def token_logprobs(
     for s in range(0, h.shape[0], chunk):
         hc, tc = h[s : s + chunk], targets[s : s + chunk]
         if recompute:
-            lp, ent = checkpoint(piece, hc, tc, use_reentrant=False)
+            lp, ent = checkpoint(piece, hc, tc, *args, use_reentrant=False)
         else:
-            lp, ent = piece(hc, tc)
+            lp, ent = piece(hc, tc, *args)
         lps.append(lp)
         ents.append(ent)
     logp = torch.cat(lps).reshape(B, n_completion)

@@ -123,6 +123,10 @@ class GRPOConfig(Section):
         "micro-batch at once when its logits fit in half the free memory (no recompute in backward), "
         "else the most that fit (each chunk recomputed in backward)."
     )
+    compile: bool = Field(
+        False, description="torch.compile the training forward/backward: each decoder layer and the LM-head "
+        "log-prob (dynamic shapes; the first step pays the compile). Sampling uses its own uncompiled copy."
+    )
 
 
 class TrainConfig(Section):

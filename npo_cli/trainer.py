@@ -250,7 +250,9 @@ class Trainer:
         # from its own 16-bit copy of the weights (synced before every rollout, as a vLLM engine would be)
         compute = DTYPES[recipe.model.dtype]
         self.autocast = compute if next(self.model.parameters()).dtype != compute else None
-        self.backend = make_backend(self.model, self.tokenizer, recipe.rollout, dtype=compute, copy=self.fsdp,
+        # FSDP shards the policy and compiled layers would recompile per decoding shape: sample from a copy
+        self.backend = make_backend(self.model, self.tokenizer, recipe.rollout, dtype=compute,
+                                    copy=self.fsdp or recipe.grpo.compile,
                                     add_special_tokens=not recipe.task.chat_template)
 
         # counters and data position (all restored on resume)
@@ -266,6 +268,10 @@ class Trainer:
             torch.manual_seed(dist.rank_seed(recipe.seed))  # the sampling stream starts from the seed
         if dist.on():
             self._parallel_setup(init is None)
+        if recipe.grpo.compile:  # after FSDP's sharding, which compiled layers must see
+            from npo_cli.grpo import compile_layers
+
+            compile_layers(self.model)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         g = self.recipe.grpo
@@ -472,14 +478,15 @@ class Trainer:
                     b = collate([pad_row], self.pad_id, self.device)
                     with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                         logp, _ = self._logprobs(self.model, b["input_ids"], b["attention_mask"],
-                                                 b["n_completion"], g.logprob_chunk, with_entropy=False)
+                                                 b["n_completion"], g.logprob_chunk, with_entropy=False,
+                                                 compiled=g.compile)
                     (logp.sum() * 0.0).backward()
                     continue
                 b = collate(rows[s : s + mbs], self.pad_id, self.device)
                 with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                     logp, _ = self._logprobs(self.model, b["input_ids"], b["attention_mask"], b["n_completion"],
                                              g.logprob_chunk, with_entropy=False,
-                                             temperature=r.rollout.temperature)
+                                             temperature=r.rollout.temperature, compiled=g.compile)
                 if g.updates_per_batch == 1:
                     old = torch.where(b["offpolicy"][:, None], b["old_logp"], logp.detach())
                 else:
@@ -489,7 +496,7 @@ class Trainer:
                     with torch.no_grad():
                         ref_logp, _ = self._logprobs(self.ref_model, b["input_ids"], b["attention_mask"],
                                                      b["n_completion"], g.logprob_chunk, with_entropy=False,
-                                                     temperature=r.rollout.temperature)
+                                                     temperature=r.rollout.temperature, compiled=g.compile)
                 off = None
                 if bool(b["offpolicy"].any()):
                     from npo_cli.grpo import OffPolicy

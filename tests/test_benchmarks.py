@@ -34,10 +34,12 @@ def test_throughput_quick(tmp_path):
 
 
 @pytest.mark.heavy
-def test_gpu_bench_small_on_cpu(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--compile"]])
+def test_gpu_bench_small_on_cpu(tmp_path, extra):
     """The one-shot GPU script's whole path (vocab 151936, forced length, bf16, static cache) on CPU."""
-    res = _run(["benchmarks/gpu_bench.py", "--small", "--no-trl-gc"], tmp_path, timeout=600)
+    res = _run(["benchmarks/gpu_bench.py", "--small", "--no-trl-gc", *extra], tmp_path, timeout=600)
     assert "errors" not in res
+    assert res["config"]["compile"] is bool(extra)
     for side in ("npo", "trl"):
         assert res[side]["mean_completion_len"] == 16  # EOS is outside the logits: never sampled
         assert res[side]["median_step_s"] > 0

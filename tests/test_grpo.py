@@ -185,14 +185,15 @@ def naive(model, ids, am, n, temperature=1.0):
     return lsm.gather(-1, ids[:, -n:, None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 10_000, 0])  # 0: auto (here: all 15 tokens in one chunk)
-def test_token_logprobs_matches_naive(tiny, chunk):
+# 0: auto (here: all 15 tokens in one chunk); compiled: the torch.compile'd head (grpo.compile), recomputed
+@pytest.mark.parametrize("chunk,compiled", [(1, False), (7, False), (10_000, False), (0, False), (7, True)])
+def test_token_logprobs_matches_naive(tiny, chunk, compiled):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 100, (3, 12), generator=g)
     am = torch.ones_like(ids)
     am[0, :4] = 0  # left padding
     am[1, -2:] = 0  # right padding after an early EOS
-    lp, ent = token_logprobs(tiny, ids, am, 5, chunk, temperature=0.7)
+    lp, ent = token_logprobs(tiny, ids, am, 5, chunk, temperature=0.7, compiled=compiled)
     want_lp, want_ent = naive(tiny, ids, am, 5, temperature=0.7)
     assert lp.shape == (3, 5) and torch.allclose(lp, want_lp, atol=1e-5)
     assert torch.allclose(ent, want_ent, atol=1e-5)
@@ -205,7 +206,7 @@ def test_token_logprobs_matches_naive(tiny, chunk):
     for a, (name, p) in zip(got, tiny.named_parameters()):
         assert torch.allclose(a, p.grad, atol=1e-5), name
     tiny.zero_grad()
-    lp2, none = token_logprobs(tiny, ids, am, 5, chunk, with_entropy=False, temperature=0.7)
+    lp2, none = token_logprobs(tiny, ids, am, 5, chunk, with_entropy=False, temperature=0.7, compiled=compiled)
     assert none is None and torch.allclose(lp2, lp)
 
 
