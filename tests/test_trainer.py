@@ -146,17 +146,11 @@ def test_resume_is_bitwise(store_dir):
         [m["eval/accuracy"] for m in b.history + c.history if "eval/accuracy" in m]
 
 
-def test_skipping_zero_advantage_rows_is_exact(store_dir):
-    """Rows of all-equal groups add 0 to the gradient: skipping them changes the gradient only by
-    float noise. (Parameters are not compared: AdamW turns noise on near-zero gradients, e.g. of
-    rare-token embedding rows where the group's advantages cancel, into lr-sized steps.)"""
-    d = recipe_dict(rollout={"prompts_per_step": 6, "group_size": 4},
-                    grpo={"lr": 1e-3, "micro_batch_size": 5}, train={"steps": 1, "save_every": 4, "eval_every": 100})
-    store = open_store(store_dir)
-    grads, runs = [], []
-    for skip in (True, False):
-        t = Trainer.new(build_recipe({**d, "name": f"skip{int(skip)}", "grpo": {**d["grpo"], "skip_zero_adv": skip}}),
-                        store)
+def train_recording_grads(store, recipes: list[dict]) -> tuple[list[Trainer], list[torch.Tensor]]:
+    """Train each recipe as a new run, keeping the flat gradient at every optimizer step (in run order)."""
+    runs, grads = [], []
+    for d in recipes:
+        t = Trainer.new(build_recipe(d), store)
         step = t.optimizer.step
 
         def record(*a, _step=step, _t=t, **k):
@@ -166,6 +160,17 @@ def test_skipping_zero_advantage_rows_is_exact(store_dir):
         t.optimizer.step = record
         t.train()
         runs.append(t)
+    return runs, grads
+
+
+def test_skipping_zero_advantage_rows_is_exact(store_dir):
+    """Rows of all-equal groups add 0 to the gradient: skipping them changes the gradient only by
+    float noise. (Parameters are not compared: AdamW turns noise on near-zero gradients, e.g. of
+    rare-token embedding rows where the group's advantages cancel, into lr-sized steps.)"""
+    d = recipe_dict(rollout={"prompts_per_step": 6, "group_size": 4},
+                    grpo={"lr": 1e-3, "micro_batch_size": 5}, train={"steps": 1, "save_every": 4, "eval_every": 100})
+    runs, grads = train_recording_grads(open_store(store_dir), [
+        {**d, "name": f"skip{int(skip)}", "grpo": {**d["grpo"], "skip_zero_adv": skip}} for skip in (True, False)])
     assert runs[0].history[0]["zero_adv_frac"] > 0  # the skip path really ran
     assert runs[0].history[0]["loss"] == pytest.approx(runs[1].history[0]["loss"], abs=1e-6)
     scale = float(grads[1].abs().max())
@@ -180,20 +185,9 @@ def test_compiled_training_matches_eager(store_dir):
     d = recipe_dict(rollout={"prompts_per_step": 6, "group_size": 4},
                     grpo={"lr": 1e-3, "micro_batch_size": 16}, train={"steps": 2, "save_every": 2, "eval_every": 100})
     store = open_store(store_dir)
-    grads, runs = [], []
     torch._dynamo.reset()
-    for compiled in (False, True):
-        t = Trainer.new(build_recipe({**d, "name": f"c{int(compiled)}", "grpo": {**d["grpo"], "compile": compiled}}),
-                        store)
-        step = t.optimizer.step
-
-        def record(*a, _step=step, _t=t, **k):
-            grads.append(torch.cat([p.grad.reshape(-1).clone() for p in _t.model.parameters()]))
-            return _step(*a, **k)
-
-        t.optimizer.step = record
-        t.train()
-        runs.append(t)
+    runs, grads = train_recording_grads(store, [
+        {**d, "name": f"c{int(c)}", "grpo": {**d["grpo"], "compile": c}} for c in (False, True)])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # a layer graph and the head's
     assert all(layer._compiled_call_impl is not None for layer in runs[1].model.model.layers)
     assert runs[1].backend.model is not runs[1].model  # sampling runs on an uncompiled copy
