@@ -23,33 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from npo_evidence import base_recipe, fmt, mean_sd, open_out
+
 from npo_cli.errors import NpoError
-from npo_cli.recipe import Recipe, build_recipe, load_recipe
+from npo_cli.recipe import Recipe, build_recipe
 
 QUICK_AUTO = ["auto.window=3", "auto.slope_eps=1.0", "auto.entropy_drop=-1.0", "auto.patience=1", "auto.min_gap=2",
               "auto.max_interventions=1", "auto.min_score=0.0", "auto.probe_size=16"]
-
-
-def quick_recipe(store) -> Recipe:
-    from npo_evidence import quick_base
-
-    return build_recipe({"model": {"path": quick_base(store)}, "task": {"arithmetic": {"digits": 1}, "eval_size": 32},
-                         "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4},
-                         "grpo": {"lr": 1e-3}, "train": {"steps": 10, "save_every": 2, "eval_every": 2},
-                         "logging": {"progress": False}}, QUICK_AUTO)
 
 
 # --------------------------------------------------------------------------- runs
@@ -125,17 +113,6 @@ def first_reach(points: list[tuple[int, float, float]], target: float) -> float 
     return next((c for _, c, a in points if a >= target - 1e-12), None)
 
 
-def mean_sd(xs) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "-"
-    return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
-
-
-def fmt(x, d: int = 3) -> str:
-    return "-" if x is None else f"{x:.{d}f}" if isinstance(x, float) else str(x)
-
-
 def seed_result(store, recipe: Recipe, seed: int) -> dict | None:
     from npo_cli.auto import auto_chain, auto_events
 
@@ -192,24 +169,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="Smoke test: 10 steps of 4x4, forced early intervention.")
     ap.add_argument("--report-only", action="store_true", help="Only read the store and write the report.")
     a = ap.parse_args()
-    torch.set_num_threads(int(os.environ.get("NPO_THREADS", "1")))
-    from npo_cli.store import Store
-
     recipe_path = str(Path(a.recipe).resolve())
-    out = Path(a.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    sdir = out / "store"
-    if not sdir.exists() and Path(a.example, "runs").is_dir():
-        shutil.copytree(a.example, sdir)
-    store = Store.open(str(sdir))
-    os.chdir(out)  # metrics.jsonl files go under OUT/runs/
-    seeds = a.seeds if not (a.quick and "--seeds" not in sys.argv) else [0]
-    if Path(recipe_path).is_file():
-        recipe = load_recipe(recipe_path, (QUICK_AUTO if a.quick else []) + a.sets)
-    elif a.quick:
-        recipe, recipe_path = build_recipe(quick_recipe(store).model_dump(mode="json"), a.sets), "(quick, inline)"
-    else:
-        raise NpoError(f"recipe {recipe_path} not found; give --recipe PATH or use --quick")
+    store, sdir, seeds = open_out(a)
+    # the recipe's model resolves in OUT/store (a copy of the example store); --quick: short, forced intervention
+    recipe = base_recipe(recipe_path, a.quick, store, (QUICK_AUTO + ["train.steps=10"] if a.quick else []) + a.sets)
+    if not Path(recipe_path).is_file():
+        recipe_path = "(quick, inline)"
     print(f"AutoNPO vs GRPO: T={recipe.train.steps}, seeds {seeds}", flush=True)
     results = {}
     for seed in seeds:

@@ -163,8 +163,8 @@ def diag(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def fmt(x) -> str:
-    return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+def fmt(x, d: int = 3) -> str:
+    return "-" if x is None else f"{x:.{d}f}" if isinstance(x, float) else str(x)
 
 
 # --------------------------------------------------------------------------- the two regimes
@@ -255,6 +255,23 @@ def report(sp: dict | None, pl: dict | None, meta: dict) -> str:
     return "\n".join(L)
 
 
+def open_out(a: argparse.Namespace) -> tuple[object, Path, list[int]]:
+    """(store, its folder, seeds) for a study's --out / --example / --seeds / --quick; works inside --out.
+
+    One thread (NPO_THREADS to change); OUT/store starts as a copy of the example store; a quick run
+    takes seed 0 unless --seeds is given."""
+    torch.set_num_threads(int(os.environ.get("NPO_THREADS", "1")))
+    from npo_cli.store import Store
+
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    sdir = out / "store"
+    if not sdir.exists() and Path(a.example, "runs").is_dir():
+        shutil.copytree(a.example, sdir)
+    os.chdir(out)  # metrics.jsonl files go under OUT/runs/
+    return Store.open(str(sdir)), sdir, a.seeds if not (a.quick and "--seeds" not in sys.argv) else [0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -272,18 +289,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="Smoke test: 6 steps of 4x4, one seed unless given.")
     ap.add_argument("--report-only", action="store_true", help="Only read the store and write the report.")
     a = ap.parse_args()
-    torch.set_num_threads(int(os.environ.get("NPO_THREADS", "1")))
-    from npo_cli.store import Store
-
     a.sparse_recipe, a.plateau_recipe = (str(Path(x).resolve()) for x in (a.sparse_recipe, a.plateau_recipe))
-    out = Path(a.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    sdir = out / "store"
-    if not sdir.exists() and Path(a.example, "runs").is_dir():
-        shutil.copytree(a.example, sdir)
-    store = Store.open(str(sdir))
-    os.chdir(out)  # metrics.jsonl files go under OUT/runs/
-    seeds = a.seeds if not (a.quick and "--seeds" not in sys.argv) else [0]
+    store, sdir, seeds = open_out(a)
     sp = pl = None
     if "sparse" in a.regimes:
         r = base_recipe(a.sparse_recipe, a.quick, store, a.sets)
