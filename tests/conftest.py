@@ -54,6 +54,24 @@ def npo_base_store(tmp_path_factory):
     return d
 
 
+def open_store(d):
+    from npo_cli.store import Store
+
+    return Store.open(str(d))
+
+
+def copy_store(src, tmp_path, monkeypatch):
+    """A test's own copy of a session store at tmp_path/store, with the test working in tmp_path (metrics
+    files land there) and NPO_STORE pointing at the copy (CLI calls without --store use it)."""
+    import shutil
+
+    d = tmp_path / "store"
+    shutil.copytree(src, d)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NPO_STORE", str(d))
+    return d
+
+
 def run_main(argv, monkeypatch, capsys):
     """`npo ARGV…` in-process through the console entry point: (exit code, stdout, stderr)."""
     import sys

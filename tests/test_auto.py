@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import run_main
+from conftest import copy_store, open_store, run_main
 
 from npo_cli.auto import AutoController, members, select_delta, spread, warning
 from npo_cli.recipe import AutoConfig, build_recipe
@@ -145,22 +145,13 @@ def auto_recipe(d: Path, name: str = "a") -> dict:
 
 @pytest.fixture
 def store_dir(npo_base_store, tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "store"
-    shutil.copytree(npo_base_store, d)
-    monkeypatch.chdir(tmp_path)
-    return d
+    return copy_store(npo_base_store, tmp_path, monkeypatch)
 
 
 def write_recipe(d: Path, data: dict) -> str:
     p = d.parent / "auto.yaml"
     p.write_text(json.dumps(data))  # JSON is YAML
     return str(p)
-
-
-def open_store(d):
-    from npo_cli.store import Store
-
-    return Store.open(str(d))
 
 
 def final_state(store, ref: str) -> tuple[dict, list[dict], dict]:

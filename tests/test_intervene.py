@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_main
+from conftest import copy_store, open_store, run_main
 
 from npo_cli.errors import NpoError
 from npo_cli.intervene import plan
@@ -36,17 +36,7 @@ def run_store(npo_base_store, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def store_dir(run_store, tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "store"
-    shutil.copytree(run_store, d)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("NPO_STORE", str(d))
-    return d
-
-
-def open_store(d):
-    from npo_cli.store import Store
-
-    return Store.open(str(d))
+    return copy_store(run_store, tmp_path, monkeypatch)
 
 
 def test_intervene_end_to_end(store_dir, monkeypatch, capsys):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_store, open_store
 
 from npo_cli.errors import NpoError
 from npo_cli.grpo import OffPolicy, group_advantages, grpo_loss
@@ -138,17 +138,7 @@ def test_wrong_guide_answer_never_enters_and_window():
 
 @pytest.fixture
 def store_dir(npo_base_store, tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "store"
-    shutil.copytree(npo_base_store, d)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("NPO_STORE", str(d))
-    return d
-
-
-def open_store(d):
-    from npo_cli.store import Store
-
-    return Store.open(str(d))
+    return copy_store(npo_base_store, tmp_path, monkeypatch)
 
 
 def second_guide(store) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import copy_store, open_store
 
 from npo_cli.errors import NpoError
 from npo_cli.recipe import build_recipe
@@ -44,11 +45,7 @@ def base_store(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def store_dir(base_store, tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "store"
-    shutil.copytree(base_store, d)
-    monkeypatch.chdir(tmp_path)  # metrics.jsonl goes under ./runs/
-    monkeypatch.setenv("NPO_STORE", str(d))
-    return d
+    return copy_store(base_store, tmp_path, monkeypatch)
 
 
 def recipe_dict(**over) -> dict:
@@ -62,12 +59,6 @@ def recipe_dict(**over) -> dict:
     for k, v in over.items():
         d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
     return d
-
-
-def open_store(d: Path):
-    from npo_cli.store import Store
-
-    return Store.open(str(d))
 
 
 def strip(ms: list[dict]) -> list[dict]:
