@@ -330,7 +330,7 @@ class AutoController:
         from npo_cli.model import DTYPES
 
         r = trainer.recipe
-        mbs, device = r.grpo.micro_batch_size, trainer.device
+        mbs, device = trainer.micro_batch or max(len(rows), 1), trainer.device
         batches = [collate(rows[s : s + mbs], trainer.pad_id, device) for s in range(0, len(rows), mbs)]
 
         def logps(model) -> list[torch.Tensor]:

@@ -113,7 +113,10 @@ class GRPOConfig(Section):
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     schedule: Literal["constant", "cosine"] = Field("constant", description="LR schedule.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (both schedules).")
-    micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward (grad accumulation).")
+    micro_batch_size: int = Field(
+        64, ge=0, description="Sequences per forward/backward (grad accumulation). Halved for the rest of the "
+        "run when the GPU runs out of memory; 0 = start from the whole batch."
+    )
     skip_zero_adv: bool = Field(
         True, description="Skip forward/backward of rows with zero advantage (exact: they add 0 to the "
         "gradient; ignored when kl_coef > 0)."

@@ -17,6 +17,7 @@ import json
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -243,6 +244,7 @@ class Trainer:
             self.ref_model.requires_grad_(False)
 
         self.fsdp = dist.on() and recipe.train.parallel == "fsdp"
+        self.micro_batch = recipe.grpo.micro_batch_size  # halved on CUDA out-of-memory (0: the whole batch)
         self.optimizer = self._make_optimizer()
         from npo_cli.model import DTYPES
 
@@ -450,11 +452,9 @@ class Trainer:
         rows; with more, it is the stored behaviour log-prob. Off-policy rows always use their stored
         behaviour log-probs (the guide's / teacher's).
         """
-        r, g = self.recipe, self.recipe.grpo
-        mbs = g.micro_batch_size
+        g = self.recipe.grpo
         # global counts: per-rank losses then sum to the single-process loss, and so do the gradients
         n_tokens, n_seqs = dist.all_sum([float(sum(len(ro.completion_ids) for ro in rows)), float(len(rows))])
-        max_len = r.rollout.max_new_tokens
         # Entropy of the sampling policy, estimated over every on-policy token from the behaviour
         # log-probs (E[-log p] = H): covers rows the update below skips, at no extra forward.
         on = [ro for ro in rows if ro.source == "policy"]
@@ -466,62 +466,14 @@ class Trainer:
             # scaled by A): skip its forward/backward. Normalisers stay the whole batch's.
             keep = [i for i, a in enumerate(adv.tolist()) if a != 0.0]
             rows, adv = [rows[i] for i in keep], adv[keep]
-        acc: dict[str, float] = {}
-        counts: dict[str, float] = {}
-        weights: dict[str, float] = {}
-        grad_norms = []
+        passes, grad_norms = [], []
         for _ in range(g.updates_per_batch):
-            self.optimizer.zero_grad(set_to_none=False)  # zeros, not None: AdamW steps even with no row kept
-            n_mb = -(-len(rows) // mbs)
-            for s in range(0, mbs * (dist.all_max(n_mb) if self.fsdp else n_mb), mbs):
-                if s >= len(rows):  # FSDP runs collectives per forward/backward: every rank runs as many
-                    b = collate([pad_row], self.pad_id, self.device)
-                    with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                        logp, _ = self._logprobs(self.model, b["input_ids"], b["attention_mask"],
-                                                 b["n_completion"], g.logprob_chunk, with_entropy=False,
-                                                 compiled=g.compile)
-                    (logp.sum() * 0.0).backward()
-                    continue
-                b = collate(rows[s : s + mbs], self.pad_id, self.device)
-                with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                    logp, _ = self._logprobs(self.model, b["input_ids"], b["attention_mask"], b["n_completion"],
-                                             g.logprob_chunk, with_entropy=False,
-                                             temperature=r.rollout.temperature, compiled=g.compile)
-                if g.updates_per_batch == 1:
-                    old = torch.where(b["offpolicy"][:, None], b["old_logp"], logp.detach())
-                else:
-                    old = b["old_logp"]
-                ref_logp = None
-                if self.ref_model is not None:
-                    with torch.no_grad():
-                        ref_logp, _ = self._logprobs(self.ref_model, b["input_ids"], b["attention_mask"],
-                                                     b["n_completion"], g.logprob_chunk, with_entropy=False,
-                                                     temperature=r.rollout.temperature, compiled=g.compile)
-                off = None
-                if bool(b["offpolicy"].any()):
-                    from npo_cli.grpo import OffPolicy
-
-                    off = OffPolicy.from_config(b["offpolicy"], r.npo)
-                loss, st = self._loss(
-                    logp, old, adv[s : s + mbs].to(self.device), b["mask"],
-                    clip_low=g.clip_low, clip_high=g.clip_high, agg=g.agg, max_len=max_len,
-                    ref_logp=ref_logp, kl_coef=g.kl_coef, offpolicy=off,
-                    num_tokens=n_tokens, num_seqs=n_seqs,
-                )
-                loss.backward()
-                # token-weighted means of the loss stats over micro-batches and passes
-                w = st.get("tokens", float(b["mask"].sum()))
-                for k, v in st.items():
-                    if k in COUNT_KEYS:  # counts add up over micro-batches
-                        counts[k] = counts.get(k, 0.0) + v
-                        continue
-                    wk = st.get("off/tokens", w) if k.startswith("off/") else w
-                    acc[k] = acc.get(k, 0.0) + v * wk
-                    weights[k] = weights.get(k, 0.0) + wk
+            passes.append(self._backward_fitting_memory(rows, adv, n_tokens, n_seqs, pad_row))
             dist.sum_grads(self.model)
             grad_norms.append(dist.clip_grad_norm(self.model, g.grad_clip))
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        acc, counts, weights = _merge_stats(passes)
         if dist.on():  # ranks' loss stats: counts add up, means are re-weighted by their token weights
             acc, counts, weights = _merge_stats(dist.gather_json([acc, counts, weights]))
         # micro-batch losses sum to the batch loss; counts and the loss are per pass
@@ -530,6 +482,85 @@ class Trainer:
         out["entropy"] = entropy
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return out
+
+    def _backward_fitting_memory(self, rows, adv, n_tokens, n_seqs, pad_row) -> tuple[dict, dict, dict]:
+        """One pass of forward/backward over the batch; when the GPU runs out of memory, the pass restarts
+        with half the micro-batch, which later steps keep (grpo.micro_batch_size is the upper bound;
+        0 starts from the whole batch). FSDP cannot retry: its ranks must run the same passes."""
+        while True:
+            mbs = self.micro_batch or max(len(rows), 1)
+            try:
+                return self._backward(rows, adv, n_tokens, n_seqs, pad_row, mbs)
+            except torch.OutOfMemoryError:
+                if self.fsdp or mbs == 1:
+                    raise NpoError(f"out of GPU memory at grpo.micro_batch_size={mbs}"
+                                   f"{' under FSDP' if self.fsdp else ''}; lower grpo.micro_batch_size, "
+                                   "set model.gradient_checkpointing=true or rollout.max_new_tokens lower") from None
+            # outside the except clause: the failed pass's graph is freed before the retry
+            self.micro_batch = mbs // 2
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            msg = f"out of GPU memory with {mbs} sequences per micro-batch: retrying with {self.micro_batch}"
+            if self.console is not None:
+                self.console.print(f"[yellow]{msg}[/yellow]")
+            else:
+                print(msg, file=sys.stderr)
+
+    def _backward(self, rows, adv, n_tokens, n_seqs, pad_row, mbs: int) -> tuple[dict, dict, dict]:
+        """Gradients of the batch's loss (zeroed first), accumulated over micro-batches of `mbs` rows:
+        (token-weighted sums, counts, weights) of the loss stats."""
+        r, g = self.recipe, self.recipe.grpo
+        acc: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        self.optimizer.zero_grad(set_to_none=False)  # zeros, not None: AdamW steps even with no row kept
+        n_mb = -(-len(rows) // mbs)
+        for s in range(0, mbs * (dist.all_max(n_mb) if self.fsdp else n_mb), mbs):
+            if s >= len(rows):  # FSDP runs collectives per forward/backward: every rank runs as many
+                b = collate([pad_row], self.pad_id, self.device)
+                with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                    logp, _ = self._logprobs(self.model, b["input_ids"], b["attention_mask"],
+                                             b["n_completion"], g.logprob_chunk, with_entropy=False,
+                                             compiled=g.compile)
+                (logp.sum() * 0.0).backward()
+                continue
+            b = collate(rows[s : s + mbs], self.pad_id, self.device)
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                logp, _ = self._logprobs(self.model, b["input_ids"], b["attention_mask"], b["n_completion"],
+                                         g.logprob_chunk, with_entropy=False,
+                                         temperature=r.rollout.temperature, compiled=g.compile)
+            if g.updates_per_batch == 1:
+                old = torch.where(b["offpolicy"][:, None], b["old_logp"], logp.detach())
+            else:
+                old = b["old_logp"]
+            ref_logp = None
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref_logp, _ = self._logprobs(self.ref_model, b["input_ids"], b["attention_mask"],
+                                                 b["n_completion"], g.logprob_chunk, with_entropy=False,
+                                                 temperature=r.rollout.temperature, compiled=g.compile)
+            off = None
+            if bool(b["offpolicy"].any()):
+                from npo_cli.grpo import OffPolicy
+
+                off = OffPolicy.from_config(b["offpolicy"], r.npo)
+            loss, st = self._loss(
+                logp, old, adv[s : s + mbs].to(self.device), b["mask"],
+                clip_low=g.clip_low, clip_high=g.clip_high, agg=g.agg, max_len=r.rollout.max_new_tokens,
+                ref_logp=ref_logp, kl_coef=g.kl_coef, offpolicy=off,
+                num_tokens=n_tokens, num_seqs=n_seqs,
+            )
+            loss.backward()
+            # token-weighted means of the loss stats over micro-batches and passes
+            w = st.get("tokens", float(b["mask"].sum()))
+            for k, v in st.items():
+                if k in COUNT_KEYS:  # counts add up over micro-batches
+                    counts[k] = counts.get(k, 0.0) + v
+                    continue
+                wk = st.get("off/tokens", w) if k.startswith("off/") else w
+                acc[k] = acc.get(k, 0.0) + v * wk
+                weights[k] = weights.get(k, 0.0) + wk
+        return acc, counts, weights
 
     # ---------------------------------------------------------------- eval, checkpoint
 
@@ -649,7 +680,7 @@ class Trainer:
 
 
 def _merge_stats(parts: list) -> tuple[dict, dict, dict]:
-    """Sum ranks' (token-weighted sums, counts, weights) of the loss stats."""
+    """Sum passes' or ranks' (token-weighted sums, counts, weights) of the loss stats."""
     acc: dict[str, float] = {}
     counts: dict[str, float] = {}
     weights: dict[str, float] = {}

@@ -192,6 +192,39 @@ def test_compiled_training_matches_eager(store_dir):
         assert torch.equal(p, q), name
 
 
+def test_out_of_memory_halves_the_micro_batch(store_dir, monkeypatch):
+    """A CUDA out-of-memory error in a pass (here injected at its second micro-batch, after one backward
+    has accumulated) restarts the pass with half the micro-batch, kept for later steps: the gradients
+    equal a run at that size from the start. At one sequence it stops with a one-line error."""
+    from npo_cli import grpo
+
+    real = grpo.token_logprobs
+    calls = {"n": 0, "raised": 0, "always": False}
+
+    def flaky(model, ids, *a, **k):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["always"] or (calls["n"] == 2 and not calls["raised"]):
+                calls["raised"] += 1
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, ids, *a, **k)
+
+    monkeypatch.setattr(grpo, "token_logprobs", flaky)
+    d = recipe_dict(rollout={"prompts_per_step": 8, "group_size": 4},
+                    grpo={"lr": 1e-3, "micro_batch_size": 8}, train={"steps": 2, "save_every": 2, "eval_every": 100})
+    store = open_store(store_dir)
+    runs, grads = train_recording_grads(store, [{**d, "name": "oom"},
+                                                {**d, "name": "mb4", "grpo": {**d["grpo"], "micro_batch_size": 4}}])
+    assert calls["raised"] == 1 and runs[0].micro_batch == 4 and runs[1].micro_batch == 4
+    assert len(grads) == 4 and all(torch.equal(a, b) for a, b in zip(grads[:2], grads[2:]))
+    assert [m["loss"] for m in runs[0].history] == [m["loss"] for m in runs[1].history]
+
+    calls["always"] = True
+    with pytest.raises(NpoError, match="out of GPU memory at grpo.micro_batch_size=1; lower"):
+        Trainer.new(build_recipe({**d, "name": "never"}), store).train()
+    assert [m.step for m in store.lineage("oom")] == [2, 0]  # the store keeps what it had
+
+
 def test_resume_extends_steps_via_cli_entry(store_dir):
     """`npo run` k steps, then `npo run --resume RUN --set train.steps=N` == N steps in one go."""
     d = recipe_dict(rollout={"prompts_per_step": 4, "group_size": 4}, train={"steps": 4, "save_every": 10})
