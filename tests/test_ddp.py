@@ -136,9 +136,12 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+# fsdp+compile: grpo.compile's layers compiled over FSDP2's sharded ones (both sides compile)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", pytest.param("fsdp+compile", marks=pytest.mark.heavy)])
 def test_two_ranks_equal_one_process(workdir: Path, parallel: str):
-    recipe = json.dumps({**RECIPE, "train": {**RECIPE["train"], "parallel": parallel}})
+    compiled = parallel.endswith("+compile")
+    recipe = json.dumps({**RECIPE, "train": {**RECIPE["train"], "parallel": parallel.removesuffix("+compile")},
+                         "grpo": {**RECIPE["grpo"], "compile": compiled}})
     out = str(workdir / "rollouts")
     _run(_torchrun("worker.py", str(workdir / "dp"), out, "record", recipe, "train"), workdir)
     _run([sys.executable, "worker.py", str(workdir / "single"), out, "replay", recipe, "train"], workdir)
