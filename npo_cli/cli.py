@@ -189,6 +189,8 @@ def show_cmd(ref: str = StoreRefArg, store: str | None = StoreOpt, as_json: bool
     t.add_row("tensors", f"{n['model']} model, {n['optimizer']} optimizer, {n['state']} state; "
               f"{human_bytes(d['size'])}")
     for k, v in d["summary"].items():  # eval numbers may come from an earlier step: say which
+        if k == "eval/step":
+            continue
         at = f" (step {d['eval_step']})" if k.startswith("eval/") and d["eval_step"] is not None else ""
         t.add_row(f"summary {k}", _fmt(v) + at)
     if m["events"]:

@@ -12,6 +12,7 @@ from npo_cli.recipe import recipe_diff
 from npo_cli.store import Manifest, Store
 
 REWARD_KEY, EVAL_KEY = "reward", "eval/accuracy"  # the summary keys `npo ls` shows
+EVAL_STEP = "eval/step"  # summary key: the step its eval numbers were measured at (the trainer writes it)
 
 
 def short_ref(store: Store, cid: str | None, run: str | None = None) -> str | None:
@@ -34,6 +35,8 @@ def _eval_at_own_step(store: Store, m: Manifest) -> float | None:
     forward to later checkpoints; the metrics row of the step holds eval keys only if one ran there."""
     if EVAL_KEY not in m.summary:  # no eval yet: skip reading the metrics object
         return None
+    if EVAL_STEP in m.summary:  # saved since the summary records its eval's step: no read at all
+        return m.summary[EVAL_KEY] if int(m.summary[EVAL_STEP]) == m.step else None
     row = next((r for r in reversed(_metrics(store, m)) if r.get("step") == m.step), {})
     return row.get(EVAL_KEY)
 
@@ -43,6 +46,8 @@ def _eval_step(store: Store, m: Manifest) -> int | None:
     in this checkpoint or its ancestors (a branch carries its fork point's eval); None if unknown."""
     if EVAL_KEY not in m.summary:
         return None
+    if EVAL_STEP in m.summary:
+        return int(m.summary[EVAL_STEP])
     for a in store.lineage(m.id):
         row = next((r for r in reversed(_metrics(store, a)) if EVAL_KEY in r), None)
         if row is not None:

@@ -29,6 +29,7 @@ import torch
 
 from npo_cli import dist
 from npo_cli.errors import NpoError
+from npo_cli.history import EVAL_STEP
 from npo_cli.recipe import Recipe, build_recipe
 from npo_cli.rollout import Rollout, make_backend
 
@@ -572,8 +573,10 @@ class Trainer:
             res = evaluate(getattr(self.backend, "model", self.model), self.tokenizer, self.recipe,
                            self.eval_problems, k, seed=self.recipe.seed * 7919 + self.step_num,
                            backend=self.backend)
-        self.last_eval = dist.broadcast_json(res)
-        return self.last_eval
+        res = dist.broadcast_json(res)
+        # the step rides along into checkpoint summaries, so `npo ls` / `show` know where an eval was measured
+        self.last_eval = {**res, EVAL_STEP: float(self.step_num)}
+        return res
 
     def summary(self) -> dict[str, float]:
         out: dict[str, float] = {"step": float(self.step_num)}

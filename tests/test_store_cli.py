@@ -114,10 +114,18 @@ def test_ls_eval_column_of_a_trained_run(tmp_path, capsys, monkeypatch):
         "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 3},
         "train": {"steps": 4, "save_every": 1, "eval_every": 2}, "logging": {"progress": False}})
     Trainer.new(recipe, Store.open(url)).train()
+    from npo_cli import history
+
+    reads = []
+    real = history._metrics
+    monkeypatch.setattr(history, "_metrics", lambda store, m: reads.append(m.step) or real(store, m))
     code, out, _ = npo(["ls", "t", "--json", "--store", url], capsys, monkeypatch)
     (run,) = json.loads(out)["runs"]
     evals = {c["step"]: c["eval_accuracy"] for c in run["branches"][0]["checkpoints"]}
     assert code == 0 and [s for s, v in evals.items() if v is not None] == [2, 4], evals
+    assert reads == []  # the summaries say where their eval ran: no metrics object is read (one GET each on S3)
+    code, out, _ = npo(["show", "t@3", "--store", url], capsys, monkeypatch)
+    assert code == 0 and "(step 2)" in out and "eval/step" not in out
 
 
 def test_show_recipe_diff_and_metrics(populated, capsys, monkeypatch):
