@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from npo_cli.errors import NpoError
@@ -191,10 +190,10 @@ def auto_chunk(n_tokens: int, vocab: int, device: torch.device) -> int:
     return max(1, min(n_tokens, max(256, fit)))
 
 
-def _head_logprobs(hc: torch.Tensor, tc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   softcap: float | None, temperature: float, with_entropy: bool):
+def _head_logprobs(hc: torch.Tensor, tc: torch.Tensor, head: torch.nn.Module, softcap: float | None,
+                   temperature: float, with_entropy: bool):
     """LM head + float32 log_softmax over one chunk of hidden states: (log p(target), entropy | None)."""
-    logits = F.linear(hc, weight, bias).float()
+    logits = head(hc).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     lsm = torch.log_softmax(logits / temperature, dim=-1)
@@ -241,7 +240,7 @@ def token_logprobs(
     softcap = getattr(model.config, "final_logit_softcapping", None)
     chunk = chunk or auto_chunk(h.shape[0], head.weight.shape[0], h.device)
     piece = compiled_head_logprobs() if compiled else _head_logprobs
-    args = (head.weight, head.bias, softcap, temperature, with_entropy)
+    args = (head, softcap, temperature, with_entropy)
 
     lps, ents = [], []
     # With several chunks each is recomputed in backward, so only one chunk's logits live at a time;
