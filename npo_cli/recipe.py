@@ -84,7 +84,10 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(8, ge=1, description="Completion length limit.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
-    batch_size: int = Field(256, ge=1, description="Sequences per generate call.")
+    batch_size: int = Field(
+        256, ge=1, description="Sequences per generate call (HF backend: halved for the rest of the run when "
+        "the GPU runs out of memory)."
+    )
     static_cache: bool = Field(False, description="HF static KV cache + compiled decoding (fast on GPU).")
     vllm_gpu_memory: float = Field(
         0.3, gt=0, le=1, description="backend=vllm on GPU: share of GPU memory the engine may take "

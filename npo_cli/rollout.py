@@ -8,6 +8,7 @@ npo_cli/vllm_backend.py implements the same `generate(prompts, n, greedy)` / `sy
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,7 @@ class HFBackend:
             self.model = _copy.deepcopy(model).to(dtype or next(model.parameters()).dtype)
             self.model.eval().requires_grad_(False)
         self.add_special_tokens = add_special_tokens
+        self.batch_size = cfg.batch_size  # sequences per generate call, halved on CUDA out-of-memory
         self.eos_ids = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
@@ -123,14 +125,29 @@ class HFBackend:
         enc = self.tokenizer(prompts, add_special_tokens=self.add_special_tokens)["input_ids"]
         flat = [(i, ids) for i, ids in enumerate(enc) for _ in range(n)]
         out: list[list[Rollout]] = [[] for _ in prompts]
-        bs = self.cfg.batch_size
         was_training = self.model.training
         self.model.eval()
         try:
-            for s in range(0, len(flat), bs):
-                chunk = flat[s : s + bs]
-                for (i, _), r in zip(chunk, self._generate_batch([ids for _, ids in chunk], greedy)):
+            s = 0
+            while s < len(flat):
+                chunk = flat[s : s + self.batch_size]
+                try:
+                    done = self._generate_batch([ids for _, ids in chunk], greedy)
+                except torch.OutOfMemoryError:
+                    if len(chunk) == 1:
+                        raise NpoError("out of GPU memory generating one sequence; lower rollout.max_new_tokens "
+                                       "or use a smaller model") from None
+                    done = None
+                if done is None:  # outside the except clause: the failed batch's memory is freed first
+                    self.batch_size = len(chunk) // 2
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    print(f"out of GPU memory generating {len(chunk)} sequences at once: "
+                          f"rollout.batch_size {self.batch_size} from now on", file=sys.stderr)
+                    continue
+                for (i, _), r in zip(chunk, done):
                     out[i].append(r)
+                s += len(chunk)
         finally:
             self.model.train(was_training)
         return out

@@ -334,6 +334,36 @@ def test_rollout_eos_grouping_and_logprobs(base_store):
     assert all(g[0].completion_ids == g[1].completion_ids for g in greedy)
 
 
+def test_generation_out_of_memory_halves_the_batch(base_store):
+    """A generate call that runs out of GPU memory is retried at half the batch (kept); the groups come
+    back whole and in prompt order. At one sequence it stops with a one-line error."""
+    from npo_cli.checkpoint import load_model
+    from npo_cli.recipe import RolloutConfig
+    from npo_cli.rollout import HFBackend
+    from npo_cli.store import Store
+
+    model, tok, _ = load_model(Store.open(str(base_store)), "base@0")
+    backend = HFBackend(model, tok, RolloutConfig(max_new_tokens=3, batch_size=16))
+    real, sizes = backend._generate_batch, []
+
+    def small_memory(ids, greedy, limit=5):
+        sizes.append(len(ids))
+        if len(ids) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(ids, greedy)
+
+    backend._generate_batch = small_memory
+    prompts = ["1+2=", "3+4=", "5+0="]
+    groups = backend.generate(prompts, 4, greedy=True)
+    assert sizes == [12, 6, 3, 3, 3, 3] and backend.batch_size == 3
+    want = [tok.decode(tok(p)["input_ids"]) for p in prompts]
+    assert [len(g) for g in groups] == [4, 4, 4]
+    assert [[tok.decode(r.prompt_ids) for r in g] for g in groups] == [[w] * 4 for w in want]
+    backend._generate_batch = lambda ids, greedy: small_memory(ids, greedy, limit=0)
+    with pytest.raises(NpoError, match="out of GPU memory generating one sequence"):
+        backend.generate(prompts, 4)
+
+
 def test_hf_folder_model_and_logging_errors(base_store, tmp_path, monkeypatch):
     """model.path = a plain HF folder trains; TensorBoard asked for but missing is a clear error."""
     from npo_cli.checkpoint import export
