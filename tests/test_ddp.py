@@ -92,6 +92,15 @@ def patched_step(self):
         in_step[0] = False
 Trainer.__init__, Trainer.step = patched_init, patched_step
 
+from npo_cli.guide import GuideGenerator
+sent = []  # guide-cache entries this rank handed to rank 0 (prompt, answer), in order
+take = GuideGenerator.take_unwritten
+def logged_take(self):
+    out = take(self)
+    sent.extend([e["prompt"], e["answer"]] for e in out)
+    return out
+GuideGenerator.take_unwritten = logged_take
+
 if command == "intervene":  # args: branch name, then --set overrides
     intervene(store_dir, run=None, at=0, guide="2", branch=args[0], overrides=args[1:], progress=False)
 elif command == "auto":
@@ -101,6 +110,7 @@ else:
     Trainer.new(build_recipe(recipe), Store.open(store_dir)).train(progress=False)
 if mode == "record":
     json.dump(sampled, open(f"{out}.rank{rank}.json", "w"))
+    json.dump(sent, open(f"{out}.sent.rank{rank}.json", "w"))
 dist.finish()
 '''
 
@@ -194,6 +204,8 @@ def test_npo_branch_two_ranks_equal_one_process(workdir: Path):
     assert sum(m["npo/slots"] for m in dp_m) >= 2  # guide trajectories did enter the groups
     assert all(m["npo/guide_tokens"] > 0 for m in dp_m)  # cold cache: the ranks sampled...
     assert all(m["npo/guide_tokens"] == 0 for m in one_m)  # ...and rank 0 cached both ranks' entries
+    sent = json.loads(Path(f"{out}.sent.rank1.json").read_text())
+    assert sent and len(sent) == len({tuple(e) for e in sent})  # rank 1 hands each entry over once
 
 
 @pytest.mark.heavy
