@@ -434,14 +434,18 @@ def rollback(store, live, from_branch: str, prev: AutoController, guide: str, co
     todo = [it for it in prev.pool if c <= it["step"] < until]
     items = [(format_prompt(recipe, trainer.tokenizer, it["prompt"]),
               Problem(it["prompt"], it["answer"], tuple(it["tags"]))) for it in todo]
-    pre = None
-    if dist.is_main():  # torchrun: rank 0 fills the cache (it writes the store), the others read it after
-        gen = GuideGenerator(store, guide, recipe)
-        seed = derive_seed(recipe.seed, gen.seed_id, "auto-prefill")  # from the guide's weights, as the source's
-        found = sum(e is not None for e in gen.get(items, seed)) if items else 0
-        gen.unload()
-        pre = {"prompts": len(items), "found": found, "tokens": gen.stats.tokens}
-    pre = dist.broadcast_json(pre)
+    # torchrun: each rank samples its share of the mistakes (its own seed: separate streams), rank 0
+    # writes every entry, and no rank trains before the cache is complete
+    gen = GuideGenerator(store, guide, recipe)
+    # seeded from the guide's weights, as the source's
+    seed = derive_seed(recipe.seed, gen.seed_id, "auto-prefill", *([dist.rank()] if dist.rank() else []))
+    mine = items[dist.rank() :: dist.world()]
+    found = sum(e is not None for e in gen.get(mine, seed)) if mine else 0
+    gen.unload()
+    gen.share()
+    found, tokens = dist.all_sum([found, gen.stats.tokens])
+    pre = {"prompts": len(items), "found": int(found), "tokens": int(tokens)}
+    dist.barrier()
     trainer.controller.compute["guide_tokens"] += pre["tokens"]
     trainer.events.append({"kind": "auto-branch", "k": d["k"], "branch": name, "from_branch": from_branch,
                            "fork": fork.id, "fork_step": c, "guide": guide, "guide_step": d["step"],

@@ -106,8 +106,7 @@ class GuideGenerator:
         return e
 
     def write(self, entry: dict) -> None:
-        """Cache one entry; under torchrun only rank 0 writes, the others keep theirs for it
-        (`take_unwritten`, sent over by the trainer's source)."""
+        """Cache one entry; under torchrun only rank 0 writes, the others keep theirs for `share`."""
         if not dist.is_main():
             self.unwritten.append(entry)
             return
@@ -117,6 +116,17 @@ class GuideGenerator:
     def take_unwritten(self) -> list[dict]:
         out, self.unwritten = self.unwritten, []
         return out
+
+    def share(self) -> None:
+        """torchrun: the other ranks' new entries go to rank 0, which writes them (a collective: every
+        rank calls it). Only rank 0 writes: elsewhere write() would queue them to be sent again."""
+        if not dist.on():
+            return
+        shared = dist.gather_json(self.take_unwritten())
+        if dist.is_main():
+            for entries in shared[1:]:
+                for e in entries:
+                    self.write(e)
 
     # ---------------------------------------------------------------- sampling
 

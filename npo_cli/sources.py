@@ -162,12 +162,8 @@ class GuideSource(SlotSource):
 
     def share_ranks(self) -> None:
         """torchrun: only rank 0 writes the store, so the other ranks' new cache entries go through it."""
-        if dist.on() and self.gen:
-            shared = dist.gather_json(self.gen.take_unwritten())  # a collective: every rank takes part
-            if dist.is_main():  # elsewhere write() would queue them again, to be resent every step
-                for entries in shared[1:]:
-                    for e in entries:
-                        self.gen.write(e)
+        if self.gen:
+            self.gen.share()
 
     def trajectories(self, trainer, groups: list[Group]) -> list[Rollout | None]:
         out = []

@@ -41,6 +41,8 @@ def any_digit(prompt, completion, answer):  # "correct" about half the time: the
 
 WORKER = '''
 import json, sys
+import faulthandler  # a hung rank prints where it waits (before _run's 300 s timeout) and exits
+faulthandler.dump_traceback_later(240, exit=True)
 from dataclasses import asdict
 import torch
 torch.set_num_threads(1)
@@ -100,6 +102,12 @@ def logged_take(self):
     sent.extend([e["prompt"], e["answer"]] for e in out)
     return out
 GuideGenerator.take_unwritten = logged_take
+gets = []  # how many prompts each GuideGenerator.get of this rank asked for
+get = GuideGenerator.get
+def logged_get(self, items, seed):
+    gets.append(len(items))
+    return get(self, items, seed)
+GuideGenerator.get = logged_get
 
 if command == "intervene":  # args: branch name, then --set overrides
     intervene(store_dir, run=None, at=0, guide="2", branch=args[0], overrides=args[1:], progress=False)
@@ -111,6 +119,7 @@ else:
 if mode == "record":
     json.dump(sampled, open(f"{out}.rank{rank}.json", "w"))
     json.dump(sent, open(f"{out}.sent.rank{rank}.json", "w"))
+    json.dump(gets, open(f"{out}.gets.rank{rank}.json", "w"))
 dist.finish()
 '''
 
@@ -268,8 +277,9 @@ def test_exgrpo_two_ranks_equal_one_process(workdir: Path):
 
 def test_auto_two_ranks_decide_as_one_process(npo_base_store, workdir: Path):
     """`npo auto` under torchrun: the ranks' mistakes merge into one pool in global prompt order, rank 0
-    probes and every rank takes its decision, rank 0 makes the branch and pre-fills the guide cache. Up to
-    the decision the run equals one process with the same rollouts: parameters, pool, probe table."""
+    probes and every rank takes its decision, rank 0 makes the branch, the ranks share the guide-cache
+    pre-fill and rank 0 writes it. Up to the decision the run equals one process with the same rollouts:
+    parameters, pool, probe table."""
     import shutil
 
     from test_auto import FORCE, TASK
@@ -305,7 +315,26 @@ def test_auto_two_ranks_decide_as_one_process(npo_base_store, workdir: Path):
     worst = max(float((p1[k] - p2[k]).abs().max()) for k in p1 if not k.endswith("k_proj.bias"))
     assert worst < 1e-4, f"parameters differ by {worst}"
     ev = next(e for e in dp.manifest(dp.resolve(f"a/auto-1@{d1['fork_step']}")).events if e["kind"] == "auto-branch")
-    assert ev["prefill"]["prompts"] > 0  # rank 0 pre-filled the guide cache for the replayed mistakes
+    n = ev["prefill"]["prompts"]
+    assert n > 1 and ev["prefill"]["tokens"] > 0
+    # the ranks shared the pre-fill (its get is each rank's first), and rank 0 wrote every entry found
+    firsts = [json.loads(Path(f"{out}.gets.rank{r}.json").read_text())[0] for r in range(2)]
+    assert firsts == [n - n // 2, n // 2]
+    from npo_cli.guide import GuideGenerator
+    from npo_cli.recipe import build_recipe
+    from npo_cli.tasks import Problem
+    from npo_cli.trainer import format_prompt
+
+    branch = dp.manifest("a/auto-1")
+    rec = build_recipe(dp.get_json(branch.recipe))
+    gen = GuideGenerator(dp, ev["guide"], rec)
+    pool = [it for it in dp.get_json(m1.state["controller"]["pool"])["items"]
+            if ev["fork_step"] <= it["step"] < ev["until"]]
+    tok = load_model(dp, "a/auto-1")[1]
+    hits = [gen.lookup(format_prompt(rec, tok, it["prompt"]), Problem(it["prompt"], it["answer"], tuple(it["tags"])))
+            for it in pool]
+    assert len(pool) == n and all(h is not None for h in hits)
+    assert sum(bool(h["found"]) for h in hits) == ev["prefill"]["found"]
 
 
 @pytest.mark.heavy
