@@ -11,6 +11,7 @@ marked by `OffPolicy.rows`; their `old_logp` is the behaviour policy's (guide's)
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from dataclasses import dataclass
@@ -205,16 +206,11 @@ def _head_logprobs(hc: torch.Tensor, tc: torch.Tensor, head: torch.nn.Module, so
     return lp, ent
 
 
-_compiled_head = None
-
-
+@functools.cache
 def compiled_head_logprobs():
-    """`_head_logprobs` through torch.compile (dynamic shapes: chunks of any length share one graph). The
-    cast, log_softmax and gather fuse into reductions over the logits instead of float32 copies of them."""
-    global _compiled_head
-    if _compiled_head is None:
-        _compiled_head = torch.compile(_head_logprobs, dynamic=True)
-    return _compiled_head
+    """`_head_logprobs` through torch.compile, made once (dynamic shapes: chunks of any length share one
+    graph). The cast, log_softmax and gather fuse into reductions over the logits instead of float32 copies."""
+    return torch.compile(_head_logprobs, dynamic=True)
 
 
 def token_logprobs(
