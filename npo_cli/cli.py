@@ -504,6 +504,17 @@ def auto_cmd(
 
 def main():
     try:
+        _main()
+    except SystemExit as e:  # typer ends every command with sys.exit
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank
+            from npo_cli import dist
+
+            dist.exit_process(e.code)
+        raise
+
+
+def _main():
+    try:
         app()
     except NpoError as e:
         print(f"error: {e}", file=sys.stderr)

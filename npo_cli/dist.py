@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -51,6 +53,18 @@ def finish() -> None:
     if on():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int | str | None) -> NoReturn:
+    """End a torchrun rank (after `finish`) without interpreter teardown: os._exit after flushing stdio.
+
+    destroy_process_group leaves gloo's C++ threads running, and the interpreter's teardown races them
+    (pytorch#179291): in CI a rank that had done its work once died with SIGABRT ("terminate called
+    without an active exception"), and torchrun reported the whole command as failed. Every file the
+    commands write is closed by then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else int(code is not None))
 
 
 def on() -> bool:

@@ -41,7 +41,8 @@ def any_digit(prompt, completion, answer):  # "correct" about half the time: the
 
 WORKER = '''
 import json, sys
-import faulthandler  # a hung rank prints where it waits (before _run's 300 s timeout) and exits
+import faulthandler  # a hung rank prints where it waits (before _run's 300 s timeout) and exits;
+faulthandler.enable()  # a crashing one prints where it crashed
 faulthandler.dump_traceback_later(240, exit=True)
 from dataclasses import asdict
 import torch
@@ -121,6 +122,7 @@ if mode == "record":
     json.dump(sent, open(f"{out}.sent.rank{rank}.json", "w"))
     json.dump(gets, open(f"{out}.gets.rank{rank}.json", "w"))
 dist.finish()
+dist.exit_process(0)  # as the CLI ends a torchrun rank
 '''
 
 
@@ -364,3 +366,20 @@ def test_torchrun_cli_intervene_and_auto(npo_base_store, workdir: Path):
     st = Store.open(str(workdir / "s"))
     assert st.manifest("ddp/npo-0-g2").step == 2
     assert auto_chain(st, "a") == ["main", "auto-1"] and st.manifest("a/auto-1").step == 8
+
+
+def test_torchrun_rank_ends_with_os_exit(monkeypatch, capsys, tmp_path: Path):
+    """Under torchrun the CLI ends through os._exit with the command's exit code (interpreter teardown
+    races gloo's threads), after flushing what it printed; a single process exits as usual."""
+    from conftest import run_main
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code) or sys.exit(code))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, _ = run_main(["--help"], monkeypatch, capsys)
+    assert exits == [0] and code == 0 and "intervene" in out
+    code, _, err = run_main(["show", "nosuch", "--store", str(tmp_path)], monkeypatch, capsys)
+    assert exits == [0, 1] and code == 1 and err.startswith("error:")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert run_main(["show", "nosuch", "--store", str(tmp_path)], monkeypatch, capsys)[0] == 1
+    assert exits == [0, 1]
