@@ -370,7 +370,7 @@ def test_torchrun_cli_intervene_and_auto(npo_base_store, workdir: Path):
 
 def test_torchrun_rank_ends_with_os_exit(monkeypatch, capsys, tmp_path: Path):
     """Under torchrun the CLI ends through os._exit with the command's exit code (interpreter teardown
-    races gloo's threads), after flushing what it printed; a single process exits as usual."""
+    races gloo's threads); a single process exits as usual."""
     from conftest import run_main
 
     exits = []
