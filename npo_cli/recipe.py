@@ -286,6 +286,17 @@ def build_recipe(data: dict, overrides: list[str] = ()) -> Recipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """The recipe file plus `--set` overrides. Under torchrun rank 0 reads the file and the other ranks
+    build from its copy: no rank can train under other settings (a file edited while the ranks start,
+    another copy on another node), which would hang them at mismatched collectives, and only rank 0's
+    node needs the file."""
+    from npo_cli import dist
+
+    data = dist.broadcast_json(_read_recipe(path) if dist.is_main() else None) if dist.on() else _read_recipe(path)
+    return build_recipe(data, overrides)
+
+
+def _read_recipe(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise NpoError(f"recipe file not found: {path}")
@@ -299,7 +310,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         data = {}
     if not isinstance(data, dict):
         raise NpoError(f"recipe {path} must be a YAML mapping of sections, got {type(data).__name__}")
-    return build_recipe(data, overrides)
+    return data
 
 
 def recipe_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -113,8 +113,11 @@ GuideGenerator.get = logged_get
 if command == "intervene":  # args: branch name, then --set overrides
     intervene(store_dir, run=None, at=0, guide="2", branch=args[0], overrides=args[1:], progress=False)
 elif command == "auto":
-    json.dump(recipe, open(f"{store_dir}.recipe.json", "w"))
-    auto_run(f"{store_dir}.recipe.json", [], store_dir, None, progress=False)
+    # rank 0 reads the recipe file for every rank: the others are given a path that does not exist
+    path = f"{store_dir}.recipe.json" if rank == 0 else f"{store_dir}.nowhere.json"
+    if rank == 0:
+        json.dump(recipe, open(path, "w"))
+    auto_run(path, [], store_dir, None, progress=False)
 else:
     Trainer.new(build_recipe(recipe), Store.open(store_dir)).train(progress=False)
 if mode == "record":
@@ -278,10 +281,12 @@ def test_exgrpo_two_ranks_equal_one_process(workdir: Path):
 
 
 def test_auto_two_ranks_decide_as_one_process(npo_base_store, workdir: Path):
-    """`npo auto` under torchrun: the ranks' mistakes merge into one pool in global prompt order, rank 0
-    probes and every rank takes its decision, rank 0 makes the branch, the ranks share the guide-cache
-    pre-fill and rank 0 writes it. Up to the decision the run equals one process with the same rollouts:
-    parameters, pool, probe table."""
+    """`npo auto` under torchrun: rank 0 reads the recipe file for all ranks (the others are given a path
+    that does not exist); the ranks' mistakes merge into one pool in global prompt order, rank 0 probes
+    and every rank takes its decision, rank 0 makes the branch, the ranks share the guide-cache pre-fill
+    and rank 0 writes it. Up to the decision the run equals one process with the same rollouts:
+    parameters, pool, probe table. (Before, every rank wrote and read one recipe file: a rank that read it
+    half-written trained under the default recipe and the ranks hung at mismatched collectives.)"""
     import shutil
 
     from test_auto import FORCE, TASK
