@@ -30,7 +30,7 @@ import torch
 from npo_cli import dist
 from npo_cli.errors import NpoError
 from npo_cli.history import EVAL_STEP
-from npo_cli.recipe import Recipe, build_recipe
+from npo_cli.recipe import Recipe, build_recipe, recipe_diff
 from npo_cli.rollout import Rollout, make_backend
 
 # keys of per-step metrics that depend on wall-clock time (everything else is deterministic on CPU)
@@ -290,6 +290,13 @@ class Trainer:
         if r.rollout.prompts_per_step % dist.world() != 0:
             raise NpoError(f"rollout.prompts_per_step={r.rollout.prompts_per_step} must be a multiple of the "
                            f"number of processes ({dist.world()}): each rank takes whole prompt groups")
+        # ranks under different settings would hang at mismatched collectives: stop them all with the reason
+        mine = r.model_dump(mode="json")
+        for rank, theirs in enumerate(dist.gather_json(mine)):
+            if theirs != mine:
+                key, a, b = recipe_diff(theirs, mine)[0]
+                raise NpoError(f"the processes were given different recipes: {key} is {a!r} on rank {rank} "
+                               f"and {b!r} on rank {dist.rank()}; start every rank with the same recipe")
         if new:
             dist.broadcast_params(self.model)
         dist.barrier()  # no rank writes to the store before every rank has read it

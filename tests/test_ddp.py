@@ -239,6 +239,34 @@ def test_torchrun_cli_resume_matches_straight_run(workdir: Path, parallel: str):
         assert man_a.state_tensors[k].oid == man_b.state_tensors[k].oid
 
 
+DIVERGE = '''
+import json, sys
+import torch
+torch.set_num_threads(1)
+from npo_cli import dist
+from npo_cli.recipe import build_recipe
+from npo_cli.store import Store
+from npo_cli.trainer import Trainer
+
+dist.init()
+recipe = json.loads(sys.argv[2])
+recipe["train"]["steps"] += dist.rank()  # e.g. a rank that read another copy of the recipe
+Trainer.new(build_recipe(recipe), Store.open(sys.argv[1]))
+'''
+
+
+def test_ranks_given_different_recipes_stop_with_the_reason(workdir: Path):
+    """Ranks whose recipes differ would hang at mismatched collectives: every rank stops at start-up
+    instead, saying which key differs, and nothing is written to the store."""
+    (workdir / "diverge.py").write_text(DIVERGE)
+    p = subprocess.run(_torchrun("diverge.py", str(workdir / "s"), json.dumps(RECIPE)), check=False, cwd=workdir,
+                       env=_env(workdir), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "the processes were given different recipes: train.steps is 3 on rank 0 and 4 on rank 1" in p.stderr
+    assert "train.steps is 4 on rank 1 and 3 on rank 0" in p.stderr  # rank 0 stops too
+    assert not (workdir / "s" / "runs").exists()
+
+
 def test_prompts_must_divide_over_ranks(monkeypatch, tmp_path: Path):
     from npo_cli import dist
     from npo_cli.errors import NpoError
