@@ -291,7 +291,7 @@ class Trainer:
             raise NpoError(f"rollout.prompts_per_step={r.rollout.prompts_per_step} must be a multiple of the "
                            f"number of processes ({dist.world()}): each rank takes whole prompt groups")
         # ranks under different settings would hang at mismatched collectives: stop them all with the reason
-        mine = r.model_dump(mode="json")
+        mine = json.loads(json.dumps(r.model_dump(mode="json")))  # as the others' arrive (e.g. str dict keys)
         for rank, theirs in enumerate(dist.gather_json(mine)):
             if theirs != mine:
                 key, a, b = recipe_diff(theirs, mine)[0]
