@@ -435,7 +435,7 @@ def rollback(store, live, from_branch: str, prev: AutoController, guide: str, co
     items = [(format_prompt(recipe, trainer.tokenizer, it["prompt"]),
               Problem(it["prompt"], it["answer"], tuple(it["tags"]))) for it in todo]
     # torchrun: each rank samples its share of the mistakes (its own seed: separate streams), rank 0
-    # writes every entry, and no rank trains before the cache is complete
+    # writes every entry, and share() returns once they are written: no rank trains before the cache is complete
     gen = GuideGenerator(store, guide, recipe)
     # seeded from the guide's weights, as the source's
     seed = derive_seed(recipe.seed, gen.seed_id, "auto-prefill", *([dist.rank()] if dist.rank() else []))
@@ -445,7 +445,6 @@ def rollback(store, live, from_branch: str, prev: AutoController, guide: str, co
     gen.share()
     found, tokens = dist.all_sum([found, gen.stats.tokens])
     pre = {"prompts": len(items), "found": int(found), "tokens": int(tokens)}
-    dist.barrier()
     trainer.controller.compute["guide_tokens"] += pre["tokens"]
     trainer.events.append({"kind": "auto-branch", "k": d["k"], "branch": name, "from_branch": from_branch,
                            "fork": fork.id, "fork_step": c, "guide": guide, "guide_step": d["step"],

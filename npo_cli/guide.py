@@ -119,7 +119,8 @@ class GuideGenerator:
 
     def share(self) -> None:
         """torchrun: the other ranks' new entries go to rank 0, which writes them (a collective: every
-        rank calls it). Only rank 0 writes: elsewhere write() would queue them to be sent again."""
+        rank calls it). Only rank 0 writes: elsewhere write() would queue them to be sent again. On return
+        every rank sees every entry, so none samples a prompt again whose entry is still being written."""
         if not dist.on():
             return
         shared = dist.gather_json(self.take_unwritten())
@@ -127,6 +128,7 @@ class GuideGenerator:
             for entries in shared[1:]:
                 for e in entries:
                     self.write(e)
+        dist.barrier()
 
     # ---------------------------------------------------------------- sampling
 

@@ -103,6 +103,13 @@ def logged_take(self):
     sent.extend([e["prompt"], e["answer"]] for e in out)
     return out
 GuideGenerator.take_unwritten = logged_take
+unseen = []  # entries this rank handed over that the store did not show yet when share() returned
+share = GuideGenerator.share
+def logged_share(self):
+    n = len(sent)
+    share(self)
+    unseen.extend(e for e in sent[n:] if self.store.cache_get(self.guide_id, self.key(*e)) is None)
+GuideGenerator.share = logged_share
 gets = []  # how many prompts each GuideGenerator.get of this rank asked for
 get = GuideGenerator.get
 def logged_get(self, items, seed):
@@ -124,6 +131,7 @@ if mode == "record":
     json.dump(sampled, open(f"{out}.rank{rank}.json", "w"))
     json.dump(sent, open(f"{out}.sent.rank{rank}.json", "w"))
     json.dump(gets, open(f"{out}.gets.rank{rank}.json", "w"))
+    json.dump(unseen, open(f"{out}.unseen.rank{rank}.json", "w"))
 dist.finish()
 dist.exit_process(0)  # as the CLI ends a torchrun rank
 '''
@@ -220,6 +228,7 @@ def test_npo_branch_two_ranks_equal_one_process(workdir: Path):
     assert all(m["npo/guide_tokens"] == 0 for m in one_m)  # ...and rank 0 cached both ranks' entries
     sent = json.loads(Path(f"{out}.sent.rank1.json").read_text())
     assert sent and len(sent) == len({tuple(e) for e in sent})  # rank 1 hands each entry over once
+    assert json.loads(Path(f"{out}.unseen.rank1.json").read_text()) == []  # and sees it written on return
 
 
 @pytest.mark.heavy
