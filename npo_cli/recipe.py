@@ -292,7 +292,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     node needs the file."""
     from npo_cli import dist
 
-    data = dist.broadcast_json(_read_recipe(path) if dist.is_main() else None) if dist.on() else _read_recipe(path)
+    data = dist.broadcast_json(_read_recipe(path) if dist.is_main() else None)  # one process: it reads
     return build_recipe(data, overrides)
 
 

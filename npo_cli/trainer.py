@@ -524,19 +524,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=False)  # zeros, not None: AdamW steps even with no row kept
         n_mb = -(-len(rows) // mbs)
         for s in range(0, mbs * (dist.all_max(n_mb) if self.fsdp else n_mb), mbs):
-            if s >= len(rows):  # FSDP runs collectives per forward/backward: every rank runs as many
-                b = collate([pad_row], self.pad_id, self.device)
-                with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                    logp, _ = self._logprobs(self.model, b["input_ids"], b["attention_mask"],
-                                             b["n_completion"], g.logprob_chunk, with_entropy=False,
-                                             compiled=g.compile)
-                (logp.sum() * 0.0).backward()
-                continue
-            b = collate(rows[s : s + mbs], self.pad_id, self.device)
+            pad = s >= len(rows)  # FSDP runs collectives per forward/backward: every rank runs as many
+            b = collate([pad_row] if pad else rows[s : s + mbs], self.pad_id, self.device)
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 logp, _ = self._logprobs(self.model, b["input_ids"], b["attention_mask"], b["n_completion"],
                                          g.logprob_chunk, with_entropy=False,
                                          temperature=r.rollout.temperature, compiled=g.compile)
+            if pad:
+                (logp.sum() * 0.0).backward()
+                continue
             if g.updates_per_batch == 1:
                 old = torch.where(b["offpolicy"][:, None], b["old_logp"], logp.detach())
             else:
