@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from npo_cli.errors import NpoError
 
@@ -97,6 +97,15 @@ class RolloutConfig(Section):
         None, ge=1, description="backend=vllm: longest prompt + completion the engine plans for "
         "(default: the model's context length; lower it to fit the KV cache)."
     )
+
+    @model_validator(mode="after")
+    def _vllm_logprobs_before_top_p(self):
+        # The trainer's log-prob is log_softmax(logits / T) before the top-p cut. vLLM reports it with
+        # top_p = 1 (after temperature) or T = 1 (before any processing), never with both set.
+        if self.backend == "vllm" and self.top_p < 1 and self.temperature != 1:
+            raise ValueError("backend vllm reports log-probs before the top-p cut only at temperature 1 or "
+                             "top_p 1; set one of them to 1 or use backend hf")
+        return self
 
 
 class GRPOConfig(Section):
@@ -250,7 +259,7 @@ def _one_line(err: ValidationError) -> str:
     where = ".".join(str(p) for p in first["loc"]) or "recipe"
     if first["type"] == "extra_forbidden":
         return f"unknown recipe key '{where}'"
-    return f"recipe key '{where}': {first['msg']}"
+    return f"recipe key '{where}': {first['msg'].removeprefix('Value error, ')}"
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

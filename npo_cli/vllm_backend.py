@@ -5,9 +5,10 @@
   (its KV blocks were computed by the old weights). Assigning to the engine's parameters directly is
   silently ignored by vLLM, so reload_weights is the only way in.
 - Prompt ids come from the HF tokenizer (`prompt_token_ids`), so both backends see identical ids.
-- Log-probs: `logprobs_mode="processed_logprobs"`, logprobs=0 -> log p of the sampled token under
-  log_softmax(logits / T), the quantity HFBackend records and the trainer recomputes. With top_p < 1
-  vLLM's value is taken after the nucleus cut (renormalised over the nucleus), HF's before it.
+- Log-probs: logprobs=0 -> log p of the sampled token under log_softmax(logits / T) before any top-p
+  cut, the quantity HFBackend records and the trainer recomputes. vLLM's "processed_logprobs" are that
+  with top_p = 1, but after the cut (renormalised over the nucleus) with top_p < 1; then its
+  "raw_logprobs" (before temperature and the cut) are used, which the recipe allows only at T = 1.
 - Sampling: every request gets a seed drawn from torch's global RNG, so rollouts follow the run's seed
   and resume exactly (torch's RNG is in every checkpoint); the engine never touches that RNG.
 - Settings: VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine lives in this process, so reload_weights gets
@@ -73,7 +74,8 @@ class VLLMBackend:
             with torch.random.fork_rng(devices=_devices()):
                 self.llm = LLM(
                     model=self._dir, tokenizer=self._dir, dtype=str(self.dtype).removeprefix("torch."),
-                    seed=0, logprobs_mode="processed_logprobs", max_logprobs=1,
+                    seed=0, logprobs_mode="processed_logprobs" if cfg.top_p >= 1 else "raw_logprobs",
+                    max_logprobs=1,
                     max_model_len=cfg.vllm_max_model_len, **kw,
                 )
         finally:

@@ -84,6 +84,9 @@ def run_main(argv, monkeypatch, capsys) -> tuple[int, str, str]:
     ("task:\n  kind: file\n  train_path: ./missing.jsonl\n", [], "prompt file not found"),
     ("model:\n  path: nosuchrun@3\n", [], "model.path 'nosuchrun@3'"),
     ("npo:\n  source: npo\n", [], "npo.source"),
+    # vLLM cannot report the pre-top-p log-prob at T != 1 (the HF backend can)
+    ("rollout:\n  backend: vllm\n  temperature: 0.7\n  top_p: 0.9\n", [],
+     "recipe key 'rollout': backend vllm reports log-probs before the top-p cut only at temperature 1"),
 ])
 def test_bad_recipes_in_process(tmp_path, monkeypatch, capsys, text, args, expect):
     monkeypatch.chdir(tmp_path)

@@ -88,6 +88,37 @@ def test_logprobs_match_hf_forward(engine):
     assert [[ro.completion_ids for ro in g] for g in again] == [[ro.completion_ids for ro in g] for g in groups]
 
 
+def test_top_p_logprobs_are_taken_before_the_cut(engine):
+    """With top_p < 1 (at T = 1) the recorded log-prob is still log_softmax(logits) over the whole
+    vocabulary, as HF records it and the trainer recomputes; the sampled tokens lie in the nucleus."""
+    from npo_cli.rollout import make_backend
+
+    model, tok, _, prompts = engine
+    top_p = 0.6
+    backend = make_backend(model, tok, _recipe(rollout={**ROLLOUT, "temperature": 1.0, "top_p": top_p}).rollout,
+                           dtype=torch.float32)
+    torch.manual_seed(0)
+    rows = [ro for g in backend.generate(prompts, 4) for ro in g]
+    lp, old, mask = _hf_logprobs(model, rows, temperature=1.0)
+    assert _max_diff(lp, old, mask) <= 1e-4
+    # each sampled token is inside the nucleus: the mass of the strictly likelier tokens is < top_p
+    from npo_cli.trainer import collate
+
+    b = collate(rows, 0, "cpu")
+    C = b["n_completion"]
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, -C - 1 : -1]
+    probs = logits.float().softmax(-1)
+    p_tok = probs.gather(-1, b["input_ids"][:, -C:, None])
+    above = (probs * (probs > p_tok)).sum(-1)
+    assert bool((above[b["mask"].bool()] < top_p).all())
+    # the cut did bite: a log-prob renormalised over the nucleus (vLLM's "processed" value) would
+    # be log(nucleus mass) higher, far outside the 1e-4 above
+    sp = probs.sort(-1, descending=True).values
+    nucleus_mass = (sp * ((sp.cumsum(-1) - sp) < top_p)).sum(-1)
+    assert float((-nucleus_mass.log())[b["mask"].bool()].max()) > 1e-2
+
+
 def test_greedy_matches_hf_backend(engine):
     from npo_cli.rollout import HFBackend
 
