@@ -440,7 +440,7 @@ def rollback(store, live, from_branch: str, prev: AutoController, guide: str, co
     # seeded from the guide's weights, as the source's
     seed = derive_seed(recipe.seed, gen.seed_id, "auto-prefill", *([dist.rank()] if dist.rank() else []))
     mine = items[dist.rank() :: dist.world()]
-    found = sum(e is not None for e in gen.get(mine, seed)) if mine else 0
+    found = sum(e is not None for e in gen.get(mine, seed, engine=trainer.backend)) if mine else 0
     gen.unload()
     gen.share()
     found, tokens = dist.all_sum([found, gen.stats.tokens])

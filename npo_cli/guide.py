@@ -132,7 +132,9 @@ class GuideGenerator:
 
     # ---------------------------------------------------------------- sampling
 
-    def load(self):
+    def load(self, engine=None):
+        """The guide's rollout backend, built on first use. engine: the policy's backend, whose vLLM
+        engine a guide of the same model samples through (its weights swapped in)."""
         if self.backend is None:
             from npo_cli.checkpoint import load_model
             from npo_cli.model import DTYPES, resolve_device
@@ -147,13 +149,15 @@ class GuideGenerator:
                 tok.pad_token = tok.eos_token
             tok.padding_side = "left"
             self.backend = make_backend(model, tok, self.recipe.rollout,
-                                        add_special_tokens=not self.recipe.task.chat_template)
+                                        add_special_tokens=not self.recipe.task.chat_template, share=engine)
         return self.backend
 
     def unload(self) -> None:
+        if hasattr(self.backend, "release"):
+            self.backend.release()
         self.backend = None
 
-    def get(self, items: list[tuple[str, object]], seed: int) -> list[dict | None]:
+    def get(self, items: list[tuple[str, object]], seed: int, engine=None) -> list[dict | None]:
         """For each (formatted prompt, Problem): its verified trajectory entry, or None when the guide
         found none in max_tries. Misses are sampled (batched) and written to the cache."""
         out: list[dict | None] = [None] * len(items)
@@ -166,14 +170,14 @@ class GuideGenerator:
             else:
                 todo.append(i)
         if todo:
-            for i, e in zip(todo, self._sample([items[i] for i in todo], seed)):
+            for i, e in zip(todo, self._sample([items[i] for i in todo], seed, engine)):
                 self.write(e)
                 out[i] = e if e["found"] else None
         return out
 
-    def _sample(self, items: list[tuple[str, object]], seed: int) -> list[dict]:
+    def _sample(self, items: list[tuple[str, object]], seed: int, engine=None) -> list[dict]:
         t0 = time.perf_counter()
-        backend = self.load()
+        backend = self.load(engine)
         n = len(items)
         found: list = [None] * n
         tries, tokens = [0] * n, [0] * n

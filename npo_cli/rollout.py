@@ -183,13 +183,16 @@ class HFBackend:
 
 
 def make_backend(model, tokenizer, cfg: RolloutConfig, add_special_tokens: bool = True,
-                 dtype: torch.dtype | None = None, copy: bool = False):
+                 dtype: torch.dtype | None = None, copy: bool = False, share=None):
     """The rollout engine named by rollout.backend: HF generate, or an in-process vLLM engine.
 
     copy: sample from a separate full-weight copy even when dtype matches (vLLM always has its own).
+    share: a backend whose vLLM engine this one samples through when the weights fit it (the guide
+    through the policy's engine); ignored by HF.
     """
     if cfg.backend == "vllm":
         from npo_cli.vllm_backend import VLLMBackend  # lazy: vllm is an optional extra
 
-        return VLLMBackend(model, tokenizer, cfg, add_special_tokens=add_special_tokens, dtype=dtype)
+        return VLLMBackend(model, tokenizer, cfg, add_special_tokens=add_special_tokens, dtype=dtype,
+                           share=share if isinstance(share, VLLMBackend) else None)
     return HFBackend(model, tokenizer, cfg, add_special_tokens=add_special_tokens, dtype=dtype, copy=copy)

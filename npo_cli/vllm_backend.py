@@ -11,6 +11,12 @@
   "raw_logprobs" (before temperature and the cut) are used, which the recipe allows only at T = 1.
 - Sampling: every request gets a seed drawn from torch's global RNG, so rollouts follow the run's seed
   and resume exactly (torch's RNG is in every checkpoint); the engine never touches that RNG.
+- One engine per process where it can be: a guide (a checkpoint of the same model) samples through the
+  policy's engine (`share`), its weights swapped in before it samples and the policy's back before the
+  policy samples. A second engine would take GPU memory the update needs, and dropping one runs vLLM's
+  teardown, which resets the parallel state every engine in the process shares ("pipeline model parallel
+  group is not initialized" in the next generate): an engine of its own is therefore kept until the
+  process ends when another one is alive (`release`).
 - Settings: VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine lives in this process, so reload_weights gets
   the tensors without a copy through a pipe); on CPU enforce_eager and VLLM_CPU_KVCACHE_SPACE (GiB, 1 by
   default).
@@ -21,6 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import weakref
 
 import torch
 
@@ -48,9 +55,20 @@ def _devices() -> list[int]:
     return [torch.cuda.current_device()] if torch.cuda.is_available() else []
 
 
+def _layout(model) -> dict:
+    """What decides whether a model's weights fit an engine built for another: config and tensor shapes."""
+    cfg = {k: v for k, v in model.config.to_dict().items()
+           if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")}
+    return {"config": cfg, "shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()}}
+
+
+_ENGINES: weakref.WeakSet = weakref.WeakSet()  # the live engines of this process
+_KEPT: list = []  # engines released while another was alive (see the module docstring)
+
+
 class VLLMBackend:
     def __init__(self, model, tokenizer, cfg: RolloutConfig, add_special_tokens: bool = True,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, share: VLLMBackend | None = None):
         # in-process engine: reload_weights and the re-tie below hand it live tensors and a function
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         on_gpu = next(model.parameters()).device.type == "cuda"
@@ -65,6 +83,13 @@ class VLLMBackend:
         self.add_special_tokens = add_special_tokens
         self.dtype = dtype or next(model.parameters()).dtype
         self.eos_ids = eos_ids(model, tokenizer)
+        self.logprobs_mode = "processed_logprobs" if cfg.top_p >= 1 else "raw_logprobs"
+        self._token = object()  # names this backend's weights in the engine's `_holder`
+        if (share is not None and share.logprobs_mode == self.logprobs_mode and share.dtype == self.dtype
+                and _layout(share.policy) == _layout(model)):
+            self.llm, self._holder, self.owner = share.llm, share._holder, False  # weights go in on first use
+            return
+        self._holder, self.owner = [self._token], True
 
         self._dir = tempfile.mkdtemp(prefix="npo-vllm-")
         try:
@@ -74,12 +99,18 @@ class VLLMBackend:
             with torch.random.fork_rng(devices=_devices()):
                 self.llm = LLM(
                     model=self._dir, tokenizer=self._dir, dtype=str(self.dtype).removeprefix("torch."),
-                    seed=0, logprobs_mode="processed_logprobs" if cfg.top_p >= 1 else "raw_logprobs",
-                    max_logprobs=1,
+                    seed=0, logprobs_mode=self.logprobs_mode, max_logprobs=1,
                     max_model_len=cfg.vllm_max_model_len, **kw,
                 )
         finally:
             shutil.rmtree(self._dir, ignore_errors=True)  # the engine holds its weights; the folder can go
+        _ENGINES.add(self.llm)
+
+    def release(self) -> None:
+        """This backend is done. An engine of its own is kept if another engine is alive in the process:
+        its teardown would break that one."""
+        if self.owner and len(_ENGINES) > 1:
+            _KEPT.append(self.llm)
 
     def _save_policy(self, model, tokenizer) -> None:
         # A full (unsharded) copy in the sampling dtype; under FSDP the weights are gathered first.
@@ -111,11 +142,14 @@ class VLLMBackend:
             raise NpoError("cannot re-tie the LM head to the embeddings in this vLLM model after a weight "
                            "push; use rollout.backend=hf")
         self.llm.reset_prefix_cache()
+        self._holder[0] = self._token
 
     def generate(self, prompts: list[str], n: int, greedy: bool = False) -> list[list[Rollout]]:
         """n completions for each prompt, grouped per prompt, in prompt order."""
         from vllm import SamplingParams
 
+        if self._holder[0] is not self._token:  # a shared engine last sampled with the other weights
+            self.sync()
         enc = self.tokenizer(prompts, add_special_tokens=self.add_special_tokens)["input_ids"]
         base = int(torch.randint(0, 2**31 - 1, ()).item())  # from the run's RNG: reproducible, resumable
         common = {"max_tokens": self.cfg.max_new_tokens, "logprobs": 0, "stop_token_ids": self.eos_ids,

@@ -5,7 +5,9 @@
 - greedy decoding agrees with the HF backend;
 - a weight push (sync) changes what the engine samples, without restarting it; without a push the
   engine keeps the old weights (and its prefix cache does not serve KV of the old weights);
-- a quickstart-like run trains end to end on the vLLM backend with one engine for rollouts and eval.
+- with top_p < 1 the log-probs are still taken before the nucleus cut;
+- a quickstart-like run trains end to end on the vLLM backend with one engine for rollouts and eval;
+- a guide samples through the policy's engine (weights swapped in); `npo intervene` end to end.
 """
 
 from __future__ import annotations
@@ -46,6 +48,20 @@ def engine(npo_base_store):
     backend = make_backend(model, tok, r.rollout, dtype=torch.float32)
     prompts = [p.prompt for p in load_problems(r.task, "eval", 0)[:6]]
     return model, tok, backend, prompts
+
+
+@pytest.fixture
+def engines_built(monkeypatch) -> list:
+    """Grows by one for every vLLM engine built during the test."""
+    built = []
+
+    class CountingLLM(vllm.LLM):
+        def __init__(self, *a, **kw):
+            built.append(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(vllm, "LLM", CountingLLM)
+    return built
 
 
 def _hf_logprobs(model, rows, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,6 +133,34 @@ def test_top_p_logprobs_are_taken_before_the_cut(engine):
     sp = probs.sort(-1, descending=True).values
     nucleus_mass = (sp * ((sp.cumsum(-1) - sp) < top_p)).sum(-1)
     assert float((-nucleus_mass.log())[b["mask"].bool()].max()) > 1e-2
+    backend.release()  # its own engine (another log-prob mode): dropping it would break the module's
+
+
+def test_guide_shares_the_policy_engine(engine, engines_built):
+    """A guide of the same model samples through the policy's engine: each backend's weights are
+    swapped in before it samples (log-probs of each equal its own HF forward), no engine is built."""
+    import copy
+
+    from npo_cli.rollout import make_backend
+
+    model, tok, backend, prompts = engine
+    guide = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.5)
+    gb = make_backend(guide, tok, _recipe().rollout, dtype=torch.float32, share=backend)
+    assert gb.llm is backend.llm and not engines_built
+    for _ in range(2):  # guide, policy, guide, policy: every switch swaps the weights
+        for m, b in ((guide, gb), (model, backend)):
+            torch.manual_seed(0)
+            rows = [ro for grp in b.generate(prompts, 2) for ro in grp]
+            assert _max_diff(*_hf_logprobs(m, rows, 0.7)) <= 1e-4
+    # another log-prob mode (top_p < 1) cannot share: an engine of its own, kept when released
+    other = make_backend(model, tok, _recipe(rollout={**ROLLOUT, "top_p": 0.5, "temperature": 1.0}).rollout,
+                         dtype=torch.float32, share=backend)
+    assert other.llm is not backend.llm and len(engines_built) == 1
+    other.release()
 
 
 def test_greedy_matches_hf_backend(engine):
@@ -159,19 +203,11 @@ def test_weight_push_changes_generations(engine):
         backend.sync()
 
 
-def test_quickstart_run_with_vllm(npo_base_store, tmp_path, monkeypatch):
+def test_quickstart_run_with_vllm(npo_base_store, tmp_path, engines_built):
     from npo_cli.checkpoint import load_metrics
     from npo_cli.store import Store
     from npo_cli.trainer import Trainer
 
-    built = []
-
-    class CountingLLM(vllm.LLM):
-        def __init__(self, *a, **kw):
-            built.append(1)
-            super().__init__(*a, **kw)
-
-    monkeypatch.setattr(vllm, "LLM", CountingLLM)
     shutil.copytree(npo_base_store, tmp_path / "store")
     store = Store.open(str(tmp_path / "store"))
     recipe = _recipe(name="qv", model={"path": "base"},
@@ -183,13 +219,48 @@ def test_quickstart_run_with_vllm(npo_base_store, tmp_path, monkeypatch):
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     res = trainer.train(progress=False)
     assert res["step"] == 3 and res["checkpoint"]
-    assert len(built) == 1  # one engine for every rollout and both evals: weights pushed, never rebuilt
+    assert len(engines_built) == 1  # one engine for every rollout and both evals: weights pushed, never rebuilt
     m = load_metrics(store, store.manifest("qv"))
     assert len(m) == 3 and all(0.0 <= x["reward"] <= 1.0 for x in m)
     assert any(x["reward"] > 0 for x in m) and "eval/accuracy" in m[1] and "eval/accuracy" in m[2]
     # updates_per_batch=2: the 2nd pass uses vLLM's stored log-probs; at the 1st pass they equal the policy's
     assert all(abs(x["ratio_mean"] - 1.0) < 0.05 for x in m if "ratio_mean" in x)
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_intervene_with_vllm_guide(npo_base_store, tmp_path, engines_built):
+    """`npo intervene` on the vLLM backend: the guide samples through the policy's engine, its cached
+    trajectories carry the guide's pre-cut log-probs (top_p < 1), equal to an HF forward of the guide,
+    and the run goes on sampling after the guide is unloaded."""
+    from npo_cli.checkpoint import load_metrics, load_model
+    from npo_cli.intervene import intervene
+    from npo_cli.store import Store
+    from npo_cli.trainer import Trainer
+
+    shutil.copytree(npo_base_store, tmp_path / "store")
+    store = Store.open(str(tmp_path / "store"))
+    rollout = {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4, "top_p": 0.8}
+    Trainer.new(_recipe(name="r", model={"path": "base"}, rollout=rollout, grpo={"lr": 1e-3},
+                        train={"steps": 4, "save_every": 2, "eval_every": 100},
+                        logging={"progress": False, "metrics_jsonl": None}), store).train(progress=False)
+    res = intervene(str(tmp_path / "store"), run="r", at=2, guide="4", until=4, progress=False,
+                    overrides=["rollout.backend=vllm", "train.steps=6"])
+    assert len(engines_built) == 1  # the guide samples through the policy's engine
+    assert res["step"] == 6 and res["plan"]["until"] == 4
+    # the guide is unloaded after step 4; the policy's engine goes on sampling
+    rows = [r for ref in ("r/npo-2-g4@4", "r/npo-2-g4@6") for r in load_metrics(store, store.manifest(ref))]
+    assert [(r["step"], "npo/active" in r) for r in rows] == [(3, True), (4, True), (5, False), (6, False)]
+    guide = store.resolve("r@4")
+    entries = [store.get_json(oid) for oid in store.cache_entries(guide).values()]
+    found = [e for e in entries if e["found"]]
+    assert len(entries) >= 4 and found
+    model, _, _ = load_model(store, guide, dtype=torch.float32)
+    from npo_cli.rollout import Rollout
+
+    rows = [Rollout(prompt_ids=e["prompt_ids"], completion_ids=e["completion_ids"], logprobs=e["logprobs"],
+                    text=e["text"], finished=e["finished"]) for e in found]
+    lp, old, mask = _hf_logprobs(model, rows, temperature=1.0)
+    assert _max_diff(lp, old, mask) <= 1e-4
 
 
 def test_torchrun_ddp_with_vllm_equals_one_process(tmp_path):
