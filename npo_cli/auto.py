@@ -230,7 +230,8 @@ class AutoController:
             self._say(trainer, f"auto: step {step} plateau warning ({self._sig()}); probing {len(self.pool)} "
                       "mistakes")
             # torchrun: rank 0 probes (the controller's state is the same on every rank), the others take
-            # its decision and its cost
+            # its decision and its cost. Every rank syncs the sampler first: under FSDP it gathers the shards.
+            trainer.backend.sync()
             d = dist.broadcast_json(self.probe(trainer) if dist.is_main() else None)
             if not dist.is_main():
                 self.compute["probe_tokens"] += d.get("probe", {}).get("tokens", 0)
@@ -292,7 +293,6 @@ class AutoController:
             return {**d, "kind": "auto-probe", "reason": "no mistakes near the candidate checkpoints"}
         prompts = [format_prompt(r, trainer.tokenizer, it["prompt"]) for it in picks]
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        trainer.backend.sync()
         with torch.random.fork_rng(devices=devices):  # the training RNG stream does not see the probe
             torch.manual_seed(derive_seed(r.seed, trainer.run, "auto-probe", t))
             sampled = trainer.backend.generate(prompts, cfg.probe_samples)

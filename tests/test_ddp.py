@@ -112,9 +112,9 @@ def logged_share(self):
 GuideGenerator.share = logged_share
 gets = []  # how many prompts each GuideGenerator.get of this rank asked for
 get = GuideGenerator.get
-def logged_get(self, items, seed):
+def logged_get(self, items, seed, **kw):
     gets.append(len(items))
-    return get(self, items, seed)
+    return get(self, items, seed, **kw)
 GuideGenerator.get = logged_get
 
 if command == "intervene":  # args: branch name, then --set overrides
@@ -318,7 +318,8 @@ def test_exgrpo_two_ranks_equal_one_process(workdir: Path):
     assert dp_man.state["source"]["replay"] == one_man.state["source"]["replay"]  # the same buffer object
 
 
-def test_auto_two_ranks_decide_as_one_process(npo_base_store, workdir: Path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_auto_two_ranks_decide_as_one_process(npo_base_store, workdir: Path, parallel: str):
     """`npo auto` under torchrun: rank 0 reads the recipe file for all ranks (the others are given a path
     that does not exist); the ranks' mistakes merge into one pool in global prompt order, rank 0 probes
     and every rank takes its decision, rank 0 makes the branch, the ranks share the guide-cache pre-fill
@@ -331,7 +332,8 @@ def test_auto_two_ranks_decide_as_one_process(npo_base_store, workdir: Path):
 
     recipe = json.dumps({"name": "a", "seed": 0, "model": {"path": "base@0"}, "task": TASK,
                          "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4},
-                         "grpo": {"lr": 1e-3}, "train": {"steps": 8, "save_every": 2, "eval_every": 100},
+                         "grpo": {"lr": 1e-3},
+                         "train": {"steps": 8, "save_every": 2, "eval_every": 100, "parallel": parallel},
                          "logging": {"progress": False, "metrics_jsonl": None}, "auto": FORCE})
     out = str(workdir / "rollouts")
     for d in ("dp", "one"):
