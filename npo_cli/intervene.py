@@ -10,6 +10,8 @@ and its first one carries an `intervene` event.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from npo_cli.errors import NpoError
 
 
@@ -81,7 +83,8 @@ def plan(store, *, run: str | None, at: int, guide: str, until: int | None = Non
     if at >= total:
         raise NpoError(f"--at {at} is at or past the run's train.steps={total}; extend with --set train.steps=N")
     if name in store.branches(run_name):
-        raise NpoError(f"branch {run_name}/{name} already exists; pick another name with --branch")
+        raise NpoError(f"branch {run_name}/{name} already exists; continue it with "
+                       f"npo run --resume {run_name}/{name}, or pick another name with --branch")
     return {"run": run_name, "branch": name, "fork": fork.id, "at": at, "guide": g.id,
             "guide_ref": f"{g.run}/{g.branch}@{g.step}", "guide_step": g.step, "until": until,
             "steps": total, "gate": recipe.npo.gate, "sets": sets + list(overrides),
@@ -101,14 +104,18 @@ def intervene(store_url: str | None, *, run: str | None, at: int, guide: str, un
     store = open_store(store_url)
     p = plan(store, run=run, at=at, guide=guide, until=until, gate=gate, branch=branch, overrides=overrides,
              allow_any_guide=allow_any_guide)
-    make_source(build_recipe(store.get_json(store.manifest(p["fork"]).recipe), p["sets"]), store)  # fail early
-    dist.barrier()  # every rank has planned (which refuses an existing branch) before rank 0 makes it
-    if dist.is_main():
-        store.branch(p["fork"], p["branch"], run=p["run"])
-    dist.barrier()
-    trainer = Trainer.resume(store, f"{p['run']}/{p['branch']}", p["sets"], console=console)
+    fork = store.manifest(p["fork"])
+    recipe = build_recipe(store.get_json(fork.recipe), p["sets"])
+    make_source(recipe, store)  # fail early: the guide loads
+    dist.barrier()  # every rank has planned (which refuses an existing branch) before rank 0 writes it
+    trainer = Trainer(recipe, store, branch=p["branch"], init=fork, console=console)
     trainer.events.append({"kind": "intervene", "at": at, "fork": p["fork"], "guide": p["guide"],
                            "until": p["until"], "gate": p["gate"], "same_lineage": p["same_lineage"]})
+    # The branch's first checkpoint is the fork's weights (objects shared) under the NPO recipe, and the
+    # branch ref is first written pointing at it: a branch stopped before its first step still resumes
+    # as NPO (`npo run --resume RUN/BRANCH`), never as the fork's plain GRPO.
+    with store.lease(p["run"], p["branch"]) if dist.is_main() else nullcontext():
+        trainer.save(parent=fork.id)
     res = trainer.train(progress=progress and trainer.recipe.logging.progress)
     dist.finish()
     return {**res, "plan": p}

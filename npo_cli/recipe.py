@@ -157,7 +157,10 @@ class TrainConfig(Section):
 
 class LoggingConfig(Section):
     progress: bool = Field(True, description="Rich progress bar.")
-    metrics_jsonl: str | None = Field("metrics.jsonl", description="Local file streaming per-step metrics.")
+    metrics_jsonl: str | None = Field(
+        "metrics.jsonl", description="Local file streaming per-step metrics (a relative path: under "
+        "./runs/RUN/BRANCH/). A new run or branch starts it afresh; a resume keeps the steps before it."
+    )
     tensorboard: str | None = Field(None, description="TensorBoard log dir (needs tensorboard installed).")
     wandb: str | None = Field(None, description="W&B project (needs wandb installed).")
 

@@ -589,7 +589,8 @@ class Trainer:
         out.update({k: float(v) for k, v in self.last_eval.items() if k != "eval/time"})
         return out
 
-    def save(self) -> str:
+    def save(self, parent: str = "head") -> str:
+        """Checkpoint the run on its branch; parent: the branch's head, or the fork a new branch starts from."""
         from npo_cli.checkpoint import save_checkpoint
 
         main = dist.is_main()  # the source's and controller's state_dict write their objects: rank 0 only
@@ -617,7 +618,7 @@ class Trainer:
                 self.store, run=self.run, branch=self.branch, step=self.step_num, model=model,
                 tokenizer=self.tokenizer, optimizer=optimizer, state=state, state_tensors=tensors,
                 metrics=self.pending_metrics, summary=self.summary(), recipe=self.recipe.model_dump(mode="json"),
-                guide=self.source.guide, events=self.events,
+                guide=self.source.guide, events=self.events, parent=parent,
             )
         self.head = dist.broadcast_json(head)
         self.pending_metrics, self.events = [], []
@@ -629,6 +630,12 @@ class Trainer:
         if self._stop_signal is not None:  # second Ctrl-C: stop now, without the final checkpoint
             raise KeyboardInterrupt
         self._stop_signal = signum
+
+    def _branch_first_step(self) -> int:
+        """The step of this branch's first checkpoint (the current step while it has none)."""
+        own = [m.step for m in self.store.lineage(self.head) if (m.run, m.branch) == (self.run, self.branch)] \
+            if self.head else []
+        return own[-1] if own else self.step_num
 
     def train(self, progress: bool | None = None, force: bool = False) -> dict:
         """Train to recipe.train.steps under the branch lease; returns the end summary."""
@@ -643,7 +650,7 @@ class Trainer:
         try:
             main = dist.is_main()  # torchrun: rank 0 holds the lease and writes metrics
             with self.store.lease(self.run, self.branch, force=force) if main else nullcontext():
-                sinks = MetricSinks(r, self.run, self.branch) if main else None
+                sinks = MetricSinks(r, self.run, self.branch, self._branch_first_step(), start_step) if main else None
                 bar = Progress(self.console, r.train.steps, start_step, enabled=show and main)
                 if self.head is None:  # new run: the initial policy is step 0 (rewind/intervene --at 0)
                     self.save()
@@ -700,11 +707,23 @@ def _merge_stats(parts: list) -> tuple[dict, dict, dict]:
 # --------------------------------------------------------------------------- logging sinks and progress
 
 
+def _row_step(line: str) -> int:
+    """The step of a metrics.jsonl row (-1 for a line that is not one)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1
+
+
 class MetricSinks:
     """metrics.jsonl, TensorBoard, W&B. A relative metrics_jsonl lives under ./runs/RUN/BRANCH/ (like an
-    output_dir); {run} and {branch} in the path are filled in. Appends on resume."""
+    output_dir); {run} and {branch} in the path are filled in.
 
-    def __init__(self, recipe: Recipe, run: str, branch: str):
+    metrics.jsonl keeps the rows of steps (first, start] (this branch's steps before the resume) and the
+    run appends to them: a new run or branch starts the file afresh (another store's run of the same name
+    wrote there before), and a resume drops the rows a stopped process logged after its last checkpoint."""
+
+    def __init__(self, recipe: Recipe, run: str, branch: str, first: int = 0, start: int = 0):
         lg = recipe.logging
         self.jsonl_path = None
         self._f = self._tb = self._wandb = None
@@ -714,6 +733,9 @@ class MetricSinks:
                 p = Path("runs") / run / branch / p
             p.parent.mkdir(parents=True, exist_ok=True)
             self.jsonl_path = str(p)
+            kept = [line for line in (p.read_text().splitlines() if p.is_file() else [])
+                    if first < _row_step(line) <= start]
+            p.write_text("".join(line + "\n" for line in kept))
             self._f = open(p, "a")  # noqa: SIM115 (kept open for the whole run, closed in close())
         if lg.tensorboard:
             try:

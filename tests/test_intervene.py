@@ -48,8 +48,9 @@ def test_intervene_end_to_end(store_dir, monkeypatch, capsys):
     store = open_store(store_dir)
     guide = store.resolve("r@6")
     own = [m for m in store.lineage("r/npo-2-g6") if m.branch == "npo-2-g6"]
-    assert [m.step for m in own] == [8, 6, 4]
+    assert [m.step for m in own] == [8, 6, 4, 2]  # 2: the fork's weights under the NPO recipe
     assert all(m.guide == guide for m in own)
+    assert own[-1].model == store.manifest("r@2").model  # the same tensor objects: nothing re-written
     assert own[-1].parent == store.resolve("r@2")
     assert own[-1].events[-1]["kind"] == "intervene" and own[-1].events[-1]["guide"] == guide
     rows = [json.loads(line) for line in Path(res["metrics_jsonl"]).read_text().splitlines()]
@@ -66,6 +67,31 @@ def test_intervene_end_to_end(store_dir, monkeypatch, capsys):
     # a second intervention with the same default name is refused
     code, _, err = run_main(["intervene", "--at", "2", "--guide", "6"], monkeypatch, capsys)
     assert code == 1 and "already exists" in err and len(err.strip().splitlines()) == 1
+
+
+def test_intervention_stopped_before_its_first_step_resumes_as_npo(store_dir, monkeypatch, capsys):
+    """A branch killed before it trained a step is already NPO: its ref was first written pointing at a
+    checkpoint with the NPO recipe (before, it pointed at the fork, whose recipe is plain GRPO, and a
+    resume trained GRPO under the NPO branch's name)."""
+    def killed(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Trainer, "train", killed)
+        with pytest.raises(KeyboardInterrupt):
+            from npo_cli.intervene import intervene
+
+            intervene(str(store_dir), run="r", at=2, guide="6", progress=False)
+    store = open_store(store_dir)
+    head = store.manifest("r/npo-2-g6")
+    assert head.step == 2 and head.guide == store.resolve("r@6") and head.parent == store.resolve("r@2")
+    code, _, err = run_main(["intervene", "--run", "r", "--at", "2", "--guide", "6"], monkeypatch, capsys)
+    assert code == 1 and "npo run --resume r/npo-2-g6" in err
+    code, out, err = run_main(["run", "--resume", "r/npo-2-g6", "--set", "train.steps=4", "--json"],
+                              monkeypatch, capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in Path(json.loads(out)["metrics_jsonl"]).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 4] and all("npo/active" in r for r in rows)
 
 
 @pytest.mark.parametrize("argv, expect", [

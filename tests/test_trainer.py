@@ -123,13 +123,21 @@ def test_resume_is_bitwise(store_dir):
         train={"steps": 6, "save_every": 4, "eval_every": 2},
     )
     store = open_store(store_dir)
+    logs = {run: Path(f"runs/{run}/main/metrics.jsonl") for run in ("r", "r2")}
+    logs["r"].parent.mkdir(parents=True)
+    logs["r"].write_text('{"step": 1, "reward": -1}\n{"step": 9, "reward": -1}\n')  # another store's 'r'
     a = Trainer.new(build_recipe(d), store)
     a.train()
     b = Trainer.new(build_recipe({**d, "name": "r2"}), store, controller=StopAt(3))
     assert b.train()["stopped_by"] == "controller"
     assert store.manifest("r2").step == 3
+    with logs["r2"].open("a") as f:  # a killed process logged steps past its last checkpoint (3)
+        f.write('{"step": 4, "reward": -1}\n')
     c = Trainer.resume(store, "r2")
     c.train()
+    for log in logs.values():  # a new run starts its file afresh; a resume re-logs what it re-runs
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(r["reward"] >= 0 for r in rows)
     pa, pc = dict(a.model.named_parameters()), dict(c.model.named_parameters())
     assert all(torch.equal(pa[k], pc[k]) for k in pa)
     assert strip(a.history) == strip(b.history + c.history)
