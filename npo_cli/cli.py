@@ -11,7 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from npo_cli import __version__
-from npo_cli.errors import NpoError
+from npo_cli.errors import NpoError, os_reason
+
+try:  # Typer >= 0.2x carries its own copy of click; its exceptions are the ones raised
+    from typer._click.exceptions import ClickException
+except ImportError:
+    from click.exceptions import ClickException
 
 app = typer.Typer(
     help="npo: RLVR with GRPO, a content-addressed checkpoint store, and Near-Future Policy Optimization.",
@@ -107,6 +112,11 @@ def eval_cmd(
     as_json: bool = JsonOpt,
 ):
     """Held-out accuracy (sampled and greedy) and pass@k of a checkpoint on its task's eval split."""
+    from npo_cli.store import Store
+
+    if samples is not None and samples < 1:  # checked here: eval_checkpoint reads 0 as "the recipe's default"
+        raise NpoError("--samples must be >= 1")
+    Store.open(store, must_exist=True)  # a mistyped --store says so, not "unknown run"
     from npo_cli.trainer import eval_checkpoint
 
     res = eval_checkpoint(store, ref, samples, task_sets)
@@ -143,7 +153,7 @@ def ls_cmd(
     from npo_cli.history import human_bytes, ls_data
     from npo_cli.store import Store
 
-    data = ls_data(Store.open(store), run)
+    data = ls_data(Store.open(store, must_exist=True), run)
     if as_json:
         print(json.dumps(data, indent=1))
         return
@@ -175,7 +185,7 @@ def show_cmd(ref: str = StoreRefArg, store: str | None = StoreOpt, as_json: bool
     from npo_cli.history import human_bytes, show_data
     from npo_cli.store import Store
 
-    d = show_data(Store.open(store), ref)
+    d = show_data(Store.open(store, must_exist=True), ref)
     if as_json:
         print(json.dumps(d, indent=1))
         return
@@ -224,7 +234,7 @@ def rewind_cmd(
 
     if branch is not None:
         check_name("branch", branch)
-    s = Store.open(store)
+    s = Store.open(store, must_exist=True)
     m = s.manifest(ref)
     name = branch or f"rewind-{m.step}"
     s.branch(m.id, name, run=m.run)
@@ -239,7 +249,7 @@ def verify_cmd(store: str | None = StoreOpt, as_json: bool = JsonOpt):
     from npo_cli.history import human_bytes
     from npo_cli.store import Store
 
-    rep = Store.open(store).verify()
+    rep = Store.open(store, must_exist=True).verify()
     if as_json:
         print(json.dumps(rep, indent=1))
     elif rep["ok"]:
@@ -263,7 +273,7 @@ def gc_cmd(
     from npo_cli.history import human_bytes
     from npo_cli.store import Store
 
-    rep = Store.open(store).gc(dry_run=dry_run, force=force)
+    rep = Store.open(store, must_exist=True).gc(dry_run=dry_run, force=force)
     if as_json:
         print(json.dumps(rep, indent=1))
         return
@@ -281,7 +291,7 @@ def export_cmd(
     """Write a checkpoint as a plain Hugging Face model folder (from_pretrained loads it)."""
     from npo_cli.store import Store
 
-    s = Store.open(store)
+    s = Store.open(store, must_exist=True)
     s.resolve(ref)  # a bad ref fails before torch is imported
     from npo_cli.checkpoint import export
 
@@ -303,7 +313,7 @@ def import_cmd(
     check_name("run", run)
     if not _os.path.isfile(_os.path.join(hf_dir, "config.json")):
         raise NpoError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
-    s = Store.open(store)
+    s = Store.open(store)  # a new folder becomes a new store
     from npo_cli.checkpoint import import_hf
 
     cid = import_hf(s, hf_dir, run)
@@ -315,7 +325,8 @@ def import_cmd(
 
 @app.command("intervene")
 def intervene_cmd(
-    at: str = typer.Option(..., "--at", help="Fork step A (the branch starts at RUN@A), or RUN[/BRANCH]@A "
+    # help text is Rich markup: \\[ prints a literal [ ("[/BRANCH]" read as a closing tag crashed --help)
+    at: str = typer.Option(..., "--at", help="Fork step A (the branch starts at RUN@A), or RUN\\[/BRANCH]@A "
                            "(the same as --run RUN, which torchrun mistakes for its own --run-path)."),
     guide: str = typer.Option(..., "--guide", help="Guide: a later step G of the run, or any checkpoint ref."),
     run: str | None = typer.Option(None, "--run", help="RUN or RUN/BRANCH (optional when the store has one run)."),
@@ -402,7 +413,13 @@ def compare_cmd(
     from npo_cli.compare import compare
     from npo_cli.store import Store
 
-    data = compare(Store.open(store), refs, metric, x, threshold)
+    if plot:  # a bad chart path fails before the work, not after it
+        folder = os.path.dirname(os.path.abspath(plot))
+        if not os.path.isdir(folder):
+            raise NpoError(f"--plot {plot}: folder {folder} does not exist; create it or pick another path")
+        if os.path.isdir(plot):
+            raise NpoError(f"--plot {plot} is a folder; give a file name, e.g. {os.path.join(plot, 'chart.png')}")
+    data = compare(Store.open(store, must_exist=True), refs, metric, x, threshold)
     if plot:
         from npo_cli.compare import plot as draw
 
@@ -505,7 +522,7 @@ def auto_cmd(
 def main():
     try:
         _main()
-    except SystemExit as e:  # typer ends every command with sys.exit
+    except SystemExit as e:  # _main ends every command with sys.exit
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank
             from npo_cli import dist
 
@@ -515,7 +532,16 @@ def main():
 
 def _main():
     try:
-        app()
+        # standalone_mode=False: usage errors come to us (one line below) instead of Typer's multi-line Rich
+        # box; typer.Exit(n) and --help come back as the exit code
+        code = app(standalone_mode=False)
+    except ClickException as e:  # usage errors (missing or unknown option, bad value): one line, exit 2
+        msg = " ".join(e.format_message().split())
+        if msg:  # empty for a bare `npo` or `npo recipe`, which printed its help already
+            ctx = getattr(e, "ctx", None)
+            hint = f" Try '{ctx.command_path} --help'." if ctx else ""
+            print(f"error: {msg.rstrip('.')}.{hint}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except NpoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -525,6 +551,11 @@ def _main():
     except Exception as e:  # never a traceback for the user; NPO_DEBUG=1 shows it
         if os.environ.get("NPO_DEBUG"):
             raise
+        if isinstance(e, OSError) and e.filename:  # the OS refused a path the user named: not a bug
+            print(f"error: cannot use {e.filename}: {os_reason(e)}; check the path and its permissions",
+                  file=sys.stderr)
+            sys.exit(1)
         msg = str(e).splitlines()[0] if str(e) else ""
         print(f"error: {type(e).__name__}: {msg} (set NPO_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

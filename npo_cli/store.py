@@ -53,7 +53,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from npo_cli import __version__
-from npo_cli.errors import NpoError
+from npo_cli.errors import NpoError, os_reason
 
 MANIFEST_FORMAT = "npo-checkpoint/1"
 _MANIFEST_MAGIC = b'{"format":"npo-checkpoint/'  # the first bytes of every manifest object
@@ -218,6 +218,13 @@ class _LocalFS:
 
     def write(self, rel: str, parts: Iterable, exclusive: bool = False) -> bool:
         """Atomically create or replace `rel`. exclusive: fail (return False) if it already exists."""
+        try:
+            return self._write(rel, parts, exclusive)
+        except OSError as e:  # not writable, not a folder, disk full: the user's choice of folder, not a bug
+            raise NpoError(f"cannot use store {self.root}: {os_reason(e)}; pick a writable folder with --store "
+                           "or NPO_STORE") from None
+
+    def _write(self, rel: str, parts: Iterable, exclusive: bool) -> bool:
         tmp, dst = self._tmp(), self._p(rel)
         try:
             with open(tmp, "wb", buffering=0) as f:
@@ -412,14 +419,18 @@ class Store:
         self._manifests: dict[str, Manifest] = {}  # content-addressed, so never stale
 
     @classmethod
-    def open(cls, url: str | None = None) -> Store:
-        """None -> $NPO_STORE -> ./checkpoints. Paths, file://, s3://bucket/prefix, memory://, other fsspec."""
+    def open(cls, url: str | None = None, must_exist: bool = False) -> Store:
+        """None -> $NPO_STORE -> ./checkpoints. Paths, file://, s3://bucket/prefix, memory://, other fsspec.
+        must_exist: a local folder that is not there is an error (a mistyped --store), not an empty store;
+        for commands that only read. Remote stores are not checked (an S3 prefix exists once written)."""
         url = url or os.environ.get("NPO_STORE") or "./checkpoints"
         url = url.removeprefix("file://")
         if "://" not in url:
             root = os.path.abspath(os.path.expanduser(url))
             if os.path.exists(root) and not os.path.isdir(root):
                 raise NpoError(f"store path {root} is a file, not a directory")
+            if must_exist and not os.path.isdir(root):
+                raise NpoError(f"no store at {root}; check --store / $NPO_STORE")
             return cls(root, _LocalFS(root))
         if url.startswith("s3://"):
             return cls(url.rstrip("/"), _RemoteFS(_s3_fs(url), url.rstrip("/")))

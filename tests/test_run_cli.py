@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from npo_cli import cli
 from npo_cli.errors import NpoError
 from npo_cli.recipe import Recipe, load_recipe, schema_rows
 
@@ -102,12 +104,72 @@ def test_bad_recipes_in_process(tmp_path, monkeypatch, capsys, text, args, expec
     (["run", "--resume", "ghost"], "no branch 'ghost/main'"),
     (["run", "--resume", "ghost@3"], "branch head"),
     (["eval", "ghost@3"], "ghost"),
+    (["eval", "ghost@3", "--samples", "0"], "--samples must be >= 1"),  # 0 used to mean the recipe's default
+    (["eval", "ghost@3", "--samples", "-2"], "--samples must be >= 1"),
 ])
 def test_bad_run_and_eval_arguments(tmp_path, monkeypatch, capsys, argv, expect):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NPO_STORE", str(tmp_path / "store"))
+    (tmp_path / "store").mkdir()  # an empty store: eval names the missing ref, not the missing store
     code, _, err = run_main(argv, monkeypatch, capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1 and expect in err, err
+
+
+def _commands(group, path=()):
+    for name, cmd in group.commands.items():
+        yield [*path, name]
+        if hasattr(cmd, "commands"):  # a sub-app such as `npo recipe`
+            yield from _commands(cmd, [*path, name])
+
+
+COMMANDS = [[], *_commands(typer.main.get_command(cli.app))]
+
+
+def test_command_list_is_complete():
+    assert len(COMMANDS) > 12 and ["intervene"] in COMMANDS and ["recipe", "schema"] in COMMANDS
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=lambda a: " ".join(a) or "npo")
+def test_every_command_has_help(monkeypatch, capsys, argv):
+    """Help text is Rich markup: a stray [/X] crashed `npo intervene --help` with a MarkupError."""
+    code, out, err = run_main([*argv, "--help"], monkeypatch, capsys)
+    assert code == 0 and err == "", err
+    # in-process the program name is pytest's ("python -m pytest.npo"); the console script's is "npo"
+    assert "Usage:" in out and " ".join(["npo", *argv, "[OPTIONS]"]) in out and len(out.splitlines()) > 3
+
+
+@pytest.mark.parametrize("argv, expect, cmd", [
+    (["import", "some_dir"], "error: Missing option '--run'. Try '", "npo import"),
+    (["ls", "--bogus"], "error: No such option: --bogus. Try '", "npo ls"),
+    (["eval", "r@1", "--samples", "many"], "error: Invalid value for '--samples'", "npo eval"),
+    (["compare", "r", "--threshold", "high"], "error: Invalid value for '--threshold'", "npo compare"),
+    (["nosuchcommand"], "error: No such command 'nosuchcommand'. Try '", "npo"),
+    (["recipe", "nosuch"], "error: No such command 'nosuch'. Try '", "npo recipe"),
+])
+def test_usage_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, expect, cmd):
+    """Usage errors keep click's exit code 2 but print one line, not a multi-line Rich box."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(argv, monkeypatch, capsys)
+    assert code == 2 and out == "", out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expect) and lines[0].endswith(f"{cmd} --help'."), err
+
+
+def test_bare_npo_prints_help(monkeypatch, capsys):
+    code, out, err = run_main([], monkeypatch, capsys)
+    assert code == 2 and "Usage:" in out and "npo [OPTIONS] COMMAND" in out and err == ""
+
+
+def test_unusable_store_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    """A store the OS refuses (here: a folder under a file) names the store and says what to change,
+    not 'error: NotADirectoryError: [Errno 20] ... (set NPO_DEBUG=1 ...)'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(TINY))
+    (tmp_path / "afile").write_text("x")
+    store = tmp_path / "afile" / "sub"
+    code, _, err = run_main(["run", "r.yaml", "--store", str(store)], monkeypatch, capsys)
+    assert code == 1 and err == (f"error: cannot use store {store}: not a directory; pick a writable folder "
+                                 "with --store or NPO_STORE\n"), err
 
 
 # ---------------------------------------------------------------- fuzzing the recipe boundary

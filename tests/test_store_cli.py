@@ -187,6 +187,11 @@ def test_export_then_import(populated, tmp_path, capsys, monkeypatch):
     s = Store.open(populated)
     a, b = s.manifest("back"), s.manifest("r1/rw")
     assert {k: e.oid for k, e in a.model.items()} == {k: e.oid for k, e in b.model.items()}  # same tensors
+    # import makes a store that is not there yet (the read-only commands refuse one)
+    new = tmp_path / "new" / "store"
+    code, out, err = npo(["import", out_dir, "--run", "fresh", "--store", str(new)], capsys, monkeypatch)
+    assert code == 0 and "fresh/main@0" in out, err
+    assert Store.open(str(new)).manifest("fresh").step == 0
 
 
 def _closed_port() -> int:
@@ -226,6 +231,54 @@ def test_bad_input_is_one_line_and_changes_nothing(populated, tmp_path, args, ca
     assert "Traceback" not in err and "NPO_DEBUG" not in err  # an NpoError, not a crash
     assert snapshot(populated) == before
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [["ls"], ["ls", "r1"], ["show", "r1"], ["rewind", "r1@10"], ["verify"], ["gc"],
+                                  ["export", "r1", "OUT"], ["compare", "r1"], ["eval", "r1"]], ids=" ".join)
+def test_read_only_commands_refuse_a_missing_store(tmp_path, args, capsys, monkeypatch):
+    """A mistyped --store is an error (it printed 'no runs in ...' and exit 0), and nothing is created."""
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    (tmp_path / "afile").write_text("x")
+    for missing in (tmp_path / "typo" / "store", tmp_path / "afile" / "sub"):
+        code, out, err = npo([*args, "--store", str(missing)], capsys, monkeypatch)
+        assert code == 1 and err == f"error: no store at {missing}; check --store / $NPO_STORE\n", (out, err)
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "out").exists()
+    # the default store too ($NPO_STORE, else ./checkpoints)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NPO_STORE", raising=False)
+    code, _, err = npo(args, capsys, monkeypatch)
+    assert code == 1 and f"no store at {tmp_path / 'checkpoints'}" in err, err
+
+
+def test_missing_store_check_leaves_remote_and_empty_stores_alone(tmp_path, capsys, monkeypatch):
+    # a remote prefix exists once written: not checked; an existing empty folder is an empty store
+    for url in ("memory://npo-never-written", str(tmp_path)):
+        code, out, err = npo(["ls", "--store", url], capsys, monkeypatch)
+        assert code == 0 and out.startswith("no runs in"), err
+
+
+def test_os_error_on_a_user_path_is_one_line(populated, tmp_path, capsys, monkeypatch):
+    """The OS refusing a path the user named is a message, not 'error: NotADirectoryError: [Errno 20] ...
+    (set NPO_DEBUG=1 for the traceback)'; NPO_DEBUG=1 still shows the traceback."""
+    (tmp_path / "afile").write_text("x")
+    out_dir = tmp_path / "afile" / "hf"
+    code, _, err = npo(["export", "r1", str(out_dir), "--store", populated], capsys, monkeypatch)
+    assert code == 1 and err == f"error: cannot use {out_dir}: not a directory; check the path and its permissions\n"
+    monkeypatch.setenv("NPO_DEBUG", "1")
+    with pytest.raises(NotADirectoryError):
+        npo(["export", "r1", str(out_dir), "--store", populated], capsys, monkeypatch)
+
+
+def test_compare_checks_the_plot_folder_first(populated, tmp_path, capsys, monkeypatch):
+    """A --plot into a missing folder failed with FileNotFoundError after all the work."""
+    monkeypatch.setattr("npo_cli.compare.compare", lambda *a, **k: pytest.fail("computed before the check"))
+    png = tmp_path / "no" / "dir" / "x.png"
+    code, out, err = npo(["compare", "r1", "r1/rw", "--plot", str(png), "--store", populated], capsys, monkeypatch)
+    assert code == 1 and out == "" and err == (f"error: --plot {png}: folder {png.parent} does not exist; "
+                                               "create it or pick another path\n"), err
+    code, _, err = npo(["compare", "r1", "--plot", str(tmp_path), "--store", populated], capsys, monkeypatch)
+    assert code == 1 and "is a folder; give a file name" in err, err
+    assert not (tmp_path / "no").exists()
 
 
 def test_ambiguous_prefix_cli(populated, capsys, monkeypatch):
