@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -26,7 +27,7 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(help="Inspect recipe settings.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
-console = Console()
+console = Console(soft_wrap=True)  # a status line stays one line in a log (a pipe is 80 columns wide)
 
 StoreOpt = typer.Option(None, "--store", help="Store URL (default: $NPO_STORE, else ./checkpoints).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
@@ -138,7 +139,14 @@ StoreRefArg = typer.Argument(..., help="Checkpoint: RUN, RUN@STEP, RUN/BRANCH, R
 
 
 def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+    """A table cell: whole numbers as integers (steps, token counts), small ones (lr) in 3 significant digits."""
+    if v is None:
+        return "-"
+    if not isinstance(v, float) or not math.isfinite(v):
+        return str(v)
+    if v.is_integer():
+        return str(int(v))
+    return f"{v:.3g}" if abs(v) < 0.01 else f"{v:.3f}"
 
 
 @app.command("ls")

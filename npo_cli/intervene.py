@@ -68,7 +68,7 @@ def plan(store, *, run: str | None, at: int, guide: str, until: int | None = Non
             raise NpoError(f"the guide's step {g.step} is not after {at}; give --until")
     if until <= at:
         raise NpoError(f"--until {until} must be after --at {at}")
-    name = branch or f"npo-{at}-g{g.step}"
+    name = f"npo-{at}-g{g.step}" if branch is None else branch  # "" is refused below, not defaulted
     check_name("branch", name)
     sets = ["npo.source=npo", f"npo.guide='{g.id}'", f"npo.start={at}", f"npo.until={until}"]
     if gate is not None:

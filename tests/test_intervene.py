@@ -108,6 +108,7 @@ def test_intervention_stopped_before_its_first_step_resumes_as_npo(store_dir, mo
     (["--at", "ghost@2", "--guide", "6"], "unknown run"),
     (["--at", "r@x", "--guide", "6"], "--at takes a step or RUN[/BRANCH]@STEP"),
     (["--at", "r@2", "--guide", "6", "--run", "q"], "with a run other than --run q"),
+    (["--at", "2", "--guide", "6", "--branch", ""], "empty branch name"),
 ])
 def test_intervene_errors(store_dir, monkeypatch, capsys, argv, expect):
     code, _, err = run_main(["intervene", *argv] if "--run" in argv or "@" in argv[1] else

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_ls_shows_eval_only_where_one_ran(tmp_path, capsys, monkeypatch):
     for step in (100, 125, 150):
         row = {"step": step, "reward": 0.5, **({"eval/accuracy": 0.4} if step == 100 else {})}
         save_checkpoint(s, run="r", branch="main", step=step, model=model, tokenizer=tok,
-                        summary={"reward": 0.5, "eval/accuracy": 0.4}, metrics=[row])
+                        summary={"reward": 0.5, "eval/accuracy": 0.4, "step": step, "lr": 2e-4}, metrics=[row])
     code, out, _ = npo(["ls", "r", "--json", "--store", url], capsys, monkeypatch)
     (run,) = json.loads(out)["runs"]
     assert code == 0 and [c["eval_accuracy"] for c in run["branches"][0]["checkpoints"]] == [0.4, None, None]
@@ -100,6 +101,8 @@ def test_ls_shows_eval_only_where_one_ran(tmp_path, capsys, monkeypatch):
     assert code == 0 and json.loads(out)["eval_step"] == 100
     code, out, _ = npo(["show", "r@150", "--store", url], capsys, monkeypatch)
     assert code == 0 and "0.400 (step 100)" in out
+    # whole numbers print as integers, a learning rate keeps its digits (not "150.000", "0.000")
+    assert re.search(r"summary step\s+│ 150 ", out) and re.search(r"summary lr\s+│ 0.0002 ", out), out
 
 
 def test_ls_eval_column_of_a_trained_run(tmp_path, capsys, monkeypatch):
