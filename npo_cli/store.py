@@ -901,11 +901,14 @@ class Lease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
-            info = self.store.read_lease(self.run, self.branch)
-            if not info or info.get("token") != self.token:
-                self.lost = True
-                return
-            self.store.io.write(self.rel, [json.dumps(self._record()).encode()])
+            try:
+                info = self.store.read_lease(self.run, self.branch)
+                if not info or info.get("token") != self.token:
+                    self.lost = True
+                    return
+                self.store.io.write(self.rel, [json.dumps(self._record()).encode()])
+            except Exception:  # noqa: BLE001, S112  a store hiccup (network, full disk): retry at the next tick.
+                continue  # If it outlasts the lease and another writer takes over, the check above sees it.
 
     def release(self) -> None:
         self._stop.set()

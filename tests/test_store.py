@@ -517,6 +517,26 @@ def test_expired_and_remote_leases(store):
         assert store.read_lease("r", "main")["token"] == lease.token
 
 
+def test_lease_renewal_survives_a_store_hiccup(store, monkeypatch, capsys):
+    """A failed renewal (network blip, full disk) is retried at the next tick: before, the renewal thread
+    died with a traceback on stderr and the lease silently expired under a running writer."""
+    write, fails = store.io.write, []
+
+    def flaky(rel, parts, exclusive=False):
+        if rel.endswith("leases/main.json") and not exclusive and len(fails) < 2:
+            fails.append(rel)
+            raise OSError(28, "No space left on device")
+        return write(rel, parts, exclusive)
+
+    monkeypatch.setattr(store.io, "write", flaky)
+    with store.lease("r", "main", ttl=0.3) as lease:
+        first = store.read_lease("r", "main")["expiry"]
+        time.sleep(0.6)  # ticks every 0.1 s: two fail, the next ones renew
+        assert len(fails) == 2 and store.read_lease("r", "main")["expiry"] > first and not lease.lost
+        assert lease._thread.is_alive()
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_lease_on_s3_is_exclusive(s3_url):
     s = Store.open(s3_url)
     with s.lease("r", "main"):
