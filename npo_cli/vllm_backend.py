@@ -56,9 +56,10 @@ def _devices() -> list[int]:
 
 
 def _layout(model) -> dict:
-    """What decides whether a model's weights fit an engine built for another: config and tensor shapes."""
+    """What decides whether a model's weights fit an engine built for another: config and tensor shapes
+    (not the names, versions or dtypes saved with it, nor use_cache, which gradient checkpointing turns off)."""
     cfg = {k: v for k, v in model.config.to_dict().items()
-           if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")}
+           if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache")}
     return {"config": cfg, "shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()}}
 
 
