@@ -380,10 +380,15 @@ class _RemoteFS:
 
 # ------------------------------------------------------------------------------------------ store
 
+def s3_endpoint() -> str | None:
+    """The S3 endpoint of every s3:// URL npo opens (stores, prompt and teacher files)."""
+    return os.environ.get("NPO_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 def _s3_fs(url: str):
     import s3fs
 
-    endpoint = os.environ.get("NPO_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint()
     # Small timeouts and one botocore attempt: an unreachable endpoint fails in about a second with
     # a clear message instead of minutes of retries. s3fs still retries transient errors itself.
     fs = s3fs.S3FileSystem(

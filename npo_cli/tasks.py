@@ -133,8 +133,12 @@ def _read_records(url: str, fields: tuple[str, str]) -> list[dict]:
     is_parquet = lower.endswith((".parquet", ".pq"))
     if not is_parquet and not lower.endswith((".jsonl", ".json", ".ndjson")):
         raise NpoError(f"prompt file {url}: use a .jsonl or .parquet file")
+    from npo_cli.store import s3_endpoint
+
+    # s3:// files through the store's endpoint ($NPO_STORE's S3 and the prompts are usually the same place)
+    opts = {"endpoint_url": s3_endpoint()} if url.startswith("s3://") and s3_endpoint() else {}
     try:
-        with fsspec.open(url, "rb", compression=None if is_parquet else "infer") as f:
+        with fsspec.open(url, "rb", compression=None if is_parquet else "infer", **opts) as f:
             if is_parquet:
                 import pyarrow.parquet as pq
 

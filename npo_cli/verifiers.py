@@ -8,7 +8,10 @@ format term; user verifiers (`module:function`) are called with the three positi
 from __future__ import annotations
 
 import importlib
+import math
+import os
 import re
+import sys
 import threading
 from collections.abc import Callable
 
@@ -70,6 +73,10 @@ def math_score(completion: str, answer: str) -> float:
 
 def _import(path: str) -> Callable[[str, str, str], float]:
     mod_name, _, fn_name = path.partition(":")
+    # The `npo` script, unlike `python -m`, leaves the working directory off sys.path: a verifier module
+    # next to the recipe is found there. Appended, so it never shadows an installed module.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError, ValueError) as e:
@@ -101,9 +108,12 @@ def make_verifier(task: TaskConfig) -> Callable[..., float]:
 
         def core(prompt: str, completion: str, answer: str) -> float:
             try:
-                return float(user(prompt, completion, answer))
+                r = float(user(prompt, completion, answer))
             except Exception as e:  # noqa: BLE001  (any user bug -> one-line error naming the verifier)
                 raise NpoError(f"verifier '{name}' failed: {type(e).__name__}: {e}") from None
+            if not math.isfinite(r):  # a NaN reward would turn the advantages, then the weights, into NaN
+                raise NpoError(f"verifier '{name}' returned {r}; a reward must be a finite number")
+            return r
 
         def shape(c: str) -> bool:
             return True

@@ -103,6 +103,20 @@ def test_file_prompts_hash_split(tmp_path, fmt, where):
     assert load_problems(task, "train", 5) == train  # file order, seed-independent
 
 
+def test_file_prompts_on_s3_use_the_store_endpoint(s3_url):
+    """NPO_S3_ENDPOINT (set by the fixture; AWS_ENDPOINT_URL unset) reaches prompt files too: before, only
+    the store used it, and s3:// prompt files went to AWS."""
+    import boto3
+
+    from npo_cli.store import s3_endpoint
+
+    bucket = s3_url.split("/")[2]
+    boto3.client("s3", endpoint_url=s3_endpoint(), region_name="us-east-1").put_object(
+        Bucket=bucket, Key="data/p.jsonl", Body="\n".join(json.dumps(r) for r in ROWS).encode())
+    task = file_task(f"s3://{bucket}/data/p.jsonl")
+    assert len(load_problems(task, "train", 0)) + len(load_problems(task, "eval", 0)) == 200
+
+
 def test_file_eval_path_and_eval_size(tmp_path):
     write_jsonl(f"{tmp_path}/train.jsonl")
     write_jsonl(f"{tmp_path}/test.jsonl", ROWS[:30])

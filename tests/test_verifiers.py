@@ -1,5 +1,6 @@
 """Verifiers: exact, math (math-verify with our own timeout), user module:function, format term."""
 
+import sys
 import time
 
 import pytest
@@ -64,8 +65,12 @@ def test_custom_verifier(tmp_path, monkeypatch):
         "def broken(prompt, completion, answer):\n"
         "    raise KeyError('x')\n"
         "NOT_FN = 3\n"
+        "def nan(prompt, completion, answer):\n"
+        "    return float('nan')\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
+    # found in the working directory, as the `npo` script runs it (sys.path does not hold the folder)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     v = make(verifier="my_rewards:score", format_reward=0.5)
     assert v("p", "it is 42", "42") == 0.75  # finished unknown -> format term applies
     assert v("p", "it is 41", "42", finished=False) == 0.0
@@ -73,6 +78,8 @@ def test_custom_verifier(tmp_path, monkeypatch):
         make(verifier="my_rewards:broken")("p", "c", "a")
     with pytest.raises(NpoError, match="not a function"):
         make(verifier="my_rewards:NOT_FN")
+    with pytest.raises(NpoError, match="verifier 'my_rewards:nan' returned nan; a reward must be a finite number"):
+        make(verifier="my_rewards:nan")("p", "c", "a")
 
 
 @pytest.mark.parametrize("path", ["no_such_module_xyz:f", "json:no_such_fn", ":f"])
