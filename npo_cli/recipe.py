@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -280,10 +280,23 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def _is_text_key(path: list[str]) -> bool:
+    """The recipe key at `path` holds text (str, or str | None)."""
+    kind: Any = Recipe
+    for part in path:
+        field = getattr(kind, "model_fields", {}).get(part)
+        if field is None:
+            return False
+        kind = field.annotation
+    return set(get_args(kind) or (kind,)) in ({str}, {str, type(None)})
+
+
 def build_recipe(data: dict, overrides: list[str] = ()) -> Recipe:
     data = json.loads(json.dumps(data or {}))  # deep copy, JSON types only
     for item in overrides:
         path, value = parse_override(item)
+        if value is not None and not isinstance(value, str) and _is_text_key(path):
+            value = item.split("=", 1)[1]  # a text key takes what was typed: name=2024, template=Q: {prompt}
         node = data
         for part in path[:-1]:
             nxt = node.setdefault(part, {})

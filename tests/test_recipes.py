@@ -97,3 +97,19 @@ def test_gpu_recipe_loading_path_on_cpu(tmp_path):
     # the chat template travels with the checkpoint, so `npo export` gives a folder that chats the same way
     tok_cfg = store.get_bytes(man.tokenizer["tokenizer_config.json"]).decode()
     assert "chat_template" in tok_cfg or "chat_template.jinja" in man.tokenizer
+
+
+@pytest.mark.parametrize("item, key, value", [
+    ("task.template=Question: {prompt}", "template", "Question: {prompt}"),  # YAML read it as a mapping
+    ("name=2024", "name", "2024"), ("name=on", "name", "on"), ("npo.guide=007", "guide", "007"),
+    ("model.path='base@0'", "path", "base@0"),  # quoted YAML text stays YAML's
+    ("npo.guide=null", "guide", None),  # and null is still None for an optional key
+])
+def test_set_gives_text_keys_the_text_as_typed(item, key, value):
+    """--set reads values as YAML (3, 1e-4, true, [1, 2]); a key that holds text takes the typed text
+    when YAML made something else of it (before: 'recipe key task.template: Input should be a valid string')."""
+    from npo_cli.recipe import build_recipe
+
+    r = build_recipe({}, [item])
+    section = r if item.startswith("name") else getattr(r, item.split(".")[0])
+    assert getattr(section, key) == value
