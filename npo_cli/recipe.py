@@ -24,7 +24,7 @@ class ModelConfig(Section):
     path: str = Field(
         "tiny",
         description="'tiny' (the built-in 1M-parameter Qwen2 with a char tokenizer), a Hugging Face "
-        "model folder, or a store ref such as 'base@weak' / 'base/main@0'.",
+        "model folder, or a store ref such as 'base/weak' / 'base/main@0'.",
     )
     store: str | None = Field(
         None, description="Store URL that `path` refers to when it is a ref (default: the run's store)."

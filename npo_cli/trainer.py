@@ -346,6 +346,10 @@ class Trainer:
         if man.optimizer:
             load_optimizer(self.store, man, self.optimizer)
         tensors = load_state_tensors(self.store, man)
+        saved_by = sum(k.startswith("torch_rng") for k in tensors)
+        if saved_by and saved_by != dist.world() and dist.is_main():
+            self._say(f"resuming a checkpoint of {saved_by} process(es) with {dist.world()}: each process "
+                      "samples from its own saved stream, so this resume is not exact (it continues correctly)")
         sfx = f"_rank{dist.rank()}" if dist.rank() else ""  # torchrun: each rank's own sampling stream
         if "torch_rng" + sfx in tensors:
             # clone: set_state reads from the start of the storage, and a loaded tensor may be a view
@@ -508,11 +512,14 @@ class Trainer:
             self.micro_batch = mbs // 2
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            msg = f"out of GPU memory with {mbs} sequences per micro-batch: retrying with {self.micro_batch}"
-            if self.console is not None:
-                self.console.print(f"[yellow]{msg}[/yellow]")
-            else:
-                print(msg, file=sys.stderr)
+            self._say(f"out of GPU memory with {mbs} sequences per micro-batch: retrying with {self.micro_batch}")
+
+    def _say(self, msg: str) -> None:
+        """A warning for the user: through the console when there is one, else on stderr."""
+        if self.console is not None:
+            self.console.print(f"[yellow]{msg}[/yellow]")
+        else:
+            print(msg, file=sys.stderr)
 
     def _backward(self, rows, adv, n_tokens, n_seqs, pad_row, mbs: int) -> tuple[dict, dict, dict]:
         """Gradients of the batch's loss (zeroed first), accumulated over micro-batches of `mbs` rows:

@@ -248,6 +248,10 @@ def test_torchrun_cli_resume_matches_straight_run(workdir: Path, parallel: str):
     assert all(torch.equal(a[k], b[k]) for k in a)
     for k in ("torch_rng", "torch_rng_rank1"):  # content-addressed: same object = same RNG state
         assert man_a.state_tensors[k].oid == man_b.state_tensors[k].oid
+    if parallel == "ddp":  # one process resuming 2 ranks' checkpoint: it goes on, and says it is not exact
+        p = _run([sys.executable, "-m", "npo_cli", "run", "--resume", "ddp", "--store", "a", "--set", "train.steps=4"],
+                 workdir)
+        assert "resuming a checkpoint of 2 process(es) with 1" in " ".join(p.stdout.split())
 
 
 DIVERGE = '''
