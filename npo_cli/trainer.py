@@ -13,6 +13,7 @@ append decision records to `trainer.events` (stored with the next checkpoint).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -211,6 +212,9 @@ class Trainer:
         self.eval_problems = load_problems(recipe.task, "eval", recipe.seed)[: recipe.task.eval_size]
         if not self.train_problems:
             raise NpoError("the task has no training problems")
+        # what the data position of a checkpoint counts in: a resume must see the same problems
+        self.train_sha = hashlib.sha256(json.dumps([[p.prompt, p.answer] for p in self.train_problems])
+                                        .encode()).hexdigest()
         self.reward_fn = make_verifier(recipe.task)
         self.judge = (make_verifier(recipe.task.model_copy(update={"format_reward": 0.0}))
                       if recipe.task.format_reward else self.reward_fn)
@@ -332,10 +336,24 @@ class Trainer:
                            f"(train.steps={recipe.train.steps}); extend it with --set train.steps=N")
         return cls(recipe, store, branch=branch, init=man, **kw)
 
+    def _check_same_problems(self, man, saved: str | None) -> None:
+        """A resume under the same task settings must read the same training problems: a prompt file read
+        from another folder (relative paths follow the working directory) or edited since would silently
+        continue the data position in other data. A changed task setting (--set task.train_path=...)
+        is the user's choice and goes through."""
+        if saved is None or saved == self.train_sha or man.recipe is None:
+            return
+        if self.store.get_json(man.recipe).get("task") == self.recipe.task.model_dump(mode="json"):
+            where = f" '{self.recipe.task.train_path}'" if self.recipe.task.kind == "file" else ""
+            raise NpoError(f"the training prompts{where} differ from the ones checkpoint {man.id[:12]} was "
+                           "trained on (edited, or a relative path read from another folder); run from the "
+                           "run's folder, or point task.train_path at the original file with --set")
+
     def _restore(self, man) -> None:
         from npo_cli.checkpoint import load_optimizer, load_state_tensors
 
         st = man.state or {}
+        self._check_same_problems(man, st.get("train_sha"))
         self.step_num = int(st.get("step", man.step))
         self.epoch, self.pos = int(st.get("epoch", 0)), int(st.get("pos", 0))
         self.samples_seen = int(st.get("samples_seen", 0))
@@ -602,7 +620,7 @@ class Trainer:
 
         main = dist.is_main()  # the source's and controller's state_dict write their objects: rank 0 only
         state = {
-            "step": self.step_num, "epoch": self.epoch, "pos": self.pos,
+            "step": self.step_num, "epoch": self.epoch, "pos": self.pos, "train_sha": self.train_sha,
             "samples_seen": self.samples_seen, "tokens_generated": self.tokens_generated,
             "last_eval": self.last_eval,
             "source": self.source.state_dict() if main else {},

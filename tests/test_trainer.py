@@ -423,3 +423,28 @@ def test_quickstart_30_steps(tmp_path, monkeypatch):
     assert out.exit_code == 0 and run in out.output
     out = CliRunner().invoke(app, ["eval", f"{run}@30", "--task-set", "eval_size=32", "--store", str(store)])
     assert out.exit_code == 0, out.output
+
+
+def test_resume_refuses_other_training_prompts(tmp_path, monkeypatch):
+    """A relative task.train_path is read from the working directory: a resume from another folder (or
+    after the file was edited) would continue the data position in other prompts. It stops with the
+    reason; pointing task.train_path at the original file with --set goes on."""
+    from npo_cli.store import Store
+
+    for folder, op in (("a", "+"), ("b", "*")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "train.jsonl").write_text("".join(
+            json.dumps({"prompt": f"{i}{op}{j}=", "answer": str(i + j if op == "+" else i * j)}) + "\n"
+            for i in range(10) for j in range(10)))
+    store = Store.open(str(tmp_path / "store"))
+    recipe = build_recipe({"name": "f", "model": {"path": "tiny"}, "task": {"kind": "file", "train_path": "train.jsonl"},
+                           "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 3},
+                           "train": {"steps": 1, "save_every": 1, "eval_every": 100}, "logging": {"progress": False}})
+    monkeypatch.chdir(tmp_path / "a")
+    Trainer.new(recipe, store).train()
+    assert store.manifest("f").state["train_sha"]
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(NpoError, match="training prompts 'train.jsonl' differ from the ones checkpoint"):
+        Trainer.resume(store, "f", ["train.steps=2"])
+    t = Trainer.resume(store, "f", ["train.steps=2", f"task.train_path={tmp_path / 'a' / 'train.jsonl'}"])
+    assert t.train()["step"] == 2
