@@ -76,6 +76,12 @@ class TaskConfig(Section):
     verifier_timeout: float = Field(5.0, gt=0, description="Seconds per math-verify call before it scores 0.")
     format_reward: float = Field(0.0, description="Added when the completion ends with EOS in the expected format.")
 
+    @model_validator(mode="after")
+    def _template_has_prompt(self):
+        if "{prompt}" not in self.template:  # else every problem would get the same prompt
+            raise ValueError("task.template must contain {prompt}, where the problem's text goes")
+        return self
+
 
 class RolloutConfig(Section):
     backend: Literal["hf", "vllm"] = Field("hf", description="Sampling engine.")
@@ -171,7 +177,7 @@ class NPOConfig(Section):
     )
     guide: str | None = Field(None, description="Guide checkpoint ref (source=npo) or teacher (luffy).")
     start: int = Field(0, ge=0, description="First step with mixing on.")
-    until: int | None = Field(None, description="Mixing stops at this step (None: never).")
+    until: int | None = Field(None, ge=0, description="Mixing stops at this step (None: never).")
     gate: float = Field(0.6, ge=0.0, le=1.0, description="Mix only when on-policy group accuracy <= gate.")
     max_tries: int = Field(8, ge=1, description="Guide samples per prompt before giving up.")
     importance_sampling: bool = Field(True, description="Ratio pi_theta / pi_guide (False: ratio 1 detached).")
@@ -195,6 +201,16 @@ class NPOConfig(Section):
         0.2, gt=0, description="exgrpo: prompts are drawn with weight exp(-(acc-0.5)^2 / 2 sigma^2): "
         "medium difficulty first (ExGRPO's bucket preference, as one Gaussian; ours)."
     )
+
+    @model_validator(mode="after")
+    def _source_named(self):
+        # a guide, teacher file or replay run without a source would be ignored: plain GRPO, silently
+        if self.source == "none":
+            for key in ("guide", "teacher_path", "replay_from"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"npo.{key} is set but npo.source is none; set npo.source "
+                                     "(npo, luffy, exgrpo or rlep)")
+        return self
 
 
 class AutoConfig(Section):

@@ -7,6 +7,7 @@ folder made from the tiny model with a chat template, and a 10-line GSM8K-style 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -101,9 +102,9 @@ def test_gpu_recipe_loading_path_on_cpu(tmp_path):
 
 @pytest.mark.parametrize("item, key, value", [
     ("task.template=Question: {prompt}", "template", "Question: {prompt}"),  # YAML read it as a mapping
-    ("name=2024", "name", "2024"), ("name=on", "name", "on"), ("npo.guide=007", "guide", "007"),
+    ("name=2024", "name", "2024"), ("name=on", "name", "on"), ("model.path=007", "path", "007"),
     ("model.path='base@0'", "path", "base@0"),  # quoted YAML text stays YAML's
-    ("npo.guide=null", "guide", None),  # and null is still None for an optional key
+    ("model.store=null", "store", None),  # and null is still None for an optional key
 ])
 def test_set_gives_text_keys_the_text_as_typed(item, key, value):
     """--set reads values as YAML (3, 1e-4, true, [1, 2]); a key that holds text takes the typed text
@@ -113,3 +114,18 @@ def test_set_gives_text_keys_the_text_as_typed(item, key, value):
     r = build_recipe({}, [item])
     section = r if item.startswith("name") else getattr(r, item.split(".")[0])
     assert getattr(section, key) == value
+
+
+@pytest.mark.parametrize("item, expect", [
+    ("task.template=Q:", "task.template must contain {prompt}"),  # every problem would get one prompt
+    ("npo.until=-3", "recipe key 'npo.until'"),
+    ("npo.guide=base@0", "npo.guide is set but npo.source is none"),  # would train plain GRPO, silently
+    ("npo.teacher_path=t.jsonl", "npo.teacher_path is set but npo.source is none"),
+    ("npo.replay_from=r", "npo.replay_from is set but npo.source is none"),
+])
+def test_settings_that_would_be_ignored_are_refused(item, expect):
+    from npo_cli.errors import NpoError
+    from npo_cli.recipe import build_recipe
+
+    with pytest.raises(NpoError, match=re.escape(expect)):
+        build_recipe({}, [item])
