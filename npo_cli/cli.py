@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -49,12 +50,13 @@ def _root(
 
 @recipe_app.command("schema")
 def recipe_schema(as_json: bool = JsonOpt):
-    """Every recipe setting with its type, default and description."""
+    """Every recipe setting with its type (a choice lists its allowed values), default and description."""
     from npo_cli.recipe import schema_rows
 
     rows = schema_rows()
-    if as_json:
-        print(json.dumps([dict(zip(("key", "type", "default", "description"), r)) for r in rows], indent=1))
+    if as_json:  # the default as a JSON value, not JSON text inside a string
+        print(json.dumps([{"key": k, "type": t, "default": json.loads(d), "description": s} for k, t, d, s in rows],
+                         indent=1))
         return
     table = Table("key", "type", "default", "description")
     for r in rows:
@@ -290,6 +292,21 @@ def gc_cmd(
           f"kept {rep['kept_objects']} ({human_bytes(rep['kept_bytes'])})")
 
 
+@contextlib.contextmanager
+def _no_hf_progress():
+    """Hugging Face's progress bars ("Loading weights", "Writing model shards") off for one call: export and
+    import print one line."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 @app.command("export")
 def export_cmd(
     ref: str = StoreRefArg,
@@ -299,11 +316,14 @@ def export_cmd(
     """Write a checkpoint as a plain Hugging Face model folder (from_pretrained loads it)."""
     from npo_cli.store import Store
 
+    if "://" in out_dir:  # os paths only: s3://b/x became a local folder "s3:/b/x"
+        raise NpoError(f"export writes a local folder, not {out_dir}; give a path, then copy it")
     s = Store.open(store, must_exist=True)
     s.resolve(ref)  # a bad ref fails before torch is imported
     from npo_cli.checkpoint import export
 
-    export(s, ref, out_dir)
+    with _no_hf_progress():
+        export(s, ref, out_dir)
     print(f"exported {ref} to {out_dir}")
 
 
@@ -319,12 +339,15 @@ def import_cmd(
     from npo_cli.store import Store, check_name
 
     check_name("run", run)
+    if "://" in hf_dir:  # local folders only: for a URL the check below said "no config.json" though it is there
+        raise NpoError(f"import reads a local folder, not {hf_dir}; copy it to a local path first")
     if not _os.path.isfile(_os.path.join(hf_dir, "config.json")):
         raise NpoError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
     s = Store.open(store)  # a new folder becomes a new store
     from npo_cli.checkpoint import import_hf
 
-    cid = import_hf(s, hf_dir, run)
+    with _no_hf_progress():
+        cid = import_hf(s, hf_dir, run)
     print(f"imported {hf_dir} as {run}/main@0 ({cid[:12]})")
 
 
@@ -400,8 +423,8 @@ def guide_cmd(
 
 
 CompareRefsArg = typer.Argument(..., help="Branches or checkpoints (RUN, RUN/BRANCH, RUN@STEP, id). A glob "
-                                "('grpo-s*', 'grpo-s*/npo-boot') averages its matches, mean ± std; "
-                                "LABEL=REF names a curve.")
+                                "averages its matches: 'grpo-s*' matches runs (their main branch), "
+                                "'grpo-s*/npo-boot' RUN/BRANCH ('*' never crosses '/'). LABEL=REF names a curve.")
 
 
 @app.command("compare")
@@ -417,7 +440,11 @@ def compare_cmd(
     as_json: bool = JsonOpt,
 ):
     """Curves of several branches on one chart (a branch continues its parent's up to the fork), finals,
-    and steps to a threshold."""
+    and steps to a threshold. A glob's row is over its members (say, seeds) at the steps all of them have:
+    the mean, ± the sample standard deviation over members (the chart's band); if members end at different
+    steps (a seed crashed), the final value and the work columns are all at the last step they share, and a
+    note says so. Its steps to the threshold are where the mean curve first reaches it, not a mean of each
+    member's."""
     from npo_cli.compare import compare
     from npo_cli.store import Store
 
@@ -450,6 +477,9 @@ def compare_cmd(
             row += [f"{hit['x']:.4g}" if hit else "-", f"{c['work'][xs]:.4g}"]
         t.add_row(*row)
     console.print(t)
+    for c in data["curves"]:
+        if c["note"]:
+            console.print(f"{c['label']}: {c['note']}")
     if plot:
         console.print(f"chart: {plot}")
 

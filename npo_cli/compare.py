@@ -15,9 +15,12 @@ in its own lineage (NPO's rolled-back stretch A..G, AutoNPO's rollbacks, a boots
 guide's lineage is added once, at the point the branch starts using it (a horizontal jump on the chart).
 Guides from other runs (a LUFFY teacher, RLEP's finished run) are external and not counted.
 
-A REF may be a glob over the store's branches ('grpo-s*', 'grpo-s*/npo-boot'): its matches (say, one per
-seed) become one curve, the mean over members at the steps they share, with a ±1 std band. `LABEL=REF`
-names a curve. No torch here.
+A REF may be a glob: 'grpo-s*' matches run names (each run's main branch), 'grpo-s*/npo-boot' matches
+RUN/BRANCH with each side matched on its own ('*' never crosses '/'). Its matches (say, one per seed) become
+one curve: the mean over members at the steps all of them have, with a ±1 std band (the sample std). When
+members end at different steps (a seed crashed), every column, final value and work alike, is taken at the
+last step they share, and the curve says so in its note. A group's steps to the threshold are where the
+mean curve first reaches it. `LABEL=REF` names a curve. No torch here.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class Curve:
     points: list[Point]
     fork: dict[str, float] | None = None  # step, x (work at the fork), x_resume (after a guide's cost), y
     work: dict[str, float] = field(default_factory=dict)  # totals at the last point
+    work_at: dict[int, dict[str, float]] = field(default_factory=dict)  # work done up to each point's step
+    note: str | None = None  # groups: why the columns stop short of some members' ends
 
 
 # --------------------------------------------------------------------------- work per step
@@ -146,6 +151,7 @@ def build_curve(store: Store, ref: str, metric: str, x: str = "step", label: str
     counted = set(in_lineage)  # guides' checkpoints already paid for
     cum = dict.fromkeys(WORK, 0.0)
     points: list[Point] = []
+    work_at: dict[int, dict[str, float]] = {}
     fork = None
     for i, m in enumerate(lin):
         before = dict(cum)
@@ -168,31 +174,37 @@ def build_curve(store: Store, ref: str, metric: str, x: str = "step", label: str
                 step = int(row.get("step", m.step))
                 points.append(Point(step=step, x=float(step) if x == "step" else cum[x], y=float(v),
                                     inherited=i < own_start))
+                work_at[step] = dict(cum)
     if not points:
         keys = sorted({k for m in lin for r in costs.rows(m) for k, v in r.items()
                        if isinstance(v, (int, float)) and k != "step"})
         hint = f"; metrics there: {', '.join(keys[:25])}" if keys else " (no metrics stored)"
         raise NpoError(f"{ref} has no '{metric}' values along its lineage{hint}")
-    return Curve(label=label or ref, refs=[ref], ids=[head.id], points=points, fork=fork, work=dict(cum))
+    return Curve(label=label or ref, refs=[ref], ids=[head.id], points=points, fork=fork, work=dict(cum),
+                 work_at=work_at)
 
 
 def expand(store: Store, pattern: str) -> list[str]:
     """Branch refs matching a glob: 'grpo-s*' matches runs (their main branch), 'grpo-s*/npo' branches;
     '@STEP' after the glob applies to every match."""
     pat, _, step = pattern.partition("@")
+    # run and branch matched apart: fnmatch's '*' also matches '/', and 'g*' pulled in g0/npo-5-g10
+    run_pat, slash, branch_pat = pat.partition("/")
     out = []
     for run in store.runs():
+        if not fnmatch.fnmatchcase(run, run_pat):
+            continue
         for b in store.branches(run):
-            name = f"{run}/{b}"
-            if fnmatch.fnmatchcase(name, pat) or (b == "main" and fnmatch.fnmatchcase(run, pat)):
-                out.append((run if b == "main" and "/" not in pat else name) + (f"@{step}" if step else ""))
+            if fnmatch.fnmatchcase(b, branch_pat) if slash else b == "main":
+                out.append((f"{run}/{b}" if slash else run) + (f"@{step}" if step else ""))
     if not out:
         raise NpoError(f"no branch in {store.url} matches {pattern!r} (see npo ls)")
     return sorted(out)
 
 
 def average(curves: list[Curve], label: str) -> Curve:
-    """Mean ± std over members at the steps all of them have (x = the members' mean x there)."""
+    """Mean ± sample std over members at the steps all of them have (x = the members' mean x there); work
+    at the last of those steps when members end at different steps."""
     if len(curves) == 1:
         c = curves[0]
         return Curve(label=label, refs=c.refs, ids=c.ids, points=c.points, fork=c.fork, work=c.work)
@@ -211,9 +223,15 @@ def average(curves: list[Curve], label: str) -> Curve:
         fork = {k: statistics.mean(c.fork[k] for c in curves) for k in ("step", "x", "x_resume")}
         ys = [c.fork["y"] for c in curves if c.fork["y"] is not None]
         fork["y"] = statistics.mean(ys) if len(ys) == len(curves) else None
-    work = {k: statistics.mean(c.work.get(k, 0.0) for c in curves) for k in WORK}
+    ends, note = sorted({c.points[-1].step for c in curves}), None
+    works = [c.work for c in curves]
+    if ends != [steps[-1]]:  # e.g. a seed that crashed: all columns at the step every member reached
+        works = [c.work_at[steps[-1]] for c in curves]
+        note = (f"members end at steps {', '.join(map(str, ends))}: final value and work are at step "
+                f"{steps[-1]}, the last step they share")
+    work = {k: statistics.mean(w.get(k, 0.0) for w in works) for k in WORK}
     return Curve(label=label, refs=[r for c in curves for r in c.refs], ids=[i for c in curves for i in c.ids],
-                 points=pts, fork=fork, work=work)
+                 points=pts, fork=fork, work=work, note=note)
 
 
 def first_reach(points: list[Point], threshold: float) -> Point | None:
@@ -254,7 +272,7 @@ def compare_groups(store: Store, groups: list[tuple[str, list[str]]], metric: st
             "points": [{k: v for k, v in asdict(p).items() if v is not None or k != "std"} for p in c.points],
             "final": {k: v for k, v in asdict(c.points[-1]).items() if k != "inherited"},
             "to_threshold": {"step": hit.step, "x": hit.x} if hit else None,
-            "work": c.work,
+            "work": c.work, "note": c.note,
         })
     return {"store": store.url, "metric": metric, "x": x, "x_label": X_LABELS[x], "threshold": threshold,
             "curves": rows}

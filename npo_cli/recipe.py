@@ -173,7 +173,9 @@ class LoggingConfig(Section):
 
 class NPOConfig(Section):
     source: Literal["none", "npo", "luffy", "exgrpo", "rlep"] = Field(
-        "none", description="Source of off-policy slots: none = plain GRPO."
+        "none", description="Source of off-policy slots: none = plain GRPO; npo = a near-future checkpoint's "
+        "verified rollouts (npo.guide); luffy = a teacher's (npo.teacher_path or npo.guide); exgrpo = the run's "
+        "own past successes; rlep = a finished run's successes (npo.replay_from)."
     )
     guide: str | None = Field(None, description="Guide checkpoint ref (source=npo) or teacher (luffy).")
     start: int = Field(0, ge=0, description="First step with mixing on.")
@@ -376,6 +378,7 @@ def schema_rows(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple
             rows += schema_rows(ann, f"{prefix}{name}.")
             continue
         default = f.get_default(call_default_factory=True)
-        rows.append((f"{prefix}{name}", getattr(ann, "__name__", str(ann)).replace("typing.", ""),
-                     json.dumps(default), f.description or ""))
+        # a class by its name; anything else as written: "int | None", "Literal['hf', 'vllm']" (the choices)
+        kind = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+        rows.append((f"{prefix}{name}", kind, json.dumps(default), f.description or ""))
     return rows

@@ -130,6 +130,65 @@ def test_compare_glob_averages(cmp_store):
     assert c["to_threshold"] is None
 
 
+@pytest.fixture(scope="module")
+def seeds_store(tmp_path_factory) -> Path:
+    """Seeds g0..g3 written without training: eval every 5 steps (g{i} at step s: s/100 + i/100), 2 tokens
+    per completion; g3 crashed after step 10; branch g0/npo (fork at 20) evals 0.9 at 25."""
+    from transformers import AutoModelForCausalLM
+
+    from npo_cli.checkpoint import save_checkpoint
+    from npo_cli.store import Store
+    from npo_cli.tiny import char_tokenizer, tiny_config
+
+    d = tmp_path_factory.mktemp("seeds") / "store"
+    store, model, tok = Store.open(str(d)), AutoModelForCausalLM.from_config(tiny_config()), char_tokenizer()
+
+    def rows(first, last, acc):
+        return [{"step": s, "response_length": 2.0, **({"eval/accuracy": acc(s)} if s % 5 == 0 else {})}
+                for s in range(first, last + 1)]
+
+    for i, steps in enumerate((20, 20, 20, 10)):
+        save_checkpoint(store, run=f"g{i}", branch="main", step=steps, model=model, tokenizer=tok,
+                        metrics=rows(1, steps, lambda s, i=i: s / 100 + i / 100))
+    store.branch("g0@20", "npo")
+    save_checkpoint(store, run="g0", branch="npo", step=25, model=model, tokenizer=tok,
+                    metrics=rows(21, 25, lambda s: 0.9))
+    return d
+
+
+def test_compare_glob_star_stays_within_a_name(seeds_store):
+    """fnmatch's '*' matches '/': 'g*' pulled g0's NPO branch into the seeds' mean."""
+    from npo_cli.compare import expand
+    from npo_cli.store import Store
+
+    store = Store.open(str(seeds_store))
+    assert expand(store, "g*") == ["g0", "g1", "g2", "g3"]  # runs: their main branch
+    assert expand(store, "g*@10") == ["g0@10", "g1@10", "g2@10", "g3@10"]
+    assert expand(store, "g*/n*") == ["g0/npo"]
+    assert expand(store, "g0/*") == ["g0/main", "g0/npo"]
+    assert expand(store, "*/main") == [f"g{i}/main" for i in range(4)]
+
+
+def test_compare_glob_of_unequal_seeds_is_at_the_shared_step(seeds_store, monkeypatch, capsys):
+    """g3 stopped at 10: the final value was at 10 but updates and tokens were the full runs' mean (17.5)."""
+    s = ["--store", str(seeds_store)]
+    code, out, err = run_main(["compare", "g*", "--x", "tokens", "--json", *s], monkeypatch, capsys)
+    assert code == 0, err
+    (c,) = json.loads(out)["curves"]
+    assert c["members"] == 4 and c["final"]["step"] == 10
+    assert c["final"]["y"] == pytest.approx(0.1 + 0.015)
+    assert c["final"]["std"] == pytest.approx(statistics.stdev([0.1, 0.11, 0.12, 0.13]))
+    assert c["work"]["updates"] == 10.0 and c["work"]["tokens"] == 10 * 16 * 8 * 2.0  # default 16 prompts x 8
+    assert c["note"] == ("members end at steps 10, 20: final value and work are at step 10, "
+                         "the last step they share")
+    code, out, err = run_main(["compare", "g*", *s], monkeypatch, capsys)
+    assert code == 0 and "g* (4 runs)" in out and "0.115 ± 0.013" in out, err
+    assert "g*: members end at steps 10, 20: final value and work are at step 10" in out
+    # members that end together: the full runs' work, no note
+    (c,) = json.loads(run_main(["compare", "g[012]", "--json", *s], monkeypatch, capsys)[1])["curves"]
+    assert c["final"]["step"] == 20 and c["work"]["updates"] == 20.0 and c["note"] is None
+
+
 def test_compare_errors(cmp_store, monkeypatch, capsys):
     s = ["--store", str(cmp_store)]
     for argv, msg in [(["compare", "r", "--metric", "nope", *s], "no 'nope' values"),

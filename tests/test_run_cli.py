@@ -160,6 +160,27 @@ def test_bare_npo_prints_help(monkeypatch, capsys):
     assert code == 2 and "Usage:" in out and "npo [OPTIONS] COMMAND" in out and err == ""
 
 
+def test_recipe_schema_lists_choices_and_real_defaults(monkeypatch, capsys):
+    """A choice showed as just 'Literal' (npo.source's luffy, exgrpo and rlep could not be found), and --json
+    gave each default as JSON text inside a string ("\\"run\\"")."""
+    code, out, err = run_main(["recipe", "schema", "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    rows = {r["key"]: r for r in json.loads(out)}
+    assert rows["npo.source"]["type"] == "Literal['none', 'npo', 'luffy', 'exgrpo', 'rlep']"
+    for key in ("grpo.agg", "npo.guide_clip", "auto.bucket", "train.parallel", "model.dtype"):
+        assert rows[key]["type"].startswith("Literal['"), rows[key]
+    assert rows["rollout.vllm_max_model_len"]["type"] == "int | None" and rows["seed"]["type"] == "int"
+    defaults = Recipe().model_dump(mode="json")
+    for key, row in rows.items():
+        value = defaults
+        for part in key.split("."):
+            value = value[part]
+        assert row["default"] == value, key
+    assert rows["name"]["default"] == "run" and rows["grpo.betas"]["default"] == [0.9, 0.999]
+    code, out, err = run_main(["recipe", "schema"], monkeypatch, capsys)
+    assert code == 0 and "'exgrpo'" in out, err
+
+
 def test_unusable_store_folder_is_one_line(tmp_path, monkeypatch, capsys):
     """A store the OS refuses (here: a folder under a file) names the store and says what to change,
     not 'error: NotADirectoryError: [Errno 20] ... (set NPO_DEBUG=1 ...)'."""

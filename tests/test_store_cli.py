@@ -182,11 +182,16 @@ def test_verify_and_gc(populated, capsys, monkeypatch):
 
 
 def test_export_then_import(populated, tmp_path, capsys, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
     out_dir = str(tmp_path / "hf")
-    code, out, _ = npo(["export", "r1/rw", out_dir, "--store", populated], capsys, monkeypatch)
+    code, out, err = npo(["export", "r1/rw", out_dir, "--store", populated], capsys, monkeypatch)
     assert code == 0 and os.path.isfile(os.path.join(out_dir, "model.safetensors"))
-    code, out, _ = npo(["import", out_dir, "--run", "back", "--store", populated], capsys, monkeypatch)
-    assert code == 0 and "back/main@0" in out
+    assert err == ""  # no Hugging Face progress bar ("Writing model shards")
+    code, out, err = npo(["import", out_dir, "--run", "back", "--store", populated], capsys, monkeypatch)
+    assert code == 0 and "back/main@0" in out and err == "", err  # nor "Loading weights"
+    assert hf_logging.is_progress_bar_enabled() == bars  # off for those calls only
     s = Store.open(populated)
     a, b = s.manifest("back"), s.manifest("r1/rw")
     assert {k: e.oid for k, e in a.model.items()} == {k: e.oid for k, e in b.model.items()}  # same tensors
@@ -195,6 +200,21 @@ def test_export_then_import(populated, tmp_path, capsys, monkeypatch):
     code, out, err = npo(["import", out_dir, "--run", "fresh", "--store", str(new)], capsys, monkeypatch)
     assert code == 0 and "fresh/main@0" in out, err
     assert Store.open(str(new)).manifest("fresh").step == 0
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["export", "r1", "s3://bkt/x"], "error: export writes a local folder, not s3://bkt/x; give a path, then copy it"),
+    (["import", "s3://bkt/hf", "--run", "x"],
+     "error: import reads a local folder, not s3://bkt/hf; copy it to a local path first"),
+], ids=["export", "import"])
+def test_export_and_import_refuse_urls(populated, tmp_path, args, expect, capsys, monkeypatch):
+    """export to s3://bkt/x wrote a local folder 's3:/bkt/x' and said it exported; import of a URL said
+    the folder had no config.json."""
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(populated)
+    code, out, err = npo([*args, "--store", populated], capsys, monkeypatch)
+    assert code == 1 and out == "" and err == expect + "\n", err
+    assert not (tmp_path / "s3:").exists() and snapshot(populated) == before
 
 
 def _closed_port() -> int:
