@@ -557,9 +557,17 @@ def auto_cmd(
         raise typer.Exit(130)
 
 
+DATA_PARALLEL = ("run", "intervene", "auto")  # under torchrun every rank runs these; other commands run on rank 0
+
+
 def main():
+    # under torchrun (WORLD_SIZE > 1): rank > 0 prefixes its errors, and skips a command that is not data-parallel
+    # (`torchrun ... -m npo_cli gc` collects once, not once per rank at the same time)
+    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     try:
-        _main()
+        if rank and next((a for a in sys.argv[1:] if not a.startswith("-")), None) not in DATA_PARALLEL:
+            sys.exit(0)
+        _main(rank)
     except SystemExit as e:  # _main ends every command with sys.exit
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank
             from npo_cli import dist
@@ -568,7 +576,18 @@ def main():
         raise
 
 
-def _main():
+def _lost_peer(e: Exception) -> bool:
+    """A collective failed because another torchrun process stopped (gloo / NCCL connection errors)."""
+    import torch.distributed as tdist
+
+    msg = str(e)
+    return isinstance(e, getattr(tdist, "DistError", ())) or any(
+        s in msg for s in ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer"))
+
+
+def _main(rank: int | None = None):
+    """rank: this process's torchrun rank (None: not under torchrun)."""
+    who = f"[rank {rank}] " if rank else ""
     try:
         # standalone_mode=False: usage errors come to us (one line below) instead of Typer's multi-line Rich
         # box; typer.Exit(n) and --help come back as the exit code
@@ -581,7 +600,7 @@ def _main():
             print(f"error: {msg.rstrip('.')}.{hint}", file=sys.stderr)
         sys.exit(e.exit_code)
     except NpoError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {who}{e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -590,10 +609,14 @@ def _main():
         if os.environ.get("NPO_DEBUG"):
             raise
         if isinstance(e, OSError) and e.filename:  # the OS refused a path the user named: not a bug
-            print(f"error: cannot use {e.filename}: {os_reason(e)}; check the path and its permissions",
+            print(f"error: {who}cannot use {e.filename}: {os_reason(e)}; check the path and its permissions",
+                  file=sys.stderr)
+            sys.exit(1)
+        if rank is not None and _lost_peer(e):  # not this rank's fault: the other's error says what went wrong
+            print(f"error: {who}stopped: another process of this torchrun stopped (its error is above)",
                   file=sys.stderr)
             sys.exit(1)
         msg = str(e).splitlines()[0] if str(e) else ""
-        print(f"error: {type(e).__name__}: {msg} (set NPO_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"error: {who}{type(e).__name__}: {msg} (set NPO_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

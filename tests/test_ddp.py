@@ -427,6 +427,24 @@ def test_torchrun_rank_ends_with_os_exit(monkeypatch, capsys, tmp_path: Path):
     assert exits == [0] and code == 0 and "intervene" in out
     code, _, err = run_main(["show", "nosuch", "--store", str(tmp_path)], monkeypatch, capsys)
     assert exits == [0, 1] and code == 1 and err.startswith("error:")
+    # rank 1: a command that is not data-parallel runs on rank 0 only (one listing, one gc); errors say the rank
+    monkeypatch.setenv("RANK", "1")
+    code, out, err = run_main(["show", "nosuch", "--store", str(tmp_path)], monkeypatch, capsys)
+    assert exits == [0, 1, 0] and code == 0 and out == err == ""
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert run_main(["show", "nosuch", "--store", str(tmp_path)], monkeypatch, capsys)[0] == 1
-    assert exits == [0, 1]
+    assert exits == [0, 1, 0]  # a single process exits as usual
+
+
+def test_a_rank_whose_peer_stopped_says_so(workdir: Path):
+    """torchrun where rank 0 fails at start-up (a missing recipe file): rank 1, left at a collective, says
+    that another process stopped, instead of gloo's connection-reset error."""
+    p = _run(_torchrun("-m", "npo_cli", "run", "nope.yaml", "--store", "s"), workdir, ok=False)
+    lines = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert "error: recipe file not found: nope.yaml" in lines
+    assert "error: [rank 1] stopped: another process of this torchrun stopped (its error is above)" in lines, p.stderr
+    # an error every rank meets: rank 1's line names its rank
+    (workdir / "r.yaml").write_text(yaml.safe_dump(RECIPE))
+    p = _run(_torchrun("-m", "npo_cli", "run", "r.yaml", "--store", "s", "--set", "train.stepz=1"), workdir, ok=False)
+    lines = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert sorted(lines) == ["error: [rank 1] unknown recipe key 'train.stepz'", "error: unknown recipe key 'train.stepz'"]
