@@ -119,7 +119,7 @@ def eval_cmd(
 
     if samples is not None and samples < 1:  # checked here: eval_checkpoint reads 0 as "the recipe's default"
         raise NpoError("--samples must be >= 1")
-    Store.open(store, must_exist=True)  # a mistyped --store says so, not "unknown run"
+    _note_live_branch(Store.open(store, must_exist=True), ref)  # a mistyped --store says so, not "unknown run"
     from npo_cli.trainer import eval_checkpoint
 
     res = eval_checkpoint(store, ref, samples, task_sets)
@@ -138,6 +138,17 @@ def eval_cmd(
 # ------------------------------------------------------------------ store commands (helper STORE)
 
 StoreRefArg = typer.Argument(..., help="Checkpoint: RUN, RUN@STEP, RUN/BRANCH, RUN/BRANCH@STEP or an id prefix.")
+
+
+def _note_live_branch(s, ref: str) -> None:
+    """RUN names RUN/main, but an AutoNPO run's result lives on its chain's last branch: say so (stderr)."""
+    if "/" in ref or "@" in ref or ref not in s.runs():
+        return
+    from npo_cli.auto import auto_chain
+
+    live = auto_chain(s, ref)[-1]
+    if live != "main":
+        print(f"note: {ref} is {ref}/main; its AutoNPO chain goes on in {ref}/{live}", file=sys.stderr)
 
 
 def _fmt(v) -> str:
@@ -195,7 +206,9 @@ def show_cmd(ref: str = StoreRefArg, store: str | None = StoreOpt, as_json: bool
     from npo_cli.history import human_bytes, show_data
     from npo_cli.store import Store
 
-    d = show_data(Store.open(store, must_exist=True), ref)
+    s = Store.open(store, must_exist=True)
+    d = show_data(s, ref)
+    _note_live_branch(s, ref)
     if as_json:
         print(json.dumps(d, indent=1))
         return
@@ -320,6 +333,7 @@ def export_cmd(
         raise NpoError(f"export writes a local folder, not {out_dir}; give a path, then copy it")
     s = Store.open(store, must_exist=True)
     s.resolve(ref)  # a bad ref fails before torch is imported
+    _note_live_branch(s, ref)
     from npo_cli.checkpoint import export
 
     with _no_hf_progress():
@@ -454,7 +468,10 @@ def compare_cmd(
             raise NpoError(f"--plot {plot}: folder {folder} does not exist; create it or pick another path")
         if os.path.isdir(plot):
             raise NpoError(f"--plot {plot} is a folder; give a file name, e.g. {os.path.join(plot, 'chart.png')}")
-    data = compare(Store.open(store, must_exist=True), refs, metric, x, threshold)
+    s = Store.open(store, must_exist=True)
+    data = compare(s, refs, metric, x, threshold)
+    for ref in refs:
+        _note_live_branch(s, ref.partition("=")[2] or ref)
     if plot:
         from npo_cli.compare import plot as draw
 

@@ -199,6 +199,9 @@ def test_auto_end_to_end(store_dir, monkeypatch, capsys):
     code, out, err = run_main(["show", f"a/main@{t}", "--store", str(store_dir)], monkeypatch, capsys)
     assert code == 0, err
     assert "rollback candidates" in out and f"roll back D*={dec['delta']}" in out
+    # the bare run name is its main branch, which the chain left: a note points at the live branch
+    code, out, err = run_main(["show", "a", "--store", str(store_dir)], monkeypatch, capsys)
+    assert code == 0 and err == "note: a is a/main; its AutoNPO chain goes on in a/auto-1\n"
     code, out, err = run_main(["ls", "a", "--store", str(store_dir), "--json"], monkeypatch, capsys)
     br = {b["branch"]: b for b in json.loads(out)["runs"][0]["branches"]}
     assert br["auto-1"]["live"] and not br["main"]["live"] and br["auto-1"]["auto"]["k"] == 1
