@@ -482,7 +482,7 @@ def auto_run(recipe_path: str | None, overrides: list[str], store_url: str | Non
                            "changes with --set")
         if "@" in resume:
             raise NpoError(f"--resume takes RUN or RUN/BRANCH, not '{resume}'")
-        store = open_store(store_url)
+        store = open_store(store_url, must_exist=True)
         run, _, branch = resume.partition("/")
         if run not in store.runs():
             raise NpoError(f"unknown run {run!r} in {store.url} (see npo ls)")

@@ -240,7 +240,7 @@ def prefill(store_url: str | None, guide: str, prompts: str | None = None, split
         raise NpoError("--limit must be >= 1")
     if from_step < 0:
         raise NpoError("--from-step must be >= 0")
-    store = Store.open(store_url)
+    store = Store.open(store_url, must_exist=True)
     man = store.manifest(guide)
     recipe = build_recipe(store.get_json(man.recipe) if man.recipe else {}, list(overrides))
     if prompts:

@@ -101,7 +101,7 @@ def intervene(store_url: str | None, *, run: str | None, at: int, guide: str, un
     from npo_cli.trainer import Trainer, open_store
 
     dist.init(console)  # torchrun ... -m npo_cli intervene ...: the branch trains data-parallel
-    store = open_store(store_url)
+    store = open_store(store_url, must_exist=True)
     p = plan(store, run=run, at=at, guide=guide, until=until, gate=gate, branch=branch, overrides=overrides,
              allow_any_guide=allow_any_guide)
     fork = store.manifest(p["fork"])

@@ -836,11 +836,12 @@ class Progress:
 # --------------------------------------------------------------------------- entry points for the CLI
 
 
-def open_store(url: str | None, recipe: Recipe | None = None):
-    """--store beats the recipe's store, which beats $NPO_STORE / ./checkpoints."""
+def open_store(url: str | None, recipe: Recipe | None = None, must_exist: bool = False):
+    """--store beats the recipe's store, which beats $NPO_STORE / ./checkpoints. must_exist: for commands
+    that continue something already in the store (a mistyped local folder is not an empty store)."""
     from npo_cli.store import Store
 
-    return Store.open(url or (recipe.store if recipe else None))
+    return Store.open(url or (recipe.store if recipe else None), must_exist=must_exist)
 
 
 def run_recipe(recipe_path: str | None, overrides: list[str], store_url: str | None, resume: str | None,
@@ -853,7 +854,7 @@ def run_recipe(recipe_path: str | None, overrides: list[str], store_url: str | N
         if recipe_path:
             raise NpoError("--resume takes the recipe stored in the checkpoint; drop RECIPE "
                            "and pass changes with --set")
-        store = open_store(store_url)
+        store = open_store(store_url, must_exist=True)
         from npo_cli.auto import auto_run, is_auto
 
         if is_auto(store, resume):  # an AutoNPO run continues with its controller (and its rollbacks)
@@ -882,7 +883,7 @@ def eval_checkpoint(store_url: str | None, ref: str, samples: int | None = None,
     from npo_cli.model import DTYPES, resolve_device
     from npo_cli.tasks import load_problems
 
-    store = open_store(store_url)
+    store = open_store(store_url, must_exist=True)
     man = store.manifest(ref)
     stored = store.get_json(man.recipe) if man.recipe else {}
     recipe = build_recipe(stored, [f"task.{kv}" for kv in task_overrides])

@@ -257,7 +257,9 @@ def test_bad_input_is_one_line_and_changes_nothing(populated, tmp_path, args, ca
 
 
 @pytest.mark.parametrize("args", [["ls"], ["ls", "r1"], ["show", "r1"], ["rewind", "r1@10"], ["verify"], ["gc"],
-                                  ["export", "r1", "OUT"], ["compare", "r1"], ["eval", "r1"]], ids=" ".join)
+                                  ["export", "r1", "OUT"], ["compare", "r1"], ["eval", "r1"],
+                                  ["intervene", "--at", "2", "--guide", "4"], ["guide", "--guide", "r1@20"],
+                                  ["run", "--resume", "r1"], ["auto", "--resume", "r1"]], ids=" ".join)
 def test_read_only_commands_refuse_a_missing_store(tmp_path, args, capsys, monkeypatch):
     """A mistyped --store is an error (it printed 'no runs in ...' and exit 0), and nothing is created."""
     args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
