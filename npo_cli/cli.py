@@ -630,8 +630,8 @@ def _main(rank: int | None = None):
                   file=sys.stderr)
             sys.exit(1)
         if rank is not None and _lost_peer(e):  # not this rank's fault: the other's error says what went wrong
-            print(f"error: {who}stopped: another process of this torchrun stopped (its error is above)",
-                  file=sys.stderr)
+            print(f"error: {who}a collective failed: another process of this torchrun stopped or hung (its error "
+                  "says why)", file=sys.stderr)
             sys.exit(1)
         msg = str(e).splitlines()[0] if str(e) else ""
         print(f"error: {who}{type(e).__name__}: {msg} (set NPO_DEBUG=1 for the traceback)", file=sys.stderr)

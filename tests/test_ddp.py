@@ -442,7 +442,8 @@ def test_a_rank_whose_peer_stopped_says_so(workdir: Path):
     p = _run(_torchrun("-m", "npo_cli", "run", "nope.yaml", "--store", "s"), workdir, ok=False)
     lines = [x for x in p.stderr.splitlines() if x.startswith("error:")]
     assert "error: recipe file not found: nope.yaml" in lines
-    assert "error: [rank 1] stopped: another process of this torchrun stopped (its error is above)" in lines, p.stderr
+    assert ("error: [rank 1] a collective failed: another process of this torchrun stopped or hung (its error "
+            "says why)") in lines, p.stderr
     # an error every rank meets: rank 1's line names its rank
     (workdir / "r.yaml").write_text(yaml.safe_dump(RECIPE))
     p = _run(_torchrun("-m", "npo_cli", "run", "r.yaml", "--store", "s", "--set", "train.stepz=1"), workdir, ok=False)
