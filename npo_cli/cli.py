@@ -117,8 +117,6 @@ def eval_cmd(
     """Held-out accuracy (sampled and greedy) and pass@k of a checkpoint on its task's eval split."""
     from npo_cli.store import Store
 
-    if samples is not None and samples < 1:  # checked here: eval_checkpoint reads 0 as "the recipe's default"
-        raise NpoError("--samples must be >= 1")
     _note_live_branch(Store.open(store, must_exist=True), ref)  # a mistyped --store says so, not "unknown run"
     from npo_cli.trainer import eval_checkpoint
 

@@ -131,7 +131,9 @@ def build(out: str) -> dict[str, tuple[int, str]]:
             if hits:  # targets met at the same step share one checkpoint (it stores the first's recipe)
                 r = recipes[hits[0]]
                 summary = evaluate(model, tokenizer, r, judges[hits[0]].problems, 4, seed=SEED)
-                summary = {k: v for k, v in summary.items() if k != "eval/time"} | {"sft_loss": loss.item()}
+                # eval/step: `npo ls` shows an eval measured at the checkpoint's own step
+                summary = ({k: v for k, v in summary.items() if k != "eval/time"}
+                           | {"sft_loss": loss.item(), "eval/step": step})
                 cid = save_checkpoint(store, run="base", branch="main", step=step, model=model,
                                       tokenizer=tokenizer, recipe=r.model_dump(mode="json"), summary=summary,
                                       metrics=losses, state={"sft": {"task": SFT_TASK, "batch": BATCH, "lr": LR}})

@@ -594,7 +594,9 @@ class Trainer:
     # ---------------------------------------------------------------- eval, checkpoint
 
     def evaluate(self, samples: int | None = None) -> dict[str, float]:
-        k = samples or self.recipe.train.eval_samples
+        k = self.recipe.train.eval_samples if samples is None else samples
+        if k < 1:
+            raise NpoError(f"evaluation needs samples >= 1, not {k}")
         self.backend.sync()
         res = {}
         if dist.is_main():  # torchrun: rank 0 evaluates, the others wait for its numbers
@@ -883,6 +885,8 @@ def eval_checkpoint(store_url: str | None, ref: str, samples: int | None = None,
     from npo_cli.model import DTYPES, resolve_device
     from npo_cli.tasks import load_problems
 
+    if samples is not None and samples < 1:  # before any work; 0 is not "the recipe's default"
+        raise NpoError("--samples must be >= 1")
     store = open_store(store_url, must_exist=True)
     man = store.manifest(ref)
     stored = store.get_json(man.recipe) if man.recipe else {}
@@ -894,7 +898,7 @@ def eval_checkpoint(store_url: str | None, ref: str, samples: int | None = None,
     problems = load_problems(recipe.task, "eval", recipe.seed)[: recipe.task.eval_size]
     if not problems:
         raise NpoError("the task's eval split is empty")
-    k = samples or recipe.train.eval_samples
+    k = recipe.train.eval_samples if samples is None else samples
     if k < 1:
         raise NpoError("--samples must be >= 1")
     res = evaluate(model, tokenizer, recipe, problems, k, seed=recipe.seed * 7919 + man.step)

@@ -135,6 +135,8 @@ def test_resume_is_bitwise(store_dir):
         f.write('{"step": 4, "reward": -1}\n')
     c = Trainer.resume(store, "r2")
     c.train()
+    with pytest.raises(NpoError, match="samples >= 1"):  # 0 is an error, not "the recipe's default"
+        c.evaluate(samples=0)
     for log in logs.values():  # a new run starts its file afresh; a resume re-logs what it re-runs
         rows = [json.loads(line) for line in log.read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(r["reward"] >= 0 for r in rows)
