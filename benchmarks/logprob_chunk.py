@@ -2,13 +2,16 @@
 recomputed chunks (grpo.logprob_chunk=N) vs auto (0: one chunk when the logits fit, nothing recomputed),
 and auto with the torch.compile'd head (grpo.compile; its compile is excluded).
 
-    python3 benchmarks/logprob_chunk.py [--chunk 256] [--rows 16] [--tokens 64] [--device cpu|cuda]
+    .venv/bin/python benchmarks/logprob_chunk.py [--chunk 256] [--rows 16] [--tokens 64] [--device cpu|cuda]
+        [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
@@ -22,6 +25,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", metavar="PATH", help="also write the timings here")
     a = ap.parse_args()
     torch.set_num_threads(1)
     cfg = Qwen2Config(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -46,6 +50,11 @@ def main() -> None:
     first = next(iter(best.values()))
     print(f"{a.rows * a.tokens} tokens, vocab {cfg.vocab_size}, {a.device}, forward + backward (best of 6): "
           + ", ".join(f"{k} {v:.3f} s ({v / first:.2f}x)" for k, v in best.items()))
+    if a.json:
+        conf = {k: v for k, v in vars(a).items() if k != "json"}
+        Path(a.json).write_text(json.dumps({
+            "config": {**conf, "vocab": cfg.vocab_size, "torch": torch.__version__, "threads": 1},
+            "best_s": best, "ratio_to_first": {k: v / first for k, v in best.items()}}, indent=1))
 
 
 if __name__ == "__main__":
