@@ -503,6 +503,12 @@ def main() -> int:
         status = json.loads((out / "status.json").read_text()) if (out / "status.json").exists() else {}
     else:
         plan = make_plan(a, store)
+        # runs in the store are reused by name: ones made under other settings would be mixed into the table
+        prev = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}
+        other = [k for k in ("recipe", "T", "scout", "window", "at", "guide", "gate") if k in prev and prev[k] != plan[k]]
+        if other:
+            raise NpoError(f"{out} holds runs made with other settings ({', '.join(other)} differ); "
+                           "pass --out with another folder, or delete it")
         (out / "plan.json").write_text(json.dumps(plan, indent=1))
         print(f"convergence: T={plan['T']}, seeds {plan['seeds']}, arms {', '.join(plan['arms'])}, "
               f"{a.jobs} job(s); store {sdir}", flush=True)

@@ -213,3 +213,7 @@ def test_convergence_quick(tmp_path):
     assert (out / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = json.loads((out / "convergence.json").read_text())
     assert res["arms"]["grpo"]["seeds"] and res["arms"]["npo-boot"]["seeds"]
+    # the same folder under other settings is refused: its runs would be reused and mixed into the table
+    p = subprocess.run([sys.executable, "benchmarks/convergence.py", "--quick", "--steps", "7", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=110, check=False)
+    assert p.returncode == 1 and "holds runs made with other settings (recipe, T" in p.stderr, p.stderr
