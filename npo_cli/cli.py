@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -603,35 +604,35 @@ def _lost_peer(e: Exception) -> bool:
 def _main(rank: int | None = None):
     """rank: this process's torchrun rank (None: not under torchrun)."""
     who = f"[rank {rank}] " if rank else ""
+
+    def fail(msg: str, code: int = 1) -> NoReturn:
+        # one write for the whole line: stderr writes through, so print's two writes (text, then newline)
+        # interleave with another torchrun rank's on the shared pipe
+        sys.stderr.write(f"{msg}\n")
+        sys.exit(code)
+
     try:
         # standalone_mode=False: usage errors come to us (one line below) instead of Typer's multi-line Rich
         # box; typer.Exit(n) and --help come back as the exit code
         code = app(standalone_mode=False)
     except ClickException as e:  # usage errors (missing or unknown option, bad value): one line, exit 2
         msg = " ".join(e.format_message().split())
-        if msg:  # empty for a bare `npo` or `npo recipe`, which printed its help already
-            ctx = getattr(e, "ctx", None)
-            hint = f" Try '{ctx.command_path} --help'." if ctx else ""
-            print(f"error: {msg.rstrip('.')}.{hint}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        if not msg:  # a bare `npo` or `npo recipe`, which printed its help already
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        fail(f"error: {msg.rstrip('.')}." + (f" Try '{ctx.command_path} --help'." if ctx else ""), e.exit_code)
     except NpoError as e:
-        print(f"error: {who}{e}", file=sys.stderr)
-        sys.exit(1)
+        fail(f"error: {who}{e}")
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        fail("interrupted", 130)
     except Exception as e:  # never a traceback for the user; NPO_DEBUG=1 shows it
         if os.environ.get("NPO_DEBUG"):
             raise
         if isinstance(e, OSError) and e.filename:  # the OS refused a path the user named: not a bug
-            print(f"error: {who}cannot use {e.filename}: {os_reason(e)}; check the path and its permissions",
-                  file=sys.stderr)
-            sys.exit(1)
+            fail(f"error: {who}cannot use {e.filename}: {os_reason(e)}; check the path and its permissions")
         if rank is not None and _lost_peer(e):  # not this rank's fault: the other's error says what went wrong
-            print(f"error: {who}a collective failed: another process of this torchrun stopped or hung (its error "
-                  "says why)", file=sys.stderr)
-            sys.exit(1)
+            fail(f"error: {who}a collective failed: another process of this torchrun stopped or hung (its error "
+                 "says why)")
         msg = str(e).splitlines()[0] if str(e) else ""
-        print(f"error: {who}{type(e).__name__}: {msg} (set NPO_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(1)
+        fail(f"error: {who}{type(e).__name__}: {msg} (set NPO_DEBUG=1 for the traceback)")
     sys.exit(code if isinstance(code, int) else 0)
