@@ -585,7 +585,7 @@ def main():
             sys.exit(0)
         _main(rank)
     except SystemExit as e:  # _main ends every command with sys.exit
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank
+        if rank is not None:  # a torchrun rank
             from npo_cli import dist
 
             dist.exit_process(e.code)
