@@ -68,7 +68,7 @@ def main() -> int:
     npo_keys = {k: v for k, v in out.items() if isinstance(v, (int, float))}
     print(json.dumps({"check": "intervene", "s": round(time.perf_counter() - t0, 1), "branch": out["plan"]["branch"],
                       **npo_keys}), flush=True)
-    ev = eval_checkpoint(str(store_dir), f"cuda/{out['plan']['branch']}", samples=2)
+    ev = eval_checkpoint(store, f"cuda/{out['plan']['branch']}", samples=2)
     print(json.dumps({"check": "eval", **ev}), flush=True)
     ok = res.get("steps", 8) and float(diff) < 0.1
     return 0 if ok else 1

@@ -117,11 +117,11 @@ def eval_cmd(
 ):
     """Held-out accuracy (sampled and greedy) and pass@k of a checkpoint on its task's eval split."""
     from npo_cli.store import Store
-
-    _note_live_branch(Store.open(store, must_exist=True), ref)  # a mistyped --store says so, not "unknown run"
     from npo_cli.trainer import eval_checkpoint
 
-    res = eval_checkpoint(store, ref, samples, task_sets)
+    s = Store.open(store, must_exist=True)  # a mistyped --store says so, not "unknown run"
+    _note_live_branch(s, ref)
+    res = eval_checkpoint(s, ref, samples, task_sets)
     if as_json:
         print(json.dumps(res, indent=1))
         return

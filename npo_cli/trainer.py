@@ -878,8 +878,7 @@ def run_recipe(recipe_path: str | None, overrides: list[str], store_url: str | N
     return res
 
 
-def eval_checkpoint(store_url: str | None, ref: str, samples: int | None = None,
-                    task_overrides: list[str] = ()) -> dict:
+def eval_checkpoint(store, ref: str, samples: int | None = None, task_overrides: list[str] = ()) -> dict:
     """`npo eval`: held-out accuracy, greedy accuracy and pass@k of any checkpoint."""
     from npo_cli.checkpoint import load_model
     from npo_cli.model import DTYPES, resolve_device
@@ -887,7 +886,6 @@ def eval_checkpoint(store_url: str | None, ref: str, samples: int | None = None,
 
     if samples is not None and samples < 1:  # before any work; 0 is not "the recipe's default"
         raise NpoError("--samples must be >= 1")
-    store = open_store(store_url, must_exist=True)
     man = store.manifest(ref)
     stored = store.get_json(man.recipe) if man.recipe else {}
     recipe = build_recipe(stored, [f"task.{kv}" for kv in task_overrides])
@@ -899,8 +897,6 @@ def eval_checkpoint(store_url: str | None, ref: str, samples: int | None = None,
     if not problems:
         raise NpoError("the task's eval split is empty")
     k = recipe.train.eval_samples if samples is None else samples
-    if k < 1:
-        raise NpoError("--samples must be >= 1")
     res = evaluate(model, tokenizer, recipe, problems, k, seed=recipe.seed * 7919 + man.step)
     return {"checkpoint": man.id, "run": man.run, "branch": man.branch, "step": man.step,
             "problems": len(problems), "samples": k, **res}
