@@ -64,7 +64,12 @@ def math_score(completion: str, answer: str) -> float:
     # we enforce our own timeout, so math_verify's "timeout disabled" warning is noise
     math_verify.parser.TIMEOUT_WARNING_SHOWN = math_verify.grader.TIMEOUT_WARNING_SHOWN = True
     gold_text = answer.split("####")[-1].strip()  # GSM8K: "reasoning #### 72"
-    gold = parse(gold_text, parsing_timeout=None) or parse(f"${gold_text}$", parsing_timeout=None)
+    # A bare answer (2 sqrt 2, 6 - 5i in LaTeX) is read as one math expression: parsed as plain text,
+    # math-verify keeps only its first number (2, 5) and would accept a boxed 2. A worked solution
+    # (with $...$ or a boxed answer) is parsed as written, like a completion.
+    delimited = any(m in gold_text for m in ("$", "\\boxed", "\\(", "\\["))
+    gold = ((not delimited and parse(f"${gold_text}$", parsing_timeout=None))
+            or parse(gold_text, parsing_timeout=None))
     pred = parse(_cut(completion), parsing_timeout=None)
     if not gold or not pred:
         return 0.0

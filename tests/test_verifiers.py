@@ -41,6 +41,24 @@ def test_math_boxed_fraction_vs_decimal():
     assert v("q", "no idea", "3") == 0.0
 
 
+@pytest.mark.parametrize("gold", ["2\\sqrt{2}", "6 - 5i", "4x^2 - 9", "5\\pi", "2^{10}", "3x+2", "p - q",
+                                  "\\left( 3, \\frac{\\pi}{2} \\right)", "\\text{Evelyn}", "1,000"])
+def test_math_bare_latex_gold(gold):
+    """MATH-style answer columns: bare LaTeX is one expression, not its first number."""
+    v = make(verifier="math")
+    assert v("q", f"The final answer is \\boxed{{{gold}}}.", gold) == 1.0
+    wrong = "\\boxed{99}" if gold == "1,000" else "\\boxed{" + ("2" if gold[0].isdigit() else "3") + "}"
+    assert v("q", wrong, gold) == 0.0
+
+
+def test_math_worked_solution_gold():
+    """A solution column (text with $...$ and a boxed answer) is read as written."""
+    v = make(verifier="math")
+    sol = "We have $x^2 = 8$, so $x = 2\\sqrt{2}$ and the answer is $\\boxed{2\\sqrt{2}}$."
+    assert v("q", "\\boxed{2\\sqrt{2}}", sol) == 1.0
+    assert v("q", "\\boxed{2}", sol) == 0.0
+
+
 def test_math_format_reward():
     v = make(verifier="math", format_reward=0.5)
     assert v("q", "\\boxed{2}", "3", finished=True) == 0.5
