@@ -33,6 +33,7 @@ import torch
 
 from npo_cli import dist
 from npo_cli.errors import NpoError
+from npo_cli.tasks import Problem
 from npo_cli.trainer import Group, Trainer, collate, format_prompt, head_with_recipe
 
 DECISION_KINDS = ("auto", "auto-probe", "auto-bootstrap", "auto-branch")
@@ -133,7 +134,7 @@ class AutoController:
         self.interventions = 0  # plateau interventions so far (bootstrap not counted)
         self.replay: dict | None = None  # {"k", "branch", "start", "until", "guide"} while replaying
         self.decision: dict | None = None  # the confirmed decision the driver acts on
-        self.pool: list[dict] = []  # {"prompt", "answer", "tags", "step"}; unique prompts, oldest first
+        self.pool: list[dict] = []  # Problem.to_json() + {"step"}; unique prompts, oldest first
         self.compute = {"steps": 0, "rollout_tokens": 0, "guide_tokens": 0, "probe_tokens": 0}
         self.signals: dict[str, float] = {}
 
@@ -180,8 +181,7 @@ class AutoController:
     def note_mistake(self, problem, step: int) -> None:
         """A prompt whose whole group failed at `step` (the policy of checkpoint `step`)."""
         self.pool = [it for it in self.pool if it["prompt"] != problem.prompt]
-        self.pool.append({"prompt": problem.prompt, "answer": problem.answer, "tags": list(problem.tags),
-                          "step": step})
+        self.pool.append({**problem.to_json(), "step": step})
         del self.pool[: max(0, len(self.pool) - self.cfg.pool_size)]
 
     def observe(self, trainer, m: dict, rollout_tokens: int) -> None:
@@ -277,8 +277,6 @@ class AutoController:
     def probe(self, trainer) -> dict:
         """Sample pi_t on the pool once; Q, V, S for every candidate; the decision event."""
         from npo_cli.guide import derive_seed
-        from npo_cli.tasks import Problem
-
         t, cfg, r = trainer.step_num, self.cfg, trainer.recipe
         d = {"kind": "auto", "k": self.interventions + 1, "step": t, "confirmed": False,
              "signals": {"reward_ema": self.reward_ema, "entropy_ema": self.entropy_ema, **self.signals},
@@ -291,14 +289,14 @@ class AutoController:
         picks = spread(groups, cfg.probe_size)
         if not picks:
             return {**d, "kind": "auto-probe", "reason": "no mistakes near the candidate checkpoints"}
-        prompts = [format_prompt(r, trainer.tokenizer, it["prompt"]) for it in picks]
+        prompts = [format_prompt(r, trainer.tokenizer, Problem.from_json(it)) for it in picks]
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):  # the training RNG stream does not see the probe
             torch.manual_seed(derive_seed(r.seed, trainer.run, "auto-probe", t))
             sampled = trainer.backend.generate(prompts, cfg.probe_samples)
         passed = {}
         for it, g in zip(picks, sampled):
-            p = Problem(it["prompt"], it["answer"], tuple(it["tags"]))
+            p = Problem.from_json(it)
             passed[it["prompt"]] = sum(trainer.judge(p.prompt, ro.text, p.answer) >= 1.0 for ro in g) / len(g)
         rows = [ro for g in sampled for ro in g]
         tokens = sum(len(ro.completion_ids) for ro in rows)
@@ -378,19 +376,17 @@ class AutoTrainer(Trainer):
     def score(self, problem, prompt: str, rollouts) -> Group:
         g = super().score(problem, prompt, rollouts)
         # before any slot is mixed in: the policy's own failure (None: solved; kept for the global order)
-        self._scored.append(None if any(g.correct) else [problem.prompt, problem.answer, list(problem.tags)])
+        self._scored.append(None if any(g.correct) else problem.to_json())
         return g
 
     def step(self) -> dict[str, float]:
-        from npo_cli.tasks import Problem
-
         before, step = self.tokens_generated, self.step_num
         self._scored = []
         m = super().step()
         # torchrun: every rank's groups in the global prompt order (rank r scored prompts r, r + W, ...)
         for x in dist.gather_strided(self._scored):
             if x is not None:
-                self.controller.note_mistake(Problem(x[0], x[1], tuple(x[2])), step)
+                self.controller.note_mistake(Problem.from_json(x), step)
         self.controller.observe(self, m, self.tokens_generated - before)
         return m
 
@@ -410,8 +406,6 @@ def rollback(store, live, from_branch: str, prev: AutoController, guide: str, co
     `live` is the recipe of the branch that stopped (it carries every override so far)."""
     from npo_cli.guide import GuideGenerator, derive_seed
     from npo_cli.recipe import build_recipe
-    from npo_cli.tasks import Problem
-
     d, run = prev.decision, live.name
     name, c, until = d["branch"], d["fork_step"], d["until"]
     fork = store.manifest(d["fork"])
@@ -432,8 +426,7 @@ def rollback(store, live, from_branch: str, prev: AutoController, guide: str, co
 
     # guide trajectories for the replay's known mistakes (the same cache keys the NPO source reads)
     todo = [it for it in prev.pool if c <= it["step"] < until]
-    items = [(format_prompt(recipe, trainer.tokenizer, it["prompt"]),
-              Problem(it["prompt"], it["answer"], tuple(it["tags"]))) for it in todo]
+    items = [(format_prompt(recipe, trainer.tokenizer, p), p) for p in map(Problem.from_json, todo)]
     # torchrun: each rank samples its share of the mistakes (its own seed: separate streams), rank 0
     # writes every entry, and share() returns once they are written: no rank trains before the cache is complete
     gen = GuideGenerator(store, guide, recipe)

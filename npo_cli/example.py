@@ -61,7 +61,7 @@ def sft_batches(tokenizer, recipe: Recipe):
         batch, order = [problems[i] for i in order[:BATCH]], order[BATCH:]
         rows = []
         for p in batch:
-            prompt = tokenizer(format_prompt(recipe, tokenizer, p.prompt))["input_ids"]
+            prompt = tokenizer(format_prompt(recipe, tokenizer, p))["input_ids"]
             answer = tokenizer(p.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             rows.append((prompt, answer))
         width = max(len(a) + len(b) for a, b in rows)
@@ -85,7 +85,7 @@ class Judge:
         from npo_cli.verifiers import make_verifier
 
         self.problems = load_problems(recipe.task.model_copy(update={"eval_size": size}), "eval", SEED)
-        self.prompts = [format_prompt(recipe, tokenizer, p.prompt) for p in self.problems]
+        self.prompts = [format_prompt(recipe, tokenizer, p) for p in self.problems]
         self.backend, self.verify = HFBackend(model, tokenizer, recipe.rollout), make_verifier(recipe.task)
 
     def accuracy(self, seed: int) -> float:

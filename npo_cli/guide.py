@@ -264,7 +264,7 @@ def prefill(store_url: str | None, guide: str, prompts: str | None = None, split
         from npo_cli.checkpoint import load_tokenizer
 
         tok = load_tokenizer(store, man)
-    items = [(format_prompt(recipe, tok, p.prompt), p) for p in problems]
+    items = [(format_prompt(recipe, tok, p), p) for p in problems]
     chunk = max(1, recipe.rollout.batch_size // max(1, recipe.npo.guide_round))
     bar = None
     if progress and console is not None:

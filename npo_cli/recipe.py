@@ -68,7 +68,14 @@ class TaskConfig(Section):
     prompt_field: str = Field("prompt", description="Field holding the prompt text.")
     answer_field: str = Field("answer", description="Field holding the reference answer.")
     template: str = Field("{prompt}", description="Prompt template; {prompt} is replaced by the prompt text.")
-    chat_template: bool = Field(False, description="Wrap prompts with the tokenizer's chat template.")
+    chat_template: bool = Field(
+        False, description="Wrap prompts with the tokenizer's chat template (needed by chat-format prompts: a "
+        "list of {role, content} messages ending with the user's turn, as in TRL's conversational datasets)."
+    )
+    system_prompt: str | None = Field(
+        None, description="With chat_template: a system message before each prompt (a chat prompt's own "
+        "system message wins)."
+    )
     eval_size: int = Field(256, ge=1, description="Held-out problems used by eval.")
     verifier: str = Field(
         "exact", description="'exact', 'math' (math-verify on the final/boxed answer) or 'module:function'."
@@ -80,6 +87,8 @@ class TaskConfig(Section):
     def _template_has_prompt(self):
         if "{prompt}" not in self.template:  # else every problem would get the same prompt
             raise ValueError("task.template must contain {prompt}, where the problem's text goes")
+        if self.system_prompt is not None and not self.chat_template:  # else it would be ignored
+            raise ValueError("task.system_prompt needs task.chat_template: true")
         return self
 
 

@@ -81,6 +81,27 @@ def eos_ids(model, tokenizer) -> list[int]:
     return sorted(eos)
 
 
+def encode_prompts(tokenizer, prompts: list[str], add_special_tokens: bool, config, max_new_tokens: int,
+                   context: int | None = None) -> list[list[int]]:
+    """Each prompt's token ids, after checking that the model can take it: a prompt past the context
+    (learned positions fail with an IndexError, rotary ones degrade silently), empty, or holding ids
+    outside the embedding (a tokenizer that is not the model's) stops here with one line."""
+    enc = tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
+    context = context or getattr(config, "max_position_embeddings", None)
+    vocab = getattr(config, "vocab_size", None)
+    for text, ids in zip(prompts, enc):
+        if not ids:
+            raise NpoError("a prompt is empty once tokenized; check task.template and the prompt file")
+        if context and len(ids) + max_new_tokens > context:
+            raise NpoError(f"prompt {text[:40]!r}... has {len(ids)} tokens: with rollout.max_new_tokens="
+                           f"{max_new_tokens} it exceeds the model's context of {context}; shorten or drop "
+                           "the long prompts, or lower rollout.max_new_tokens")
+        if vocab and max(ids) >= vocab:
+            raise NpoError(f"prompt {text[:40]!r} has token id {max(ids)}, outside the model's vocabulary of "
+                           f"{vocab}; use the tokenizer the model was trained with")
+    return enc
+
+
 class HFBackend:
     """Batched sampling with `model.generate`. Sampling uses torch's global RNG (seeded, resumable)."""
 
@@ -122,7 +143,8 @@ class HFBackend:
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, greedy: bool = False) -> list[list[Rollout]]:
         """n completions for each prompt, grouped per prompt, in prompt order."""
-        enc = self.tokenizer(prompts, add_special_tokens=self.add_special_tokens)["input_ids"]
+        enc = encode_prompts(self.tokenizer, prompts, self.add_special_tokens, self.model.config,
+                             self.cfg.max_new_tokens)
         flat = [(i, ids) for i, ids in enumerate(enc) for _ in range(n)]
         out: list[list[Rollout]] = [[] for _ in prompts]
         was_training = self.model.training

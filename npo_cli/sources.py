@@ -30,6 +30,7 @@ from npo_cli import dist
 from npo_cli.errors import NpoError
 from npo_cli.guide import GuideGenerator, derive_seed
 from npo_cli.rollout import Rollout
+from npo_cli.tasks import Problem
 from npo_cli.trainer import Group, NoSource
 
 GATE_EPS = 1e-9  # p̂ == gate mixes (k/n is not always exact in binary)
@@ -300,11 +301,9 @@ class ExGRPOSource(SlotSource):
             picks = self.pick(k, set(batch), step)
             mine = dict(list(picks.items())[dist.rank() :: dist.world()])  # like the prompts: rank::world
             if mine:
-                from npo_cli.tasks import Problem
-
                 sampled = trainer.backend.generate(list(mine), self.recipe.rollout.group_size)
                 for (prompt, rec), rollouts in zip(mine.items(), sampled):
-                    problem = Problem(prompt=rec["raw"], answer=rec["answer"], tags=tuple(rec["tags"]))
+                    problem = Problem.from_json(rec["problem"])
                     extra.append(trainer.score(problem, prompt, rollouts))
         chosen = {p: self.best(rec) for p, rec in picks.items()}
         for gs in (groups, extra):  # the batch's groups, then the replayed ones, each in the global order
@@ -344,8 +343,7 @@ class ExGRPOSource(SlotSource):
         """What the buffer keeps of a group (JSON: under torchrun it goes to every rank): its accuracy and
         on-policy successes, before any slot is replaced."""
         wins = [ro for ro, ok in zip(g.rollouts, g.correct) if ok and ro.source == "policy"]
-        return {"prompt": g.prompt, "raw": g.problem.prompt, "answer": g.problem.answer,
-                "tags": list(g.problem.tags), "acc": g.accuracy,
+        return {"prompt": g.prompt, "problem": g.problem.to_json(), "acc": g.accuracy,
                 "wins": [{"completion_ids": list(ro.completion_ids), "logprobs": list(ro.logprobs),
                           "text": ro.text, "finished": bool(ro.finished), "step": step} for ro in wins]}
 
@@ -356,7 +354,7 @@ class ExGRPOSource(SlotSource):
             return  # solved by the whole group: retired
         if rec is None and not o["wins"]:
             return
-        rec = rec or {"raw": o["raw"], "answer": o["answer"], "tags": o["tags"], "trajs": []}
+        rec = rec or {"problem": o["problem"], "trajs": []}
         rec["acc"], rec["step"] = o["acc"], step
         rec["trajs"] = (rec["trajs"] + o["wins"])[-self.npo.replay_per_prompt :]
         self.buffer[o["prompt"]] = rec
@@ -375,7 +373,7 @@ class ExGRPOSource(SlotSource):
             self.segments.append(self.store.put_json([{k: v for k, v in t.items() if k != "ref"} for t in new]))
             for j, t in enumerate(new):
                 t["ref"] = [seg, j]
-        index = {"format": "npo-replay/1", "segments": self.segments,
+        index = {"format": "npo-replay/2", "segments": self.segments,
                  "prompts": [[p, {**{k: v for k, v in rec.items() if k != "trajs"},
                                   "trajs": [t["ref"] for t in rec["trajs"]]}] for p, rec in self.buffer.items()]}
         oid = self.store.put_json(index)
@@ -390,6 +388,8 @@ class ExGRPOSource(SlotSource):
         self.segments = list(index["segments"])
         segs = [self.store.get_json(o, "exgrpo replay segment") for o in self.segments]
         for p, rec in index["prompts"]:
+            if "raw" in rec:  # npo-replay/1 kept the problem's fields in the record itself
+                rec["problem"] = {"prompt": rec.pop("raw"), "answer": rec.pop("answer"), "tags": rec.pop("tags")}
             rec["trajs"] = [{**segs[s][j], "ref": [s, j]} for s, j in rec["trajs"]]
             self.buffer[p] = rec
 

@@ -556,6 +556,11 @@ class Store:
         self.set_ref(run, name, cid, create=True)
         return cid
 
+    def drop_branch(self, run: str, branch: str, cid: str) -> None:
+        """Remove run/branch while it still points at `cid` (its objects are left to gc)."""
+        if self.head(run, branch) == cid:
+            self.io.remove(f"runs/{run}/branches/{branch}")
+
     def _ref_run(self, ref: str, cid: str) -> str:
         r = parse_ref(ref)
         if r.prefix is None or r.run in self.runs():

@@ -10,9 +10,11 @@ every seed and every setting, and the eval set does not depend on the run's seed
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import random
 from dataclasses import dataclass
 from typing import Literal
@@ -28,9 +30,23 @@ ENUMERATE_UP_TO = 50_000  # smaller spaces are listed exhaustively, larger ones 
 
 @dataclass(frozen=True)
 class Problem:
-    prompt: str
+    prompt: str  # the text task.template wraps; of a chat prompt, its last (user) turn
     answer: str
     tags: tuple[str, ...] = ()
+    context: tuple[tuple[str, str], ...] = ()  # a chat prompt's earlier (role, content) turns
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt, "answer": self.answer, "tags": list(self.tags),
+                **({"context": [list(t) for t in self.context]} if self.context else {})}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Problem:
+        return cls(d["prompt"], d["answer"], tuple(d.get("tags", ())), tuple(map(tuple, d.get("context", ()))))
+
+    @property
+    def key(self) -> str:
+        """The whole prompt as one string (what the train/eval split and the resume check hash)."""
+        return json.dumps([*self.context, self.prompt]) if self.context else self.prompt
 
 
 def split_of(prompt: str) -> Split:
@@ -148,7 +164,7 @@ def _read_records(url: str, fields: tuple[str, str]) -> list[dict]:
                         raise NpoError(f"prompt file {url} has no column '{name}' "
                                        f"(columns: {', '.join(pf.schema_arrow.names)})")
                 return pf.read(columns=list(fields)).to_pylist()
-            text = f.read().decode("utf-8")
+            text = f.read().decode("utf-8-sig")  # -sig: a BOM (Windows editors) is not part of line 1
     except FileNotFoundError:
         raise NpoError(f"prompt file not found: {url}") from None
     except (ValueError, ImportError, OSError) as e:
@@ -168,14 +184,43 @@ def _read_records(url: str, fields: tuple[str, str]) -> list[dict]:
     return rows
 
 
+def _chat(turns: list, where: str, task: TaskConfig) -> Problem:
+    """TRL's conversational prompt, [{"role": ..., "content": ...}, ...], ending with the user's turn."""
+    if not task.chat_template:
+        raise NpoError(f"{where}: the prompt is a chat conversation; set task.chat_template: true")
+    if not turns or not all(isinstance(t, dict) and isinstance(t.get("role"), str)
+                            and isinstance(t.get("content"), str) for t in turns):
+        raise NpoError(f"{where}: a chat prompt is a list of {{role, content}} messages with text content")
+    if turns[-1]["role"] != "user":
+        raise NpoError(f"{where}: a chat prompt must end with a user message (the model answers it)")
+    return Problem(prompt=turns[-1]["content"], answer="",
+                   context=tuple((t["role"], t["content"]) for t in turns[:-1]))
+
+
+def _answer_text(value) -> str:
+    # JSON / pandas write whole numbers as floats (39.0): the answer a verifier compares is 39
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def _problems_from(url: str, task: TaskConfig) -> list[Problem]:
     out = []
     for i, row in enumerate(_read_records(url, (task.prompt_field, task.answer_field)), 1):
+        where = f"prompt file {url} record {i}"
         for name in (task.prompt_field, task.answer_field):
-            if not isinstance(row, dict) or row.get(name) is None:
-                raise NpoError(f"prompt file {url} record {i} has no field '{name}' "
-                               "(set task.prompt_field / task.answer_field)")
-        out.append(Problem(prompt=str(row[task.prompt_field]), answer=str(row[task.answer_field])))
+            if not isinstance(row, dict) or name not in row:
+                raise NpoError(f"{where} has no field '{name}' (set task.prompt_field / task.answer_field)")
+            value = row[name]
+            if value is None or (isinstance(value, float) and math.isnan(value)):  # null, or pandas' NaN
+                raise NpoError(f"{where}: field '{name}' is empty")
+        prompt, answer = row[task.prompt_field], _answer_text(row[task.answer_field])
+        if isinstance(prompt, list):
+            problem = dataclasses.replace(_chat(prompt, where, task), answer=answer)
+        elif isinstance(prompt, str) and prompt.strip():
+            problem = Problem(prompt=prompt, answer=answer)
+        else:
+            raise NpoError(f"{where}: field '{task.prompt_field}' must be text or a list of chat messages"
+                           + (", not empty" if isinstance(prompt, str) else f", not {type(prompt).__name__}"))
+        out.append(problem)
     if not out:
         raise NpoError(f"prompt file {url} has no records")
     return out
@@ -189,4 +234,8 @@ def _file_problems(task: TaskConfig, split: Split) -> list[Problem]:
     rows = _problems_from(task.train_path, task)
     if split == "train" and task.eval_path:
         return rows
-    return [p for p in rows if split_of(p.prompt) == split]
+    out = [p for p in rows if split_of(p.key) == split]
+    if not out and split == "train":
+        raise NpoError(f"all {len(rows)} prompts of {task.train_path} fell into the held-out split "
+                       f"(1 in {EVAL_SHARE} by a hash of the prompt); give more prompts or set task.eval_path")
+    return out

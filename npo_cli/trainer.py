@@ -24,7 +24,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -33,6 +32,7 @@ from npo_cli.errors import NpoError
 from npo_cli.history import EVAL_STEP
 from npo_cli.recipe import Recipe, build_recipe, recipe_diff
 from npo_cli.rollout import Rollout, make_backend
+from npo_cli.tasks import Problem, load_problems
 
 # keys of per-step metrics that depend on wall-clock time (everything else is deterministic on CPU)
 TIMING_KEYS = ("step_time", "gen_time", "update_time", "tokens_per_s", "eval/time", "npo/guide_seconds")
@@ -44,7 +44,7 @@ COUNT_KEYS = ("loss", "tokens", "off/rows", "off/tokens")
 class Group:
     """One prompt's n completions with their scores. Sources may swap rollouts (and scores) in place."""
 
-    problem: Any  # tasks.Problem
+    problem: Problem
     prompt: str  # the formatted text the policy saw
     rollouts: list[Rollout]
     rewards: list[float]
@@ -104,12 +104,17 @@ def head_with_recipe(store, run: str, branch: str):
     return man, store.get_json(man.recipe)
 
 
-def format_prompt(recipe: Recipe, tokenizer, text: str) -> str:
-    s = recipe.task.template.replace("{prompt}", text)
-    if recipe.task.chat_template:
+def format_prompt(recipe: Recipe, tokenizer, problem: Problem) -> str:
+    """The text the model continues: task.template around the problem, then the chat template."""
+    t = recipe.task
+    s = t.template.replace("{prompt}", problem.prompt)
+    if t.chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise NpoError("task.chat_template is true but the tokenizer has no chat template")
-        s = tokenizer.apply_chat_template([{"role": "user", "content": s}], tokenize=False,
+        turns = [{"role": role, "content": text} for role, text in problem.context]
+        if t.system_prompt and not any(x["role"] == "system" for x in turns):  # a file's own system turn wins
+            turns.insert(0, {"role": "system", "content": t.system_prompt})
+        s = tokenizer.apply_chat_template([*turns, {"role": "user", "content": s}], tokenize=False,
                                           add_generation_prompt=True)
     return s
 
@@ -159,7 +164,7 @@ def evaluate(model, tokenizer, recipe: Recipe, problems: list, samples: int, see
     judge = make_verifier(recipe.task.model_copy(update={"format_reward": 0.0}))  # correctness only
     if backend is None:
         backend = make_backend(model, tokenizer, recipe.rollout, add_special_tokens=not recipe.task.chat_template)
-    prompts = [format_prompt(recipe, tokenizer, p.prompt) for p in problems]
+    prompts = [format_prompt(recipe, tokenizer, p) for p in problems]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -189,7 +194,6 @@ class Trainer:
     def __init__(self, recipe: Recipe, store, *, branch: str = "main", init=None,
                  source=None, controller=None, console=None):
         from npo_cli.grpo import group_advantages, grpo_loss, token_logprobs
-        from npo_cli.tasks import load_problems
         from npo_cli.verifiers import make_verifier
 
         self._adv, self._loss, self._logprobs = group_advantages, grpo_loss, token_logprobs
@@ -206,6 +210,7 @@ class Trainer:
         self.history: list[dict] = []  # every step of this process (for the end summary)
         self.last_eval: dict[str, float] = {}
         self._stop_signal: int | None = None
+        self.fresh = False  # this process started the branch (its first checkpoint), see train()
 
         # task and verifier first: a bad prompt file or verifier fails before a model is loaded
         self.train_problems = load_problems(recipe.task, "train", recipe.seed)
@@ -213,7 +218,7 @@ class Trainer:
         if not self.train_problems:
             raise NpoError("the task has no training problems")
         # what the data position of a checkpoint counts in: a resume must see the same problems
-        self.train_sha = hashlib.sha256(json.dumps([[p.prompt, p.answer] for p in self.train_problems])
+        self.train_sha = hashlib.sha256(json.dumps([[p.key, p.answer] for p in self.train_problems])
                                         .encode()).hexdigest()
         self.reward_fn = make_verifier(recipe.task)
         self.judge = (make_verifier(recipe.task.model_copy(update={"format_reward": 0.0}))
@@ -410,7 +415,7 @@ class Trainer:
         # 1. sample prompts
         problems = self.next_problems(r.rollout.prompts_per_step)
         problems = problems[dist.rank() :: dist.world()]  # torchrun: this rank's whole groups
-        prompts = [format_prompt(r, self.tokenizer, p.prompt) for p in problems]
+        prompts = [format_prompt(r, self.tokenizer, p) for p in problems]
 
         # 2. rollout: n completions per prompt from the current policy, with behaviour log-probs
         self.backend.sync()
@@ -664,6 +669,27 @@ class Trainer:
             if self.head else []
         return own[-1] if own else self.step_num
 
+    def _train_step(self, sinks, bar) -> str | None:
+        """One step of the loop: step, eval when due, log, checkpoint when due; what stopped the run, if any."""
+        r = self.recipe
+        m = self.step()
+        due_eval = self.step_num % r.train.eval_every == 0 or self.step_num == r.train.steps
+        if due_eval and self.eval_problems:
+            m.update(self.evaluate())
+        if sinks is not None:
+            sinks.write(m)
+        bar.update(m, getattr(self.controller, "status", str)())  # e.g. AutoNPO's phase
+        stopped_by = None
+        if self.controller.after_step(self, m):
+            stopped_by = "controller"
+        elif self._stop_signal is not None:
+            stopped_by = signal.Signals(self._stop_signal).name
+        if dist.on():  # every rank stops at the same step
+            stopped_by = dist.broadcast_json(stopped_by)
+        if self.step_num % r.train.save_every == 0 or self.step_num == r.train.steps or stopped_by:
+            self.save()
+        return stopped_by
+
     def train(self, progress: bool | None = None, force: bool = False) -> dict:
         """Train to recipe.train.steps under the branch lease; returns the end summary."""
         r = self.recipe
@@ -681,26 +707,16 @@ class Trainer:
                 bar = Progress(self.console, r.train.steps, start_step, enabled=show and main)
                 if self.head is None:  # new run: the initial policy is step 0 (rewind/intervene --at 0)
                     self.save()
-                while self.step_num < r.train.steps:
-                    m = self.step()
-                    due_eval = self.step_num % r.train.eval_every == 0 or self.step_num == r.train.steps
-                    if due_eval and self.eval_problems:
-                        m.update(self.evaluate())
-                    if sinks is not None:
-                        sinks.write(m)
-                    bar.update(m, getattr(self.controller, "status", str)())  # e.g. AutoNPO's phase
-                    stop = bool(self.controller.after_step(self, m))
-                    if stop:
-                        stopped_by = "controller"
-                    elif self._stop_signal is not None:
-                        stopped_by = signal.Signals(self._stop_signal).name
-                    if dist.on():  # every rank stops at the same step
-                        stopped_by = dist.broadcast_json(stopped_by)
-                    if (self.step_num % r.train.save_every == 0 or self.step_num == r.train.steps
-                            or stopped_by):
-                        self.save()
-                    if stopped_by:
-                        break
+                    self.fresh = True
+                try:
+                    while self.step_num < r.train.steps and not stopped_by:
+                        stopped_by = self._train_step(sinks, bar)
+                except Exception:
+                    # A new run or branch whose first step failed (a bad verifier, data, memory) holds only
+                    # the checkpoint written above: drop its ref, so that the same command can be rerun.
+                    if self.fresh and main and self.step_num == start_step:
+                        self.store.drop_branch(self.run, self.branch, self.head)
+                    raise
         finally:
             if bar is not None:
                 bar.close()
@@ -882,7 +898,6 @@ def eval_checkpoint(store, ref: str, samples: int | None = None, task_overrides:
     """`npo eval`: held-out accuracy, greedy accuracy and pass@k of any checkpoint."""
     from npo_cli.checkpoint import load_model
     from npo_cli.model import DTYPES, resolve_device
-    from npo_cli.tasks import load_problems
 
     if samples is not None and samples < 1:  # before any work; 0 is not "the recipe's default"
         raise NpoError("--samples must be >= 1")

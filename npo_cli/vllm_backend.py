@@ -33,7 +33,7 @@ import torch
 
 from npo_cli.errors import NpoError
 from npo_cli.recipe import RolloutConfig
-from npo_cli.rollout import Rollout, eos_ids
+from npo_cli.rollout import Rollout, encode_prompts, eos_ids
 
 
 def _refresh_tied_head(worker) -> bool:
@@ -151,7 +151,8 @@ class VLLMBackend:
 
         if self._holder[0] is not self._token:  # a shared engine last sampled with the other weights
             self.sync()
-        enc = self.tokenizer(prompts, add_special_tokens=self.add_special_tokens)["input_ids"]
+        enc = encode_prompts(self.tokenizer, prompts, self.add_special_tokens, self.policy.config,
+                             self.cfg.max_new_tokens, self.cfg.vllm_max_model_len)
         base = int(torch.randint(0, 2**31 - 1, ()).item())  # from the run's RNG: reproducible, resumable
         common = {"max_tokens": self.cfg.max_new_tokens, "logprobs": 0, "stop_token_ids": self.eos_ids,
                   "detokenize": False}

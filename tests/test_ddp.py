@@ -382,7 +382,7 @@ def test_auto_two_ranks_decide_as_one_process(npo_base_store, workdir: Path, par
     pool = [it for it in dp.get_json(m1.state["controller"]["pool"])["items"]
             if ev["fork_step"] <= it["step"] < ev["until"]]
     tok = load_model(dp, "a/auto-1")[1]
-    hits = [gen.lookup(format_prompt(rec, tok, it["prompt"]), Problem(it["prompt"], it["answer"], tuple(it["tags"])))
+    hits = [gen.lookup(format_prompt(rec, tok, Problem.from_json(it)), Problem.from_json(it))
             for it in pool]
     assert len(pool) == n and all(h is not None for h in hits)
     assert sum(bool(h["found"]) for h in hits) == ev["prefill"]["found"]

@@ -87,7 +87,7 @@ def test_gpu_recipe_loading_path_on_cpu(tmp_path):
 
     store = Store.open(str(tmp_path / "store"))
     trainer = Trainer.new(recipe, store)
-    wrapped = format_prompt(recipe, trainer.tokenizer, problems[0].prompt)
+    wrapped = format_prompt(recipe, trainer.tokenizer, problems[0])
     assert wrapped.startswith("<|user|>") and wrapped.endswith("<|assistant|>") and "\\boxed{}" in wrapped
     res = trainer.train(progress=False)
     assert res["step"] == 2

@@ -193,6 +193,34 @@ def test_unusable_store_folder_is_one_line(tmp_path, monkeypatch, capsys):
                                  "with --store or NPO_STORE\n"), err
 
 
+def test_a_first_step_that_fails_leaves_no_run_or_branch(tmp_path, monkeypatch, capsys):
+    """A verifier (or data, or memory) that fails at the first step: before, the step-0 checkpoint stayed,
+    `npo ls` listed a dead run, and rerunning the fixed command said the run already exists."""
+    from npo_cli.store import Store
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NPO_STORE", str(tmp_path / "store"))
+    (tmp_path / "first_step_rewards.py").write_text(
+        "def bad(prompt, completion, answer):\n    raise ValueError('oops')\n\n"
+        "def good(prompt, completion, answer):\n    return float(completion.strip() == answer)\n")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**TINY, "task": {**TINY["task"],
+                                                                      "verifier": "first_step_rewards:bad"}}))
+    code, _, err = run_main(["run", "r.yaml"], monkeypatch, capsys)
+    assert code == 1 and err == "error: verifier 'first_step_rewards:bad' failed: ValueError: oops\n", err
+    store = Store.open(str(tmp_path / "store"))
+    assert store.runs() == []
+    good = ["--set", "task.verifier=first_step_rewards:good"]
+    assert run_main(["run", "r.yaml", *good], monkeypatch, capsys)[0] == 0  # the same name is free
+    assert store.runs() == ["t"]
+    # the same for an intervene branch; the run it forks from is untouched
+    heads = store.branches("t")
+    code, _, err = run_main(["intervene", "--at", "t@0", "--guide", "t@2", "--set",
+                             "task.verifier=first_step_rewards:bad"], monkeypatch, capsys)
+    assert code == 1 and "first_step_rewards:bad" in err and store.branches("t") == heads
+    assert run_main(["intervene", "--at", "t@0", "--guide", "t@2", *good], monkeypatch, capsys)[0] == 0
+    assert set(store.branches("t")) == {"main", "npo-0-g2"} and store.verify()["ok"]
+
+
 # ---------------------------------------------------------------- fuzzing the recipe boundary
 
 KEYS = [row[0] for row in schema_rows()]

@@ -1,6 +1,8 @@
 """Built-in arithmetic problems and prompt files: splits, determinism, space size, errors."""
 
 import json
+import re
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -144,3 +146,75 @@ def test_file_errors(tmp_path):
         load_problems(file_task(f"{tmp_path}/p.csv"), "train", 0)
     with pytest.raises(NpoError, match="train_path"):
         load_problems(TaskConfig(kind="file"), "train", 0)
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"question": "a", "solution": None}, "record 1: field 'solution' is empty"),
+    ({"question": "a", "solution": float("nan")}, "record 1: field 'solution' is empty"),  # pandas' NaN
+    ({"question": "  ", "solution": 1}, "field 'question' must be text or a list of chat messages, not empty"),
+    ({"question": 5, "solution": 1}, "must be text or a list of chat messages, not int"),
+    ({"question": [{"role": "user", "content": "hi"}], "solution": 1}, "set task.chat_template: true"),
+])
+def test_file_record_errors_name_the_field(tmp_path, row, match):
+    (tmp_path / "p.jsonl").write_text(json.dumps(row) + "\n")  # json writes NaN as NaN, which it reads back
+    with pytest.raises(NpoError, match=re.escape(match)):
+        load_problems(file_task(f"{tmp_path}/p.jsonl"), "train", 0)
+
+
+def test_file_bom_whole_float_answers_and_all_held_out(tmp_path):
+    """A BOM is not part of line 1; 39.0 (JSON/pandas floats) is the answer 39; a file whose every prompt
+    hashes into the held-out split says so."""
+    rows = [{"question": f"q{i}", "solution": float(i)} for i in range(30)] + [{"question": "x", "solution": 0.5}]
+    (tmp_path / "p.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in rows).encode())
+    probs = load_problems(file_task(f"{tmp_path}/p.jsonl"), "train", 0) + load_problems(
+        file_task(f"{tmp_path}/p.jsonl"), "eval", 0)
+    assert {p.prompt: p.answer for p in probs} == {r["question"]: str(r["solution"]).removesuffix(".0") for r in rows}
+    held = next(f"q{i}" for i in range(1000) if split_of(f"q{i}") == "eval")
+    (tmp_path / "one.jsonl").write_text(json.dumps({"question": held, "solution": 1}))
+    with pytest.raises(NpoError, match="all 1 prompts of .* fell into the held-out split .* set task.eval_path"):
+        load_problems(file_task(f"{tmp_path}/one.jsonl"), "train", 0)
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1="},
+        {"role": "assistant", "content": "2"}, {"role": "user", "content": "2+2="}]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_chat_prompts_keep_their_turns(tmp_path, fmt):
+    """TRL's conversational format: the list goes through the chat template as messages (system turn
+    included), its last user turn through task.template; not str(list)."""
+    from npo_cli.recipe import build_recipe
+    from npo_cli.tiny import char_tokenizer
+    from npo_cli.trainer import format_prompt
+
+    rows = [{"prompt": CHAT, "answer": "4"}] + [{"prompt": [{"role": "user", "content": f"{i}+0="}], "answer": i}
+                                                for i in range(40)]
+    url = f"{tmp_path}/c.{fmt}"
+    if fmt == "jsonl":
+        Path(url).write_text("\n".join(json.dumps(r) for r in rows))
+    else:
+        pq.write_table(pa.Table.from_pylist([{**r, "answer": str(r["answer"])} for r in rows]), url)
+    tok = char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    recipe = build_recipe({"task": {"kind": "file", "train_path": url, "eval_path": url, "chat_template": True,
+                                    "template": "Q: {prompt}", "system_prompt": "Be exact."}})
+    problems = load_problems(recipe.task, "train", 0)
+    assert problems[0] == Problem(prompt="2+2=", answer="4", context=(("system", "Be brief."), ("user", "1+1="),
+                                                                      ("assistant", "2")))
+    assert Problem.from_json(json.loads(json.dumps(problems[0].to_json()))) == problems[0]  # stored pools, buffers
+    assert format_prompt(recipe, tok, problems[0]) == (
+        "<system>Be brief.\n<user>1+1=\n<assistant>2\n<user>Q: 2+2=\n<assistant>")  # the file's system turn wins
+    assert format_prompt(recipe, tok, problems[1]) == "<system>Be exact.\n<user>Q: 0+0=\n<assistant>"
+    for bad, match in ([[{"role": "assistant", "content": "x"}], "must end with a user message"],
+                       [[{"role": "user", "content": ["x"]}], "list of {role, content} messages with text"]):
+        Path(f"{tmp_path}/bad.jsonl").write_text(json.dumps({"prompt": bad, "answer": 1}))
+        with pytest.raises(NpoError, match=re.escape(match)):
+            load_problems(recipe.task.model_copy(update={"train_path": f"{tmp_path}/bad.jsonl"}), "train", 0)
+
+
+def test_system_prompt_needs_the_chat_template():
+    from npo_cli.recipe import build_recipe
+
+    with pytest.raises(NpoError, match="system_prompt needs task.chat_template: true"):
+        build_recipe({"task": {"system_prompt": "Be brief."}})

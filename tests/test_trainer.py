@@ -395,6 +395,31 @@ def test_hf_folder_model_and_logging_errors(base_store, tmp_path, monkeypatch):
         Trainer.new(build_recipe({**d, "name": "m", "model": {"path": str(tmp_path / "nope")}}), store)
 
 
+def test_prompts_the_model_cannot_take_are_one_line_errors(tmp_path):
+    """Before, a prompt past a learned-position model's context or holding ids past its embedding failed
+    with 'IndexError: index out of range in self' (a rotary model went on silently), an empty one with
+    'index -1 is out of bounds'."""
+    from types import SimpleNamespace
+
+    from npo_cli.rollout import encode_prompts
+    from npo_cli.tiny import char_tokenizer
+
+    tok, cfg = char_tokenizer(), SimpleNamespace(max_position_embeddings=20, vocab_size=128)
+    assert encode_prompts(tok, ["1+2=", "x" * 12], True, cfg, 8) == [tok("1+2=")["input_ids"], [91] * 12]
+    with pytest.raises(NpoError, match=r"prompt 'xxxxxxxxxxxxx'... has 13 tokens: with rollout.max_new_tokens=8 "
+                                       r"it exceeds the model's context of 20; shorten or drop"):
+        encode_prompts(tok, ["1+2=", "x" * 13], True, cfg, 8)
+    assert encode_prompts(tok, ["x" * 13], True, cfg, 8, context=21)  # vLLM: its max_model_len
+    with pytest.raises(NpoError, match="token id 91, outside the model's vocabulary of 64; use the tokenizer"):
+        encode_prompts(tok, ["1+x"], True, SimpleNamespace(vocab_size=64), 8)
+    with pytest.raises(NpoError, match="a prompt is empty once tokenized"):
+        encode_prompts(tok, [""], True, cfg, 8)
+    # through a run: the tiny model's context is 256 tokens
+    d = recipe_dict(model={"path": "tiny"}, rollout={"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 255})
+    with pytest.raises(NpoError, match="with rollout.max_new_tokens=255 it exceeds the model's context of 256"):
+        Trainer.new(build_recipe(d), open_store(tmp_path / "s")).train()
+
+
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 EXAMPLE = ROOT / "checkpoints.example"
 
