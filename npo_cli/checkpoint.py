@@ -384,13 +384,24 @@ def load_metrics(store: Store, manifest: Manifest) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ HF folders
 
-def export(store: Store, ref: str, out_dir: str) -> str:
-    """Write a plain Hugging Face folder (config.json, model.safetensors, tokenizer files)."""
+def export(store: Store, ref: str, out_dir: str, dtype: str = "auto") -> str:
+    """Write a plain Hugging Face folder (config.json, model.safetensors, tokenizer files).
+
+    dtype "auto": the run's model.dtype (a bf16 run trains fp32 master weights but is a bf16 model),
+    the stored dtype for a checkpoint without a recipe; or float32 / bfloat16 / float16."""
+    from npo_cli.model import DTYPES
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise NpoError(f"--dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise NpoError(f"{out_dir} exists and is not empty; choose a new folder")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NpoError(f"{out_dir} is a file; choose a new folder")
-    model, tokenizer, _ = load_model(store, ref)
+    model, tokenizer, man = load_model(store, ref)
+    if dtype == "auto" and man.recipe:
+        dtype = store.get_json(man.recipe).get("model", {}).get("dtype", "auto")
+    if dtype in DTYPES:
+        model.to(DTYPES[dtype])
     made = not os.path.exists(out_dir)
     try:
         model.save_pretrained(out_dir)

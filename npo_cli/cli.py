@@ -323,6 +323,7 @@ def _no_hf_progress():
 def export_cmd(
     ref: str = StoreRefArg,
     out_dir: str = typer.Argument(..., help="New folder for the Hugging Face model."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the run's model.dtype), float32, bfloat16 or float16."),
     store: str | None = StoreOpt,
 ):
     """Write a checkpoint as a plain Hugging Face model folder (from_pretrained loads it)."""
@@ -336,7 +337,7 @@ def export_cmd(
     from npo_cli.checkpoint import export
 
     with _no_hf_progress():
-        export(s, ref, out_dir)
+        export(s, ref, out_dir, dtype)
     print(f"exported {ref} to {out_dir}")
 
 

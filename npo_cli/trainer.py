@@ -217,6 +217,8 @@ class Trainer:
         self.eval_problems = load_problems(recipe.task, "eval", recipe.seed)[: recipe.task.eval_size]
         if not self.train_problems:
             raise NpoError("the task has no training problems")
+        if not self.eval_problems and dist.is_main():  # a small file can leave the hash split empty
+            self._say("note: the task has no held-out problems, so there is no eval; set task.eval_path")
         # what the data position of a checkpoint counts in: a resume must see the same problems
         self.train_sha = hashlib.sha256(json.dumps([[p.key, p.answer] for p in self.train_problems])
                                         .encode()).hexdigest()
@@ -424,8 +426,11 @@ class Trainer:
 
         # 3. verify
         groups = [self.score(p, prompt, rollouts) for p, prompt, rollouts in zip(problems, prompts, sampled)]
-        rsum, csum, cnt = dist.all_sum([sum(sum(g.rewards) for g in groups), sum(sum(g.correct) for g in groups),
-                                        sum(len(g.rewards) for g in groups)])
+        # TRL's reward_std: the groups' mean (unbiased) std, the spread the advantages divide by
+        std_sum = float(torch.tensor([g.rewards for g in groups]).std(-1).sum())
+        rsum, csum, cnt, std_sum, n_on = dist.all_sum([
+            sum(sum(g.rewards) for g in groups), sum(sum(g.correct) for g in groups),
+            sum(len(g.rewards) for g in groups), std_sum, len(groups)])
         on_policy_reward, on_policy_acc = rsum / cnt, csum / cnt
 
         # 4. off-policy slots (issue 4: NPO guide / LUFFY / replay); plain GRPO leaves groups alone
@@ -456,6 +461,7 @@ class Trainer:
         m = {
             "step": self.step_num,
             "reward": on_policy_reward,
+            "reward_std": std_sum / n_on,
             "accuracy": on_policy_acc,
             "zero_adv_frac": n_zero / n_groups,
             "response_length": n_tok / n_rows,
@@ -514,6 +520,8 @@ class Trainer:
         # micro-batch losses sum to the batch loss; counts and the loss are per pass
         out = {k: v / g.updates_per_batch for k, v in counts.items()}
         out.update({k: v / max(weights[k], 1e-12) for k, v in acc.items()})
+        for k in ("loss", "tokens"):  # a step whose groups all have advantage 0 trains no row: both are 0
+            out.setdefault(k, 0.0)
         out["entropy"] = entropy
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return out

@@ -8,6 +8,7 @@ format term; user verifiers (`module:function`) are called with the three positi
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 import re
@@ -88,6 +89,13 @@ def _import(path: str) -> Callable[[str, str, str], float]:
         raise NpoError(f"verifier '{path}' not found: {e}") from None
     if not callable(fn):
         raise NpoError(f"verifier '{path}' not found: {fn_name} is not a function")
+    try:  # a TRL reward function (prompts, completions, **kw) fails here, not at the first step
+        inspect.signature(fn).bind("prompt", "completion", "answer")
+    except TypeError:
+        raise NpoError(f"verifier '{path}' must take (prompt, completion, answer) and return a float reward "
+                       "(1.0 or more counts as correct)") from None
+    except ValueError:  # no signature to inspect (some builtins): the call will tell
+        pass
     return fn
 
 

@@ -633,3 +633,26 @@ def test_export_generate_import_round_trip(store, tmp_path):
         import_hf(store, out, "imported")
     with pytest.raises(NpoError, match="not a Hugging Face model folder"):
         import_hf(store, str(tmp_path), "other")
+
+
+def test_export_takes_the_runs_model_dtype(store, tmp_path):
+    """A bfloat16 run keeps fp32 master weights; before, its export was an fp32 model twice the size."""
+    import json
+
+    from safetensors import safe_open
+
+    from npo_cli.recipe import build_recipe
+
+    save_tiny(store, step=1, recipe=build_recipe({"model": {"dtype": "bfloat16"}}).model_dump(mode="json"))
+
+    def dtypes(folder):
+        with safe_open(f"{folder}/model.safetensors", "pt") as f:
+            kinds = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        return kinds, json.loads((folder / "config.json").read_text())["dtype"]
+
+    export(store, "r@1", str(tmp_path / "auto"))
+    assert dtypes(tmp_path / "auto") == ({"BF16"}, "bfloat16")
+    export(store, "r@1", str(tmp_path / "fp32"), dtype="float32")  # the master weights as trained
+    assert dtypes(tmp_path / "fp32") == ({"F32"}, "float32")
+    with pytest.raises(NpoError, match="--dtype must be auto or one of float32, bfloat16, float16"):
+        export(store, "r@1", str(tmp_path / "x"), dtype="fp8")

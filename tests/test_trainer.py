@@ -83,9 +83,11 @@ def test_grpo_run_end_to_end(store_dir, tmp_path):
     first = statistics.mean(r["reward"] for r in rows[:10])
     last = statistics.mean(r["reward"] for r in rows[-10:])
     assert last > first + 0.04, (first, last)
-    for key in ("reward", "accuracy", "zero_adv_frac", "entropy", "clip_frac", "response_length",
+    for key in ("reward", "reward_std", "accuracy", "zero_adv_frac", "entropy", "clip_frac", "response_length",
                 "grad_norm", "lr", "step_time", "tokens_per_s"):
         assert key in rows[0], key
+    assert all("loss" in r and "tokens" in r for r in rows)  # 0 on a step whose groups all have advantage 0
+    assert all(r["tokens"] == 0 for r in rows if r["zero_adv_frac"] == 1) and 0 < rows[0]["reward_std"] <= 0.6
     assert "eval/accuracy" in rows[14] and "eval/greedy_accuracy" in rows[29]
     # checkpoints: 0 (initial policy), 10, 20, 30; their metrics objects hold every step once
     lineage = store.lineage("r")
@@ -418,6 +420,17 @@ def test_prompts_the_model_cannot_take_are_one_line_errors(tmp_path):
     d = recipe_dict(model={"path": "tiny"}, rollout={"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 255})
     with pytest.raises(NpoError, match="with rollout.max_new_tokens=255 it exceeds the model's context of 256"):
         Trainer.new(build_recipe(d), open_store(tmp_path / "s")).train()
+
+
+def test_a_file_without_held_out_problems_says_there_is_no_eval(tmp_path, capsys):
+    from npo_cli.tasks import split_of
+
+    rows = [{"prompt": f"{i}+0=", "answer": str(i)} for i in range(10) if split_of(f"{i}+0=") == "train"][:3]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    d = recipe_dict(model={"path": "tiny"}, task={"kind": "file", "train_path": str(tmp_path / "p.jsonl")})
+    t = Trainer.new(build_recipe(d), open_store(tmp_path / "s"))
+    assert t.eval_problems == [] and "no held-out problems, so there is no eval; set task.eval_path" in \
+        capsys.readouterr().err
 
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"

@@ -85,6 +85,10 @@ def test_custom_verifier(tmp_path, monkeypatch):
         "NOT_FN = 3\n"
         "def nan(prompt, completion, answer):\n"
         "    return float('nan')\n"
+        "def trl_style(prompts, completions, **kwargs):\n"
+        "    return [0.0 for _ in completions]\n"
+        "def flexible(*args, **kwargs):\n"
+        "    return 1.0\n"
     )
     # found in the working directory, as the `npo` script runs it (sys.path does not hold the folder)
     monkeypatch.chdir(tmp_path)
@@ -98,6 +102,10 @@ def test_custom_verifier(tmp_path, monkeypatch):
         make(verifier="my_rewards:NOT_FN")
     with pytest.raises(NpoError, match="verifier 'my_rewards:nan' returned nan; a reward must be a finite number"):
         make(verifier="my_rewards:nan")("p", "c", "a")
+    # a TRL reward function is refused when the recipe is read, not at the first step
+    with pytest.raises(NpoError, match=r"verifier 'my_rewards:trl_style' must take \(prompt, completion, answer\)"):
+        make(verifier="my_rewards:trl_style")
+    assert make(verifier="my_rewards:flexible")("p", "c", "a") == 1.0
 
 
 @pytest.mark.parametrize("path", ["no_such_module_xyz:f", "json:no_such_fn", ":f"])
