@@ -133,6 +133,11 @@ class GRPOConfig(Section):
         description="token-mean (DAPO), seq-mean (GRPO paper), constant (Dr.GRPO: sum / max_new_tokens).",
     )
     kl_coef: float = Field(0.0, ge=0, description="k3 KL penalty to the initial policy (0 = off).")
+    mask_truncated: bool = Field(
+        False, description="Completions cut off by rollout.max_new_tokens (no EOS) train nothing and leave the "
+        "loss's normaliser (TRL's mask_truncated_completions, DAPO's overlong filtering); their rewards still "
+        "count in their group's advantages."
+    )
     updates_per_batch: int = Field(1, ge=1, description="Optimizer passes over each batch.")
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")

@@ -494,14 +494,17 @@ class Trainer:
         behaviour log-probs (the guide's / teacher's).
         """
         g = self.recipe.grpo
+        pad_row = rows[0]  # FSDP: ranks with fewer micro-batches run this row with zero weight
+        on = [ro for ro in rows if ro.source == "policy"]  # for the entropy below, truncated rows included
+        if g.mask_truncated:  # advantages were computed with them; the update leaves them out entirely
+            keep = [i for i, ro in enumerate(rows) if ro.finished]
+            rows, adv = [rows[i] for i in keep], adv[keep]
         # global counts: per-rank losses then sum to the single-process loss, and so do the gradients
         n_tokens, n_seqs = dist.all_sum([float(sum(len(ro.completion_ids) for ro in rows)), float(len(rows))])
         # Entropy of the sampling policy, estimated over every on-policy token from the behaviour
         # log-probs (E[-log p] = H): covers rows the update below skips, at no extra forward.
-        on = [ro for ro in rows if ro.source == "policy"]
         lp_sum, lp_n = dist.all_sum([sum(sum(ro.logprobs) for ro in on), sum(len(ro.logprobs) for ro in on)])
         entropy = -lp_sum / max(lp_n, 1)
-        pad_row = rows[0]  # FSDP: ranks with fewer micro-batches run this row with zero weight
         if g.skip_zero_adv and g.kl_coef == 0:
             # A row with advantage 0 adds exactly 0 to the loss and to its gradient (every term is
             # scaled by A): skip its forward/backward. Normalisers stay the whole batch's.

@@ -180,6 +180,25 @@ def test_skipping_zero_advantage_rows_is_exact(store_dir):
     assert scale > 0 and float((grads[0] - grads[1]).abs().max()) <= 1e-5 * scale
 
 
+def test_mask_truncated_trains_only_finished_completions(store_dir):
+    """grpo.mask_truncated (TRL's mask_truncated_completions): a completion without EOS trains nothing and
+    leaves the normaliser; the advantages are still the whole group's."""
+    store = open_store(store_dir)
+    d = recipe_dict(rollout={"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 2}, grpo={"lr": 1e-3})
+    masked = Trainer.new(build_recipe({**d, "name": "m", "grpo": {**d["grpo"], "mask_truncated": True}}), store)
+    plain = Trainer.new(build_recipe({**d, "name": "p"}), store)
+    torch.manual_seed(0)
+    prompts = ["1+1=", "2+3=", "9+8=", "7+6="]  # 17 and 13 need 3 tokens with EOS: cut at 2
+    rows = [ro for g in masked.backend.generate(prompts, 4) for ro in g]
+    adv = torch.tensor([1.0, -1.0] * 8)
+    done = [i for i, ro in enumerate(rows) if ro.finished]
+    assert 0 < len(done) < len(rows)  # both kinds in the batch
+    a = masked.update(rows, adv)
+    b = plain.update([rows[i] for i in done], adv[done])
+    assert a["tokens"] == b["tokens"] == sum(len(rows[i].completion_ids) for i in done)
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-7)
+
+
 def test_compiled_training_matches_eager(store_dir):
     """grpo.compile: the same rollouts, losses and gradients as eager (float noise), layers really compiled,
     and the checkpoint keeps the model's own parameter names (a resume loads it)."""
