@@ -431,7 +431,7 @@ def rollback(store, live, from_branch: str, prev: AutoController, guide: str, co
     # writes every entry, and share() returns once they are written: no rank trains before the cache is complete
     gen = GuideGenerator(store, guide, recipe)
     # seeded from the guide's weights, as the source's
-    seed = derive_seed(recipe.seed, gen.seed_id, "auto-prefill", *([dist.rank()] if dist.rank() else []))
+    seed = dist.rank_seed(derive_seed(recipe.seed, gen.seed_id, "auto-prefill"))
     mine = items[dist.rank() :: dist.world()]
     found = sum(e is not None for e in gen.get(mine, seed, engine=trainer.backend)) if mine else 0
     gen.unload()

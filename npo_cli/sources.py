@@ -154,7 +154,7 @@ class GuideSource(SlotSource):
 
     def entries(self, trainer, groups: list[Group]) -> list[dict | None]:
         # torchrun: ranks sample different prompts; a rank's own seed keeps their streams apart
-        seed = derive_seed(self.recipe.seed, self.gen.seed_id, trainer.step_num, *([dist.rank()] if dist.rank() else []))
+        seed = dist.rank_seed(derive_seed(self.recipe.seed, self.gen.seed_id, trainer.step_num))
         return self.gen.get([(g.prompt, g.problem) for g in groups], seed, engine=trainer.backend)
 
     @property
