@@ -288,6 +288,9 @@ def verify_cmd(store: str | None = StoreOpt, as_json: bool = JsonOpt):
 def gc_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Only report what would be deleted."),
     force: bool = typer.Option(False, "--force", help="Run even while a branch lease is live."),
+    keep_recent: float = typer.Option(
+        3600.0, "--keep-recent", min=0, help="Keep unreachable objects younger than this many seconds: a writer "
+        "without a lease (import, guide) may not have written what reaches them yet. 0: delete them all now."),
     store: str | None = StoreOpt,
     as_json: bool = JsonOpt,
 ):
@@ -295,13 +298,14 @@ def gc_cmd(
     from npo_cli.history import human_bytes
     from npo_cli.store import Store
 
-    rep = Store.open(store, must_exist=True).gc(dry_run=dry_run, force=force)
+    rep = Store.open(store, must_exist=True).gc(dry_run=dry_run, force=force, keep_recent=keep_recent)
     if as_json:
         print(json.dumps(rep, indent=1))
         return
     verb = "would delete" if dry_run else "deleted"
+    recent = f", {rep['recent_objects']} of them unreachable but recent" if rep["recent_objects"] else ""
     print(f"{verb} {rep['objects']} unreachable objects ({human_bytes(rep['bytes'])}); "
-          f"kept {rep['kept_objects']} ({human_bytes(rep['kept_bytes'])})")
+          f"kept {rep['kept_objects']} ({human_bytes(rep['kept_bytes'])}{recent})")
 
 
 @contextlib.contextmanager

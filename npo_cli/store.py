@@ -36,6 +36,7 @@ gc drops the others.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import mmap
@@ -60,6 +61,8 @@ _MANIFEST_MAGIC = b'{"format":"npo-checkpoint/'  # the first bytes of every mani
 _HEX = re.compile(r"[0-9a-f]{6,64}")
 _OID = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_REHASH_UP_TO = 1 << 20  # bytes: an existing object this small is re-hashed before a save reuses it
+GC_KEEP_RECENT = 3600.0  # seconds: gc keeps unreachable objects this young (their writer may be running)
 _STEP = re.compile(r"[0-9]{1,12}")
 REF_HELP = "RUN, RUN@STEP, RUN/BRANCH, RUN/BRANCH@STEP, or a checkpoint id prefix of 6+ hex digits"
 
@@ -228,7 +231,13 @@ class _LocalFS:
         tmp, dst = self._tmp(), self._p(rel)
         try:
             with open(tmp, "wb", buffering=0) as f:
-                f.writelines(parts)
+                for part in parts:  # a raw write may be short (disk full, a file-size limit): finish each
+                    view = memoryview(part).cast("B")
+                    while view:
+                        n = f.write(view)
+                        if not n:
+                            raise OSError(errno.ENOSPC, "no space left on device")
+                        view = view[n:]
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             if exclusive:
                 try:
@@ -266,6 +275,19 @@ class _LocalFS:
     def exists(self, rel: str) -> bool:
         return os.path.exists(self._p(rel))
 
+    def size(self, rel: str) -> int | None:
+        try:
+            return os.stat(self._p(rel)).st_size
+        except FileNotFoundError:
+            return None
+
+    def touch(self, rel: str) -> None:
+        """A reused object is fresh again: gc keeps recent objects (a writer may not have written its ref)."""
+        try:
+            os.utime(self._p(rel))
+        except OSError:
+            pass
+
     def listdir(self, rel: str) -> list[str]:
         try:
             return sorted(os.listdir(self._p(rel)))
@@ -278,12 +300,13 @@ class _LocalFS:
         except FileNotFoundError:
             pass
 
-    def objects(self) -> dict[str, int]:
+    def objects(self) -> dict[str, tuple[int, float]]:
         out = {}
         for d in self.listdir("objects"):
             with os.scandir(self._p(f"objects/{d}")) as it:
                 for e in it:
-                    out[d + e.name] = e.stat().st_size
+                    st = e.stat()
+                    out[d + e.name] = (st.st_size, st.st_mtime)
         return out
 
     def clean_tmp(self, older_than: float) -> int:
@@ -340,14 +363,22 @@ class _RemoteFS:
                 yield b
 
     def exists(self, rel: str) -> bool:
-        if self.s3:  # one HEAD; fs.exists would also LIST to look for a "directory" of that name
+        return self.size(rel) is not None
+
+    def size(self, rel: str) -> int | None:
+        if self.s3:  # one HEAD; fs.exists / fs.size would also LIST to look for a "directory" of that name
             bucket, key, _ = self.fs.split_path(self._p(rel))
             try:
-                self.fs.call_s3("head_object", Bucket=bucket, Key=key)
-                return True
+                return int(self.fs.call_s3("head_object", Bucket=bucket, Key=key)["ContentLength"])
             except FileNotFoundError:
-                return False
-        return self.fs.exists(self._p(rel))
+                return None
+        try:
+            return int(self.fs.size(self._p(rel)))
+        except FileNotFoundError:
+            return None
+
+    def touch(self, rel: str) -> None:
+        pass  # S3 has no cheap way to refresh an object's time (see Store.gc)
 
     def listdir(self, rel: str) -> list[str]:
         try:
@@ -371,7 +402,9 @@ class _RemoteFS:
         for path, info in found.items():
             rel = path.split("://", 1)[-1].strip("/")[len(base):].strip("/")
             if "/" in rel:
-                out[rel.replace("/", "")] = int(info.get("size") or 0)
+                when = info.get("LastModified") or info.get("created") or 0  # S3 / memory
+                when = when.timestamp() if isinstance(when, dt.datetime) else float(when)
+                out[rel.replace("/", "")] = (int(info.get("size") or 0), when)
         return out
 
     def clean_tmp(self, older_than: float) -> int:
@@ -462,12 +495,18 @@ class Store:
     def put_parts(self, parts: list) -> tuple[str, bool]:
         """Store the concatenation of `parts` (bytes / memoryviews, not copied); -> (oid, newly written)."""
         h = hashlib.sha256()
+        size = 0
         for p in parts:
             h.update(p)  # releases the GIL for large buffers: a thread pool hashes in parallel
+            size += memoryview(p).nbytes
         oid = h.hexdigest()
-        if self.has(oid):
-            return oid, False  # dedup: the same bytes are already stored
-        self.io.write(self._opath(oid), parts)
+        path = self._opath(oid)
+        # dedup: the same bytes are already stored, unless that copy is damaged (a short write before
+        # this version, a flipped bit); a small one is re-hashed, a large one only has its size checked
+        if self.io.size(path) == size and (size > _REHASH_UP_TO or self.hash_object(oid) == oid):
+            self.io.touch(path)
+            return oid, False
+        self.io.write(path, parts)
         return oid, True
 
     def put_bytes(self, b: bytes) -> str:
@@ -500,7 +539,7 @@ class Store:
 
     def objects(self) -> dict[str, int]:
         """Every object in the store: oid -> size in bytes."""
-        return self.io.objects()
+        return {oid: size for oid, (size, _) in self.io.objects().items()}
 
     def hash_object(self, oid: str) -> str:
         h = hashlib.sha256()
@@ -732,14 +771,17 @@ class Store:
 
     # ---------------------------------------------------------------- gc / verify
 
-    def reachable(self) -> tuple[dict[str, str], list[str]]:
-        """(oid -> a checkpoint that needs it, problems): everything reachable from the refs."""
+    def reachable(self) -> tuple[dict[str, str], list[str], dict[str, str]]:
+        """(oid -> a checkpoint that needs it, problems, guide-cache entry path -> oid): everything
+        reachable from the refs."""
         need: dict[str, str] = {}
         problems: list[str] = []
         todo: list[tuple[str, str]] = []
         for run in self.runs():
-            for b, cid in self.branches(run).items():
-                todo.append((cid, f"ref {run}/{b}"))
+            try:
+                todo += [(cid, f"ref {run}/{b}") for b, cid in self.branches(run).items()]
+            except NpoError as e:  # a damaged ref: a problem to report, not a reason to stop looking
+                problems.append(str(e))
         while todo:
             cid, via = todo.pop()
             if cid in need:
@@ -757,19 +799,21 @@ class Store:
                 if nxt:
                     todo.append((nxt, f"{what} of {label}"))
         # guide-cache entries live as long as their guide checkpoint is reachable
-        for g in self.io.listdir("guides"):
-            if g in need:
-                for oid in self.cache_entries(g).values():
-                    need.setdefault(oid, g)
-        return need, problems
+        cache = {f"guides/{g}/{k}": oid for g in self.io.listdir("guides") if g in need
+                 for k, oid in self.cache_entries(g).items()}
+        for path, oid in cache.items():
+            need.setdefault(oid, path)
+        return need, problems, cache
 
     def verify(self) -> dict:
         """Re-hash every object and check every reachable manifest's references."""
-        need, problems = self.reachable()
+        need, problems, _ = self.reachable()
         present = self.objects()
-        for oid, cid in need.items():
+        for oid, who in need.items():
             if oid not in present:
-                problems.append(f"missing object {oid[:16]} needed by {self.describe(cid)}")
+                problems.append(f"missing object {oid[:16]} of guide-cache entry {who} (npo gc drops the entry)"
+                                if who.startswith("guides/") else
+                                f"missing object {oid[:16]} needed by {self.describe(who)}")
         names = sorted(present)
         problems += [f"stray file objects/{o[:2]}/{o[2:]} (not an object name)" for o in names
                      if not _OID.fullmatch(o)]
@@ -784,35 +828,49 @@ class Store:
         with ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 2))) as ex:  # hashlib drops the GIL
             for oid, is_bad in zip(names, ex.map(bad, names)):
                 if is_bad:
-                    who = f"needed by checkpoint {self.describe(need[oid])}" if oid in need else "unreferenced"
+                    who = ("unreferenced" if oid not in need else f"guide-cache entry {need[oid]}"
+                           if need[oid].startswith("guides/") else f"needed by checkpoint {self.describe(need[oid])}")
                     problems.append(f"corrupt object {oid[:16]}: SHA-256 mismatch ({who})")
-        checkpoints = sum(1 for oid, cid in need.items() if oid == cid)
+        checkpoints = sum(1 for oid, who in need.items() if oid == who)
         return {"ok": not problems, "objects": len(present), "checkpoints": checkpoints,
                 "bytes": sum(present.values()), "problems": problems}
 
-    def gc(self, dry_run: bool = False, force: bool = False) -> dict:
-        """Delete objects no ref reaches. Refuses while any lease is live unless force."""
+    def gc(self, dry_run: bool = False, force: bool = False, keep_recent: float = GC_KEEP_RECENT) -> dict:
+        """Delete objects no ref reaches and older than keep_recent seconds. Refuses while any lease is live
+        unless force.
+
+        keep_recent protects writers that hold no lease (import, guide-cache fills, a save between its
+        objects and its ref): as in git, young unreachable objects are kept, and a save that reuses an
+        object refreshes its time (local stores; on S3 a reused object that gc deletes in the moment
+        between the save's check and its ref is the remaining race)."""
         live = [(r, b, i) for r, b, i in self.leases() if lease_state(i) == "live"]
         if live and not force:
             r, b, i = live[0]
             raise NpoError(f"{len(live)} branch(es) are being written ({r}/{b} by {_holder(i)}); "
                            "gc would race them; retry later or pass --force")
-        need, problems = self.reachable()
+        need, problems, cache = self.reachable()
         if problems:
             raise NpoError(f"refusing to gc a damaged store: {problems[0]} (see npo verify)")
-        present = self.objects()
-        doomed = {oid: size for oid, size in present.items() if oid not in need}
+        found = self.io.objects()
+        now = time.time()
+        unreachable = {oid: size for oid, (size, _) in found.items() if oid not in need}
+        doomed = {oid: size for oid, size in unreachable.items() if now - found[oid][1] >= keep_recent}
+        stale = [path for path, oid in cache.items() if oid not in found]  # a cache entry whose object is gone
         if not dry_run:
             for oid in doomed:
                 self.io.remove(self._opath(oid))
+            for path in stale:
+                self.io.remove(path)
             for g in self.io.listdir("guides"):  # caches of guides that are gone
                 if g not in need:
                     for k in self.io.listdir(f"guides/{g}"):
                         self.io.remove(f"guides/{g}/{k}")
             # temp files of killed writers; a young one may belong to a writer without a lease (import)
-            self.io.clean_tmp(older_than=0 if force else 3600)
+            self.io.clean_tmp(older_than=min(keep_recent, 0 if force else 3600))
+        total = sum(size for size, _ in found.values())
         return {"dry_run": dry_run, "objects": len(doomed), "bytes": sum(doomed.values()),
-                "kept_objects": len(present) - len(doomed), "kept_bytes": sum(present.values()) - sum(doomed.values())}
+                "recent_objects": len(unreachable) - len(doomed), "stale_cache_entries": len(stale),
+                "kept_objects": len(found) - len(doomed), "kept_bytes": total - sum(doomed.values())}
 
 
 def _ctx(context: str) -> str:

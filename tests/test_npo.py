@@ -185,7 +185,7 @@ def test_guide_cache_keyed_by_guide_and_hits(store_dir):
     assert other.key(prompt, problem.answer) != a.key(prompt, problem.answer)
     # once the guide is unreachable, gc drops its cache (refs and objects); other guides keep theirs
     (store_dir / "runs" / "g2" / "branches" / "main").unlink()
-    rep = store.gc()
+    rep = store.gc(keep_recent=0)
     assert rep["objects"] > 0 and store.cache_entries(g2) == {} and len(store.cache_entries(a.guide_id)) == 6
     assert store.verify()["ok"]
 

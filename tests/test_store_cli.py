@@ -159,12 +159,15 @@ def test_verify_and_gc(populated, capsys, monkeypatch):
     assert code == 0 and out.startswith("ok:")
     s = Store.open(populated)
     orphan = s.put_bytes(b"x" * 1000)
-    code, out, _ = npo(["gc", "--dry-run", "--json", "--store", populated], capsys, monkeypatch)
+    code, out, _ = npo(["gc", "--store", populated], capsys, monkeypatch)
+    assert code == 0 and "deleted 0 unreachable objects" in out and "1 of them unreachable but recent" in out
+    now = ["--keep-recent", "0", "--store", populated]
+    code, out, _ = npo(["gc", "--dry-run", "--json", *now], capsys, monkeypatch)
     assert json.loads(out)["objects"] == 1 and s.has(orphan)
     with s.lease("r1", "main"):
-        code, _, err = npo(["gc", "--store", populated], capsys, monkeypatch)
+        code, _, err = npo(["gc", *now], capsys, monkeypatch)
         assert code == 1 and "being written" in err and s.has(orphan)
-    code, out, _ = npo(["gc", "--store", populated], capsys, monkeypatch)
+    code, out, _ = npo(["gc", *now], capsys, monkeypatch)
     assert code == 0 and "deleted 1 unreachable objects (1.0 KB)" in out and not s.has(orphan)
     # one flipped byte: verify lists it and exits 1
     oid = s.manifest("r1").model["model.norm.weight"].oid
