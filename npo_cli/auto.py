@@ -401,9 +401,11 @@ def auto_chain(store, run: str) -> list[str]:
     return ls_data(store, run)["runs"][0]["auto_chain"] or ["main"]
 
 
-def rollback(store, live, from_branch: str, prev: AutoController, guide: str, console=None) -> AutoTrainer:
+def rollback(store, live, from_branch: str, prev: AutoController, guide: str, console=None,
+             force: bool = False) -> AutoTrainer:
     """Branch at the decision's fork, NPO from the fork to the guide's step, the guide cache pre-filled.
-    `live` is the recipe of the branch that stopped (it carries every override so far)."""
+    `live` is the recipe of the branch that stopped (it carries every override so far). force: break the
+    dead lease of a driver killed while it made this branch."""
     from npo_cli.guide import GuideGenerator, derive_seed
     from npo_cli.recipe import build_recipe
     d, run = prev.decision, live.name
@@ -442,7 +444,7 @@ def rollback(store, live, from_branch: str, prev: AutoController, guide: str, co
     trainer.events.append({"kind": "auto-branch", "k": d["k"], "branch": name, "from_branch": from_branch,
                            "fork": fork.id, "fork_step": c, "guide": guide, "guide_step": d["step"],
                            "until": until, "delta": d["delta"], "prefill": pre})
-    with store.lease(run, name) if dist.is_main() else nullcontext():
+    with store.lease(run, name, force=force) if dist.is_main() else nullcontext():
         trainer.save()  # the branch's first checkpoint: settings, carried controller state, the event
     if console is not None and recipe.logging.progress:
         console.print(f"auto: branch {run}/{name} from step {c}: NPO to step {until} with guide "
@@ -490,7 +492,7 @@ def auto_run(recipe_path: str | None, overrides: list[str], store_url: str | Non
         ctrl = (man.state or {}).get("controller", {})
         if ctrl.get("phase") == "decided":  # stopped for a rollback that was not made yet
             prev = AutoController.from_state(live.auto, store, ctrl)
-            trainer = rollback(store, live, branch, prev, man.id, console)
+            trainer = rollback(store, live, branch, prev, man.id, console, force=force)
         else:
             trainer = AutoTrainer.resume(store, f"{run}/{branch}", list(overrides), console=console)
     else:

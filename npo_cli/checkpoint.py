@@ -242,18 +242,23 @@ def save_checkpoint(store: Store, *, run: str, branch: str, step: int, model, to
                     state: dict | None = None, state_tensors: dict[str, torch.Tensor] | None = None,
                     metrics: list[dict] | None = None, summary: dict[str, float] | None = None,
                     recipe: dict | None = None, guide: str | None = None, events: list[dict] | None = None,
-                    parent: str | None = "head") -> str:
+                    parent: str | None = "head", expect: str | None = "any") -> str:
     """Save a checkpoint on run/branch and move the branch to it; returns its id.
 
     parent: "head" (the branch's current head, none for a new branch), None (a root), or any ref.
     guide: a ref or id of the guide checkpoint. Refused if another live process holds the branch lease.
+    expect: the branch head this writer last saw (None: the branch must not exist yet); the save is
+    refused, and the branch left alone, when the branch is elsewhere before or after the objects are written.
     """
     check_name("run", run)
     check_name("branch", branch)
     if not isinstance(step, int) or step < 0:
         raise NpoError(f"step must be a non-negative integer, not {step!r}")
     store.check_writer(run, branch)
-    parent_id = store.head(run, branch) if parent == "head" else (store.resolve(parent) if parent else None)
+    before = store.head(run, branch)
+    if expect != "any" and before != expect:
+        raise _moved(run, branch, before, expect)
+    parent_id = before if parent == "head" else (store.resolve(parent) if parent else None)
     guide_id = store.resolve(guide) if guide else None
     state = _jsonable("state", state or {})
     events = _jsonable("events", events or [])
@@ -279,8 +284,21 @@ def save_checkpoint(store: Store, *, run: str, branch: str, step: int, model, to
         tokenizer=_tokenizer_objects(store, tokenizer) if tokenizer is not None else {},
     )
     cid = store.put_bytes(man.to_bytes())
-    store.set_ref(run, branch, cid)  # last: until here a crash leaves only unreferenced objects
+    # Again, just before the ref: a writer paused past its lease (SIGSTOP, a stall) must not move a branch
+    # that another process has taken over and moved on since.
+    store.check_writer(run, branch)
+    now = store.head(run, branch)
+    if now != before:
+        raise _moved(run, branch, now, before)
+    store.set_ref(run, branch, cid, create=before is None)  # last: until here a crash leaves unreferenced objects
     return cid
+
+
+def _moved(run: str, branch: str, now: str | None, expected: str | None) -> NpoError:
+    where = f"at {now[:12]}" if now else "gone"
+    seen = f"{expected[:12]}" if expected else "no such branch"
+    return NpoError(f"branch {run}/{branch} is {where}, not where this process left it ({seen}): another "
+                    "process writes it; stopping without moving it")
 
 
 # ------------------------------------------------------------------------------------------ load

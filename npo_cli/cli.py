@@ -384,6 +384,8 @@ def intervene_cmd(
     branch: str | None = typer.Option(None, "--branch", help="Branch name (default npo-A-gG)."),
     sets: list[str] = SetOpt,
     allow_any_guide: bool = typer.Option(False, "--allow-any-guide", help="Allow a guide from another lineage."),
+    force: bool = typer.Option(False, "--force", help="Break a dead or expired lease on the new branch (an "
+                               "intervene killed while it made it)."),
     store: str | None = StoreOpt,
     as_json: bool = JsonOpt,
 ):
@@ -396,7 +398,7 @@ def intervene_cmd(
                        + (f", with a run other than --run {run}" if ref and run else ""))
     run, at = run or ref or None, int(step)
     res = intervene(store, run=run, at=at, guide=guide, until=until, gate=gate, branch=branch, overrides=sets,
-                    allow_any_guide=allow_any_guide, console=console, progress=not as_json)
+                    allow_any_guide=allow_any_guide, console=console, progress=not as_json, force=force)
     if as_json:
         print(json.dumps(res, indent=1))
         return

@@ -93,7 +93,7 @@ def plan(store, *, run: str | None, at: int, guide: str, until: int | None = Non
 
 def intervene(store_url: str | None, *, run: str | None, at: int, guide: str, until: int | None = None,
               gate: float | None = None, branch: str | None = None, overrides: list[str] = (),
-              allow_any_guide: bool = False, console=None, progress: bool = True) -> dict:
+              allow_any_guide: bool = False, console=None, progress: bool = True, force: bool = False) -> dict:
     """Plan, make the branch (one ref), train it; returns the trainer's summary plus the plan."""
     from npo_cli import dist
     from npo_cli.recipe import build_recipe
@@ -114,7 +114,7 @@ def intervene(store_url: str | None, *, run: str | None, at: int, guide: str, un
     # The branch's first checkpoint is the fork's weights (objects shared) under the NPO recipe, and the
     # branch ref is first written pointing at it: a branch stopped before its first step still resumes
     # as NPO (`npo run --resume RUN/BRANCH`), never as the fork's plain GRPO.
-    with store.lease(p["run"], p["branch"]) if dist.is_main() else nullcontext():
+    with store.lease(p["run"], p["branch"], force=force) if dist.is_main() else nullcontext():
         trainer.save(parent=fork.id)
     trainer.fresh = True
     res = trainer.train(progress=progress and trainer.recipe.logging.progress)

@@ -275,6 +275,8 @@ class Trainer:
         self.samples_seen = 0
         self.tokens_generated = 0
         self.head: str | None = None  # id of the last checkpoint written or resumed from
+        # where this branch stood when this trainer was made (None: new); a save moves it only from there
+        self.branch_head = store.head(self.run, branch) if dist.is_main() else None
         self._order_cache: tuple[int, list[int]] | None = None
         if init is not None:
             self._restore(init)
@@ -661,9 +663,9 @@ class Trainer:
                 self.store, run=self.run, branch=self.branch, step=self.step_num, model=model,
                 tokenizer=self.tokenizer, optimizer=optimizer, state=state, state_tensors=tensors,
                 metrics=self.pending_metrics, summary=self.summary(), recipe=self.recipe.model_dump(mode="json"),
-                guide=self.source.guide, events=self.events, parent=parent,
+                guide=self.source.guide, events=self.events, parent=parent, expect=self.branch_head,
             )
-        self.head = dist.broadcast_json(head)
+        self.head = self.branch_head = dist.broadcast_json(head)
         self.pending_metrics, self.events = [], []
         return self.head
 

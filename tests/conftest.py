@@ -60,6 +60,20 @@ def open_store(d):
     return Store.open(str(d))
 
 
+def dead_lease(store, run: str, branch: str) -> None:
+    """The lease a writer killed mid-save leaves: this host, a pid that is gone, not expired."""
+    import json
+    import socket
+    import subprocess
+    import time
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    store.io.write(f"runs/{run}/leases/{branch}.json", [json.dumps(
+        {"host": socket.gethostname(), "pid": gone.pid, "since": "", "expiry": time.time() + 600,
+         "token": "killed"}).encode()])
+
+
 def copy_store(src, tmp_path, monkeypatch):
     """A test's own copy of a session store at tmp_path/store, with the test working in tmp_path (metrics
     files land there) and NPO_STORE pointing at the copy (CLI calls without --store use it)."""

@@ -10,9 +10,10 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import copy_store, open_store, run_main
+from conftest import copy_store, dead_lease, open_store, run_main
 
 from npo_cli.auto import AutoController, members, select_delta, spread, warning
+from npo_cli.errors import NpoError
 from npo_cli.recipe import AutoConfig, build_recipe
 from npo_cli.trainer import TIMING_KEYS
 
@@ -259,7 +260,11 @@ def test_resume_between_decision_and_branch(npo_base_store, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     store = open_store(d)
     assert store.branches("a").keys() == {"main"}
-    res = auto.auto_run(None, [], str(d), "a", progress=False)
+
+    dead_lease(store, "a", "auto-1")  # killed while it made the branch: --force breaks that lease
+    with pytest.raises(NpoError, match="that process is gone; pass --force"):
+        auto.auto_run(None, [], str(d), "a", progress=False)
+    res = auto.auto_run(None, [], str(d), "a", progress=False, force=True)
     assert res["branch"] == "auto-1" and res["step"] == 8
 
 

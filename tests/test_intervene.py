@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import copy_store, open_store, run_main
+from conftest import copy_store, dead_lease, open_store, run_main
 
 from npo_cli.errors import NpoError
 from npo_cli.intervene import plan
@@ -92,6 +92,19 @@ def test_intervention_stopped_before_its_first_step_resumes_as_npo(store_dir, mo
     assert code == 0, err
     rows = [json.loads(line) for line in Path(json.loads(out)["metrics_jsonl"]).read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 4] and all("npo/active" in r for r in rows)
+
+
+def test_intervene_killed_in_its_first_save_is_rerun_with_force(store_dir, monkeypatch, capsys):
+    """The dead lease of an intervene killed before the branch ref: before, no command could break it
+    (intervene had no --force) until it expired."""
+
+    dead_lease(open_store(store_dir), "r", "npo-2-g6")
+    argv = ["intervene", "--run", "r", "--at", "2", "--guide", "6", "--until", "3", "--set", "train.steps=3"]
+    code, _, err = run_main(argv, monkeypatch, capsys)
+    assert code == 1 and "that process is gone; pass --force to break the lease" in err
+    code, _, err = run_main([*argv, "--force"], monkeypatch, capsys)
+    assert code == 0, err
+    assert open_store(store_dir).manifest("r/npo-2-g6").step == 3
 
 
 @pytest.mark.parametrize("argv, expect", [

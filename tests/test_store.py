@@ -426,6 +426,36 @@ def test_gc_drops_guide_cache_entries_whose_object_is_gone(store):
     assert store.gc()["stale_cache_entries"] == 1 and store.cache_entries(g) == {} and store.verify()["ok"]
 
 
+def test_a_save_never_moves_a_branch_that_moved_under_it(store, monkeypatch):
+    """A writer paused past its lease (SIGSTOP) used to finish its save and move the ref back over the
+    steps of the process that had taken over; a second new run of the same name continued the first."""
+    import npo_cli.checkpoint as ck
+
+    a = save_tiny(store, step=1)
+    b = save_tiny(store, step=2)  # another writer moved the branch on
+    with pytest.raises(NpoError, match=f"branch r/main is at {b[:12]}, not where this process left it "
+                                       f"\\({a[:12]}\\): another process writes it"):
+        save_tiny(store, step=2, expect=a)
+    with pytest.raises(NpoError, match=r"not where this process left it \(no such branch\)"):
+        save_tiny(store, step=0, expect=None)
+    real = ck.save_tensors
+
+    def moved_meanwhile(s, named, branch="main", to=a):
+        out = real(s, named)
+        s.set_ref("r", branch, to)
+        return out
+
+    monkeypatch.setattr(ck, "save_tensors", moved_meanwhile)
+    with pytest.raises(NpoError, match=f"branch r/main is at {a[:12]}"):
+        save_tiny(store, step=3, expect=b)
+    assert store.head("r", "main") == a
+    monkeypatch.setattr(ck, "save_tensors", lambda s, named: moved_meanwhile(s, named, "new"))
+    with pytest.raises(NpoError, match="branch r/new is at"):
+        save_tiny(store, branch="new", step=0, expect=None)
+    assert store.head("r", "new") == a and store.verify()["ok"]
+
+
+# ------------------------------------------------------------------------------------------ corruption
 # ------------------------------------------------------------------------------------------ corruption
 # ------------------------------------------------------------------------------------------ corruption
 

@@ -320,6 +320,18 @@ def test_sigint_writes_final_checkpoint_and_resumes(store_dir, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="posix signals")
+def test_two_new_runs_of_one_name_never_interleave(store_dir):
+    """Both started before either wrote its first ref: the second used to write its step 0 on top of the
+    first's last checkpoint (ls: 0, 1, 2, 0, 3)."""
+    d = recipe_dict(rollout={"prompts_per_step": 2, "group_size": 2}, train={"steps": 2, "save_every": 1})
+    store = open_store(store_dir)
+    first, second = Trainer.new(build_recipe(d), store), Trainer.new(build_recipe({**d, "seed": 1}), store)
+    first.train()
+    with pytest.raises(NpoError, match="branch r/main is at .*not where this process left it .no such branch."):
+        second.train()
+    assert [m.step for m in store.lineage("r")] == [2, 1, 0] and store.head("r", "main") == first.head
+
+
 def test_second_run_on_same_branch_is_refused(store_dir):
     store = open_store(store_dir)
     with store.lease("base", "main"), pytest.raises(NpoError, match="base/main"):
