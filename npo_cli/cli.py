@@ -30,6 +30,8 @@ app = typer.Typer(
 recipe_app = typer.Typer(help="Inspect recipe settings.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 console = Console(soft_wrap=True)  # a status line stays one line in a log (a pipe is 80 columns wide)
+# with --json, stdout is the JSON alone: status lines and warnings of long commands go to stderr
+json_console = Console(soft_wrap=True, stderr=True)
 
 StoreOpt = typer.Option(None, "--store", help="Store URL (default: $NPO_STORE, else ./checkpoints).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
@@ -85,7 +87,8 @@ def run_cmd(
     """Train with GRPO: a new run from RECIPE, or continue one with --resume."""
     from npo_cli.trainer import run_recipe
 
-    res = run_recipe(recipe, sets, store, resume, console=console, progress=not as_json, force=force)
+    res = run_recipe(recipe, sets, store, resume, console=json_console if as_json else console,
+                     progress=not as_json, force=force)
     if as_json:
         print(json.dumps(res, indent=1))
     else:
@@ -398,7 +401,8 @@ def intervene_cmd(
                        + (f", with a run other than --run {run}" if ref and run else ""))
     run, at = run or ref or None, int(step)
     res = intervene(store, run=run, at=at, guide=guide, until=until, gate=gate, branch=branch, overrides=sets,
-                    allow_any_guide=allow_any_guide, console=console, progress=not as_json, force=force)
+                    allow_any_guide=allow_any_guide, console=json_console if as_json else console,
+                    progress=not as_json, force=force)
     if as_json:
         print(json.dumps(res, indent=1))
         return
@@ -430,7 +434,8 @@ def guide_cmd(
     """Pre-fill the guide cache: verified guide trajectories for a prompt set, written to the store."""
     from npo_cli.guide import prefill
 
-    res = prefill(store, guide, prompts, split, limit, from_step, sets, console=console, progress=not as_json)
+    res = prefill(store, guide, prompts, split, limit, from_step, sets,
+                  console=json_console if as_json else console, progress=not as_json)
     if as_json:
         print(json.dumps(res, indent=1))
         return
@@ -553,7 +558,8 @@ def auto_cmd(
     """AutoNPO: GRPO that detects plateaus, rolls back and replays them with NPO on its own."""
     from npo_cli.auto import auto_run
 
-    res = auto_run(recipe, sets, store, resume, console=console, progress=not as_json, force=force)
+    res = auto_run(recipe, sets, store, resume, console=json_console if as_json else console,
+                   progress=not as_json, force=force)
     if as_json:
         print(json.dumps(res, indent=1))
     else:

@@ -166,9 +166,12 @@ def final_state(store, ref: str) -> tuple[dict, list[dict], dict]:
 
 
 def test_auto_end_to_end(store_dir, monkeypatch, capsys):
-    recipe = write_recipe(store_dir, auto_recipe(store_dir))
+    data = auto_recipe(store_dir)
+    data["logging"]["progress"] = True  # its status lines go to stderr under --json: stdout is the JSON alone
+    recipe = write_recipe(store_dir, data)
     code, out, err = run_main(["auto", recipe, "--store", str(store_dir), "--json"], monkeypatch, capsys)
     assert code == 0, err
+    assert "-> roll back to step" in err
     res = json.loads(out)
     a = res["auto"]
     assert a["chain"] == ["main", "auto-1"] and res["branch"] == "auto-1" and res["step"] == 8
