@@ -565,7 +565,7 @@ class Store:
     def _read_ref(self, run: str, branch: str) -> str | None:
         try:
             cid = bytes(self.io.read(f"runs/{run}/branches/{branch}")).decode().strip()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # NotADirectory: the store path runs through a file
             return None
         if not _OID.fullmatch(cid):
             raise NpoError(f"ref {run}/{branch} is damaged (holds {cid[:20]!r}); fix or delete "
