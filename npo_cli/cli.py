@@ -605,6 +605,12 @@ def main():
         raise
 
 
+def _unreachable(e: Exception) -> bool:
+    """An S3 endpoint that does not answer (down, a wrong URL, no network): botocore's connection errors."""
+    errors = sys.modules.get("botocore.exceptions")  # only when an S3 store was opened
+    return errors is not None and isinstance(e, errors.ConnectionError)
+
+
 def _lost_peer(e: Exception) -> bool:
     """A collective failed because another torchrun process stopped (gloo / NCCL connection errors)."""
     import torch.distributed as tdist
@@ -643,6 +649,9 @@ def _main(rank: int | None = None):
             raise
         if isinstance(e, OSError) and e.filename:  # the OS refused a path the user named: not a bug
             fail(f"error: {who}cannot use {e.filename}: {os_reason(e)}; check the path and its permissions")
+        if _unreachable(e):
+            fail(f"error: {who}{str(e).splitlines()[0]}; check NPO_S3_ENDPOINT / AWS_ENDPOINT_URL and the network, "
+                 "then resume (--resume, with --force for the lease a stopped run left)")
         if rank is not None and _lost_peer(e):  # not this rank's fault: the other's error says what went wrong
             fail(f"error: {who}a collective failed: another process of this torchrun stopped or hung (its error "
                  "says why)")

@@ -441,6 +441,14 @@ def _s3_fs(url: str):
     except Exception as e:  # noqa: BLE001  (connection refused, DNS, no credentials...)
         raise NpoError(f"cannot reach the S3 store {url}{where}: {_one_line(e)} "
                        "(check $NPO_S3_ENDPOINT / $AWS_ENDPOINT_URL and credentials)") from None
+
+    def quiet_orphans(loop, context):
+        # requests abandoned when the endpoint went away die later in s3fs's loop; the error that stopped
+        # the command already says so, and their tracebacks would bury it
+        if context.get("message") != "Task exception was never retrieved":
+            loop.default_exception_handler(context)
+
+    fs.loop.set_exception_handler(quiet_orphans)
     return fs
 
 
@@ -994,7 +1002,13 @@ class Lease:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.release()
+        try:
+            self.release()
+        except Exception:
+            if exc[0] is None:
+                raise
+            # The store failed under the writer (network, disk): the error that stopped it says why;
+            # the lease left behind expires, or --force breaks it.
 
 
 def _fmt_ts(ts) -> str:

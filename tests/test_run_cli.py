@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import typer
 import yaml
+from conftest import dead_lease
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -219,6 +220,54 @@ def test_a_first_step_that_fails_leaves_no_run_or_branch(tmp_path, monkeypatch, 
     assert code == 1 and "first_step_rewards:bad" in err and store.branches("t") == heads
     assert run_main(["intervene", "--at", "t@0", "--guide", "t@2", *good], monkeypatch, capsys)[0] == 0
     assert set(store.branches("t")) == {"main", "npo-0-g2"} and store.verify()["ok"]
+
+
+def test_s3_endpoint_lost_mid_run_is_one_line_and_resumes(tmp_path, monkeypatch, capsys):
+    """The endpoint goes away during a run: before, aiohttp tracebacks, then the lease release's error
+    (hiding the save's) with 'set NPO_DEBUG=1'. Moto keeps its buckets in the process: a new server on the
+    same port is the endpoint coming back."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from npo_cli.store import Store
+    from npo_cli.trainer import Trainer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "NPO_S3_ENDPOINT": endpoint}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="npo-lost")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**TINY, "train": {"steps": 4, "save_every": 1,
+                                                                          "eval_every": 100}}))
+    step = Trainer.step
+
+    def then_lost(self):
+        m = step(self)
+        if self.step_num == 2:
+            server.stop()
+        return m
+
+    monkeypatch.setattr(Trainer, "step", then_lost)
+    code, _, err = run_main(["run", "r.yaml", "--store", "s3://npo-lost/x"], monkeypatch, capsys)
+    monkeypatch.setattr(Trainer, "step", step)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: Could not connect to the endpoint URL") and "then resume (--resume" in err, err
+    again = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    again.start()
+    try:
+        store = Store.open("s3://npo-lost/x")
+        dead_lease(store, "t", "main")  # what the failed run's lease is once its process has exited
+        code, _, err = run_main(["run", "--resume", "t", "--force", "--store", "s3://npo-lost/x"], monkeypatch,
+                                capsys)
+        assert code == 0, err
+        assert [m.step for m in store.lineage("t")] == [4, 3, 2, 1, 0] and store.verify()["ok"]
+    finally:
+        again.stop()
 
 
 # ---------------------------------------------------------------- fuzzing the recipe boundary
