@@ -420,15 +420,18 @@ def export(store: Store, ref: str, out_dir: str, dtype: str = "auto") -> str:
         dtype = store.get_json(man.recipe).get("model", {}).get("dtype", "auto")
     if dtype in DTYPES:
         model.to(DTYPES[dtype])
-    made = not os.path.exists(out_dir)
+    # written next to out_dir, then renamed: a killed export leaves no half folder under the name asked for
+    out = os.path.abspath(out_dir)
+    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.npo-{os.getpid()}")
     try:
-        model.save_pretrained(out_dir)
+        model.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
-    except BaseException:
-        if made:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+            tokenizer.save_pretrained(tmp)
+        if os.path.isdir(out):
+            os.rmdir(out)  # the empty folder the user made
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

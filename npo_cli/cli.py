@@ -11,6 +11,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from npo_cli import __version__
@@ -148,7 +149,10 @@ def _note_live_branch(s, ref: str) -> None:
         return
     from npo_cli.auto import auto_chain
 
-    live = auto_chain(s, ref)[-1]
+    try:
+        live = auto_chain(s, ref)[-1]
+    except NpoError:  # a damaged checkpoint elsewhere in the run: the command itself says what it can
+        return
     if live != "main":
         print(f"note: {ref} is {ref}/main; its AutoNPO chain goes on in {ref}/{live}", file=sys.stderr)
 
@@ -186,7 +190,8 @@ def ls_cmd(
     tree = Tree(f"[bold]{data['store']}")
     for r in data["runs"]:
         rt = tree.add(f"[bold]{r['run']}" + (f"  auto chain: {' -> '.join(r['auto_chain'])} (live)"
-                                             if len(r.get("auto_chain") or []) > 1 else ""))
+                                             if len(r.get("auto_chain") or []) > 1 else "")
+                      + (f"  [red]cannot list: {escape(r['error'])}[/]" if r.get("error") else ""))
         for b in r["branches"]:
             extra = [f"from {b['fork']['ref']}"] if b["fork"] else []
             extra += [f"guide {b['guide']['ref']}"] if b["guide"] else []

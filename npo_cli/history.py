@@ -73,32 +73,40 @@ def ls_data(store: Store, run: str | None = None) -> dict[str, Any]:
         runs = [run]
     out = []
     for r in runs:
-        branches = store.branches(r)
-        rows, is_auto = [], False
-        for b in sorted(branches, key=lambda x: (x != "main", x)):
-            own: list[Manifest] = []
-            fork = None
-            for m in store.lineage(branches[b]):
-                if m.run == r and m.branch == b:
-                    own.append(m)
-                else:
-                    fork = m
-                    break
-            guide = next((m.guide for m in own if m.guide), None)
-            rows.append({
-                "branch": b, "head": branches[b],
-                "fork": {"id": fork.id, "ref": short_ref(store, fork.id, r), "step": fork.step} if fork else None,
-                "guide": {"id": guide, "ref": short_ref(store, guide, r)} if guide else None,
-                "checkpoints": [_entry(store, m) for m in reversed(own)],
-                "auto": _auto_branch(own),
-            })
-            if b == "main":
-                is_auto = any((m.state or {}).get("controller", {}).get("auto") for m in own)
-        chain = _auto_chain(rows) if is_auto else []
-        for row in rows:
-            row["live"] = bool(chain) and row["branch"] == chain[-1]
-        out.append({"run": r, "branches": rows, "auto_chain": chain})
+        try:
+            out.append(_ls_run(store, r))
+        except NpoError as e:  # a damaged ref or manifest: this run says so, the others still list
+            out.append({"run": r, "branches": [], "auto_chain": [], "error": str(e)})
     return {"store": store.url, "runs": out}
+
+
+def _ls_run(store: Store, r: str) -> dict[str, Any]:
+    """One run of `ls_data`."""
+    branches = store.branches(r)
+    rows, is_auto = [], False
+    for b in sorted(branches, key=lambda x: (x != "main", x)):
+        own: list[Manifest] = []
+        fork = None
+        for m in store.lineage(branches[b]):
+            if m.run == r and m.branch == b:
+                own.append(m)
+            else:
+                fork = m
+                break
+        guide = next((m.guide for m in own if m.guide), None)
+        rows.append({
+            "branch": b, "head": branches[b],
+            "fork": {"id": fork.id, "ref": short_ref(store, fork.id, r), "step": fork.step} if fork else None,
+            "guide": {"id": guide, "ref": short_ref(store, guide, r)} if guide else None,
+            "checkpoints": [_entry(store, m) for m in reversed(own)],
+            "auto": _auto_branch(own),
+        })
+        if b == "main":
+            is_auto = any((m.state or {}).get("controller", {}).get("auto") for m in own)
+    chain = _auto_chain(rows) if is_auto else []
+    for row in rows:
+        row["live"] = bool(chain) and row["branch"] == chain[-1]
+    return {"run": r, "branches": rows, "auto_chain": chain}
 
 
 def _auto_branch(own: list[Manifest]) -> dict | None:

@@ -558,7 +558,9 @@ class Store:
     # ---------------------------------------------------------------- refs
 
     def runs(self) -> list[str]:
-        return [r for r in self.io.listdir("runs") if _NAME.fullmatch(r) and self.branches(r)]
+        """Runs with at least one branch ref (listed, not read: one damaged ref must not hide every run)."""
+        return [r for r in self.io.listdir("runs") if _NAME.fullmatch(r)
+                and any(_NAME.fullmatch(b) for b in self.io.listdir(f"runs/{r}/branches"))]
 
     def branches(self, run: str) -> dict[str, str]:
         check_name("run", run)
@@ -576,8 +578,9 @@ class Store:
         except (FileNotFoundError, NotADirectoryError):  # NotADirectory: the store path runs through a file
             return None
         if not _OID.fullmatch(cid):
-            raise NpoError(f"ref {run}/{branch} is damaged (holds {cid[:20]!r}); fix or delete "
-                           f"runs/{run}/branches/{branch} in the store")
+            raise NpoError(f"ref {run}/{branch} is damaged (holds {cid[:20]!r}); write its last checkpoint's id "
+                           f"into runs/{run}/branches/{branch} in the store (deleting the ref would let "
+                           "npo gc remove the branch's history)")
         return cid
 
     def head(self, run: str, branch: str = "main") -> str | None:

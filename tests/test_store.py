@@ -709,6 +709,26 @@ def test_export_generate_import_round_trip(store, tmp_path):
         import_hf(store, str(tmp_path), "other")
 
 
+def test_an_interrupted_export_leaves_no_folder(store, tmp_path, monkeypatch):
+    """Killed between the weights and the tokenizer, export used to leave a folder with config.json and no
+    weights under the asked-for name (a re-export was refused, an import failed)."""
+    from transformers import PreTrainedTokenizerFast
+
+    save_tiny(store, step=1)
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(store, "r@1", str(tmp_path / "hf"))
+    assert sorted(os.listdir(tmp_path)) == ["store"]
+    monkeypatch.undo()
+    (tmp_path / "hf").mkdir()  # an empty folder the user made is fine
+    export(store, "r@1", str(tmp_path / "hf"))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(tmp_path / "hf"))
+
+
 def test_export_takes_the_runs_model_dtype(store, tmp_path):
     """A bfloat16 run keeps fp32 master weights; before, its export was an fp32 model twice the size."""
     import json
