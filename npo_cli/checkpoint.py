@@ -430,6 +430,8 @@ def export(store: Store, ref: str, out_dir: str, dtype: str = "auto") -> str:
         if os.path.isdir(out):
             os.rmdir(out)  # the empty folder the user made
         os.rename(tmp, out)
+    except OSError as e:  # name the folder asked for, not the temporary one
+        raise OSError(e.errno, e.strerror, out_dir) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
