@@ -198,7 +198,10 @@ def _chat(turns: list, where: str, task: TaskConfig) -> Problem:
 
 
 def _answer_text(value) -> str:
-    # JSON / pandas write whole numbers as floats (39.0): the answer a verifier compares is 39
+    """The answer a verifier gets: text as is; a list or mapping (test cases, several accepted answers) as
+    JSON, not Python's repr; whole numbers that JSON / pandas wrote as floats (39.0) as 39."""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 

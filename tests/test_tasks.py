@@ -169,6 +169,9 @@ def test_file_bom_whole_float_answers_and_all_held_out(tmp_path):
     probs = load_problems(file_task(f"{tmp_path}/p.jsonl"), "train", 0) + load_problems(
         file_task(f"{tmp_path}/p.jsonl"), "eval", 0)
     assert {p.prompt: p.answer for p in probs} == {r["question"]: str(r["solution"]).removesuffix(".0") for r in rows}
+    (tmp_path / "tests.jsonl").write_text(json.dumps({"question": "f", "solution": {"cases": [[1, 2]], "ok": True}}))
+    [p] = load_problems(file_task(f"{tmp_path}/tests.jsonl", eval_path=f"{tmp_path}/tests.jsonl"), "train", 0)
+    assert json.loads(p.answer) == {"cases": [[1, 2]], "ok": True}  # JSON for the verifier, not a Python repr
     held = next(f"q{i}" for i in range(1000) if split_of(f"q{i}") == "eval")
     (tmp_path / "one.jsonl").write_text(json.dumps({"question": held, "solution": 1}))
     with pytest.raises(NpoError, match="all 1 prompts of .* fell into the held-out split .* set task.eval_path"):
