@@ -23,6 +23,7 @@ Order of writes in `save_checkpoint`: tensor and file objects, then the manifest
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -423,6 +424,12 @@ def export(store: Store, ref: str, out_dir: str, dtype: str = "auto") -> str:
     # written next to out_dir, then renamed: a killed export leaves no half folder under the name asked for
     out = os.path.abspath(out_dir)
     tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.npo-{os.getpid()}")
+    from npo_cli.store import _pid_alive
+
+    for left in glob.glob(os.path.join(os.path.dirname(out), f".{glob.escape(os.path.basename(out))}.npo-*")):
+        pid = left.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):  # a killed export's folder (SIGKILL skips the finally)
+            shutil.rmtree(left, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:

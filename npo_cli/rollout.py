@@ -78,6 +78,11 @@ def eos_ids(model, tokenizer) -> list[int]:
         eos.update([int(gen_eos)] if isinstance(gen_eos, int) else [int(e) for e in gen_eos])
     if not eos:
         raise NpoError("the tokenizer has no EOS token; set one so completions can end")
+    vocab = getattr(model.config, "vocab_size", None)  # a token added to the tokenizer alone has no embedding
+    for name, tid in [("EOS", max(eos)), ("pad", tokenizer.pad_token_id)]:
+        if vocab and tid is not None and tid >= vocab:
+            raise NpoError(f"the tokenizer's {name} token id {tid} is outside the model's vocabulary of {vocab}; "
+                           "use the model's own tokenizer, or give it tokens the model has")
     return sorted(eos)
 
 

@@ -62,6 +62,7 @@ _HEX = re.compile(r"[0-9a-f]{6,64}")
 _OID = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _REHASH_UP_TO = 1 << 20  # bytes: an existing object this small is re-hashed before a save reuses it
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a write error that more room fixes
 GC_KEEP_RECENT = 3600.0  # seconds: gc keeps unreachable objects this young (their writer may be running)
 _STEP = re.compile(r"[0-9]{1,12}")
 REF_HELP = "RUN, RUN@STEP, RUN/BRANCH, RUN/BRANCH@STEP, or a checkpoint id prefix of 6+ hex digits"
@@ -224,8 +225,9 @@ class _LocalFS:
         try:
             return self._write(rel, parts, exclusive)
         except OSError as e:  # not writable, not a folder, disk full: the user's choice of folder, not a bug
-            raise NpoError(f"cannot use store {self.root}: {os_reason(e)}; pick a writable folder with --store "
-                           "or NPO_STORE") from None
+            fix = ("free space (or raise the file-size limit), then resume" if e.errno in _FULL else
+                   "pick a writable folder with --store or NPO_STORE")
+            raise NpoError(f"cannot use store {self.root}: {os_reason(e)}; {fix}") from None
 
     def _write(self, rel: str, parts: Iterable, exclusive: bool) -> bool:
         tmp, dst = self._tmp(), self._p(rel)
@@ -686,9 +688,15 @@ class Store:
                        + ", ".join(f"{r.run}/{bs[0]}@{r.step}" for bs in hits.values()))
 
     def _step_on(self, head: str, step: int) -> str | None:
-        for m in self.lineage(head):
+        """The newest checkpoint at `step` walking back from head; stops there (a damaged older manifest
+        does not hide a good newer one)."""
+        cid, seen = head, set()
+        while cid and cid not in seen:
+            seen.add(cid)
+            m = self.manifest(cid)
             if m.step == step:
                 return m.id
+            cid = m.parent
         return None
 
     def _resolve_prefix(self, prefix: str) -> str:

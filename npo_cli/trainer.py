@@ -275,8 +275,11 @@ class Trainer:
         self.samples_seen = 0
         self.tokens_generated = 0
         self.head: str | None = None  # id of the last checkpoint written or resumed from
-        # where this branch stood when this trainer was made (None: new); a save moves it only from there
-        self.branch_head = store.head(self.run, branch) if dist.is_main() else None
+        # Where this branch stands for this trainer: a save moves it only from there. New run: nowhere (even
+        # if a same-named run has appeared since Trainer.new looked); resume: its head; a new branch from a
+        # fork (intervene, auto): where its ref is, if made already.
+        self.branch_head = None if init is None else init.id if (init.run, init.branch) == (self.run, branch) \
+            else store.head(self.run, branch)
         self._order_cache: tuple[int, list[int]] | None = None
         if init is not None:
             self._restore(init)

@@ -395,7 +395,8 @@ def test_a_short_write_is_an_error_not_a_truncated_object(store):
             "try:\n    s.put_bytes(b'x' * 300_000)\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
     out = subprocess.run([sys.executable, "-c", code, store.url], check=False, capture_output=True, text=True,
                          timeout=60)
-    assert out.stdout.startswith(f"NpoError cannot use store {store.url}: file too large"), out.stdout + out.stderr
+    assert out.stdout.startswith(f"NpoError cannot use store {store.url}: file too large; free space (or raise "
+                                 "the file-size limit), then resume"), out.stdout + out.stderr
     assert not store.has(hashlib.sha256(b"x" * 300_000).hexdigest()) and store.verify()["ok"]
 
 
@@ -424,6 +425,15 @@ def test_gc_drops_guide_cache_entries_whose_object_is_gone(store):
     assert problems == [(f"missing object {entry[:16]} of guide-cache entry guides/{g}/{'a' * 64} "
                          "(npo gc drops the entry)")]
     assert store.gc()["stale_cache_entries"] == 1 and store.cache_entries(g) == {} and store.verify()["ok"]
+
+
+def test_a_damaged_old_manifest_does_not_hide_newer_steps(store):
+    ids = [save_tiny(store, step=s) for s in (1, 2, 3)]
+    path = os.path.join(store.url, "objects", ids[0][:2], ids[0][2:])
+    Path(path).write_bytes(Path(path).read_bytes()[:-2] + b"xx")
+    assert store.resolve("r@3") == ids[2] and store.resolve("r@2") == ids[1]  # rewind r@2 works
+    with pytest.raises(NpoError, match=f"object {ids[0][:16]} is corrupt"):
+        store.resolve("r@1")
 
 
 def test_a_save_never_moves_a_branch_that_moved_under_it(store, monkeypatch):
@@ -724,9 +734,13 @@ def test_an_interrupted_export_leaves_no_folder(store, tmp_path, monkeypatch):
         export(store, "r@1", str(tmp_path / "hf"))
     assert sorted(os.listdir(tmp_path)) == ["store"]
     monkeypatch.undo()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / f".hf.npo-{gone.pid}").mkdir()  # what a SIGKILLed export leaves: the next export removes it
     (tmp_path / "hf").mkdir()  # an empty folder the user made is fine
     export(store, "r@1", str(tmp_path / "hf"))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(tmp_path / "hf"))
+    assert sorted(os.listdir(tmp_path)) == ["hf", "store"]
 
 
 def test_export_takes_the_runs_model_dtype(store, tmp_path):

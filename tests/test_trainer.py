@@ -321,14 +321,16 @@ def test_sigint_writes_final_checkpoint_and_resumes(store_dir, tmp_path):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="posix signals")
 def test_two_new_runs_of_one_name_never_interleave(store_dir):
-    """Both started before either wrote its first ref: the second used to write its step 0 on top of the
-    first's last checkpoint (ls: 0, 1, 2, 0, 3)."""
+    """The second started before the first wrote its first ref: it used to write its step 0 on top of the
+    first's last checkpoint (ls: 0, 1, 2, 0, 3), whether it was made before or after that ref appeared."""
     d = recipe_dict(rollout={"prompts_per_step": 2, "group_size": 2}, train={"steps": 2, "save_every": 1})
     store = open_store(store_dir)
     first, second = Trainer.new(build_recipe(d), store), Trainer.new(build_recipe({**d, "seed": 1}), store)
     first.train()
-    with pytest.raises(NpoError, match="branch r/main is at .*not where this process left it .no such branch."):
-        second.train()
+    third = Trainer(build_recipe({**d, "seed": 2}), store)  # Trainer.new's check ran before first's ref existed
+    for late in (second, third):
+        with pytest.raises(NpoError, match="branch r/main is at .*not where this process left it .no such branch."):
+            late.train()
     assert [m.step for m in store.lineage("r")] == [2, 1, 0] and store.head("r", "main") == first.head
 
 
@@ -447,6 +449,10 @@ def test_prompts_the_model_cannot_take_are_one_line_errors(tmp_path):
         encode_prompts(tok, ["1+x"], True, SimpleNamespace(vocab_size=64), 8)
     with pytest.raises(NpoError, match="a prompt is empty once tokenized"):
         encode_prompts(tok, [""], True, cfg, 8)
+    from npo_cli.rollout import eos_ids  # an EOS / pad the tokenizer added without the model's embedding
+
+    with pytest.raises(NpoError, match="the tokenizer's EOS token id 1 is outside the model's vocabulary of 1"):
+        eos_ids(SimpleNamespace(config=SimpleNamespace(vocab_size=1)), tok)
     # through a run: the tiny model's context is 256 tokens
     d = recipe_dict(model={"path": "tiny"}, rollout={"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 255})
     with pytest.raises(NpoError, match="with rollout.max_new_tokens=255 it exceeds the model's context of 256"):
