@@ -449,9 +449,10 @@ def test_prompts_the_model_cannot_take_are_one_line_errors(tmp_path):
         encode_prompts(tok, ["1+x"], True, SimpleNamespace(vocab_size=64), 8)
     with pytest.raises(NpoError, match="a prompt is empty once tokenized"):
         encode_prompts(tok, [""], True, cfg, 8)
-    from npo_cli.rollout import eos_ids  # an EOS / pad the tokenizer added without the model's embedding
+    from npo_cli.rollout import eos_ids  # a pad (here the EOS) the tokenizer added without an embedding row
 
-    with pytest.raises(NpoError, match="the tokenizer's EOS token id 1 is outside the model's vocabulary of 1"):
+    tok.pad_token = tok.eos_token
+    with pytest.raises(NpoError, match="the tokenizer's pad token id 1 is outside the model's vocabulary of 1"):
         eos_ids(SimpleNamespace(config=SimpleNamespace(vocab_size=1)), tok)
     # through a run: the tiny model's context is 256 tokens
     d = recipe_dict(model={"path": "tiny"}, rollout={"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 255})
