@@ -275,11 +275,13 @@ class Trainer:
         self.samples_seen = 0
         self.tokens_generated = 0
         self.head: str | None = None  # id of the last checkpoint written or resumed from
-        # Where this branch stands for this trainer: a save moves it only from there. New run: nowhere (even
-        # if a same-named run has appeared since Trainer.new looked); resume: its head; a new branch from a
-        # fork (intervene, auto): where its ref is, if made already.
-        self.branch_head = None if init is None else init.id if (init.run, init.branch) == (self.run, branch) \
-            else store.head(self.run, branch)
+        # Where this branch stands for this trainer: a save moves it only from there.
+        if init is None:
+            self.branch_head = None  # a new run: nowhere, even if a same-named run appeared since new() looked
+        elif (init.run, init.branch) == (self.run, branch):
+            self.branch_head = init.id  # a resume: its head
+        else:
+            self.branch_head = store.head(self.run, branch)  # a branch from a fork: its ref, if made already
         self._order_cache: tuple[int, list[int]] | None = None
         if init is not None:
             self._restore(init)
