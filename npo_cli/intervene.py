@@ -116,7 +116,6 @@ def intervene(store_url: str | None, *, run: str | None, at: int, guide: str, un
     # as NPO (`npo run --resume RUN/BRANCH`), never as the fork's plain GRPO.
     with store.lease(p["run"], p["branch"], force=force) if dist.is_main() else nullcontext():
         trainer.save(parent=fork.id)
-    trainer.fresh = True
     res = trainer.train(progress=progress and trainer.recipe.logging.progress)
     dist.finish()
     return {**res, "plan": p}

@@ -274,9 +274,6 @@ class _LocalFS:
             while b := f.read(size):
                 yield b
 
-    def exists(self, rel: str) -> bool:
-        return os.path.exists(self._p(rel))
-
     def size(self, rel: str) -> int | None:
         try:
             return os.stat(self._p(rel)).st_size
@@ -363,9 +360,6 @@ class _RemoteFS:
         with self.fs.open(self._p(rel), "rb", block_size=size) as f:
             while b := f.read(size):
                 yield b
-
-    def exists(self, rel: str) -> bool:
-        return self.size(rel) is not None
 
     def size(self, rel: str) -> int | None:
         if self.s3:  # one HEAD; fs.exists / fs.size would also LIST to look for a "directory" of that name
@@ -500,7 +494,7 @@ class Store:
         return f"objects/{oid[:2]}/{oid[2:]}"
 
     def has(self, oid: str) -> bool:
-        return self.io.exists(self._opath(oid))
+        return self.io.size(self._opath(oid)) is not None
 
     def put_parts(self, parts: list) -> tuple[str, bool]:
         """Store the concatenation of `parts` (bytes / memoryviews, not copied); -> (oid, newly written)."""

@@ -210,7 +210,6 @@ class Trainer:
         self.history: list[dict] = []  # every step of this process (for the end summary)
         self.last_eval: dict[str, float] = {}
         self._stop_signal: int | None = None
-        self.fresh = False  # this process started the branch (its first checkpoint), see train()
 
         # task and verifier first: a bad prompt file or verifier fails before a model is loaded
         self.train_problems = load_problems(recipe.task, "train", recipe.seed)
@@ -282,6 +281,7 @@ class Trainer:
             self.branch_head = init.id  # a resume: its head
         else:
             self.branch_head = store.head(self.run, branch)  # a branch from a fork: its ref, if made already
+        self.new_branch = self.branch_head is None  # this trainer's first save makes the branch (see train)
         self._order_cache: tuple[int, list[int]] | None = None
         if init is not None:
             self._restore(init)
@@ -725,14 +725,13 @@ class Trainer:
                 bar = Progress(self.console, r.train.steps, start_step, enabled=show and main)
                 if self.head is None:  # new run: the initial policy is step 0 (rewind/intervene --at 0)
                     self.save()
-                    self.fresh = True
                 try:
                     while self.step_num < r.train.steps and not stopped_by:
                         stopped_by = self._train_step(sinks, bar)
                 except Exception:
                     # A new run or branch whose first step failed (a bad verifier, data, memory) holds only
                     # the checkpoint written above: drop its ref, so that the same command can be rerun.
-                    if self.fresh and main and self.step_num == start_step:
+                    if self.new_branch and main and self.step_num == start_step:
                         self.store.drop_branch(self.run, self.branch, self.head)
                     raise
         finally:
