@@ -24,14 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import QWEN2_05B, SMALL
 from grpo_bench import H100_BF16_DENSE, make_model_dir
 
-VARIANTS = {
+VARIANTS = {  # (fixed 2048-token chunks: benchmarks/results/gpu_train_variants_h100.json)
     "default (fp32 master, auto chunk)": [],
-    "fp32 master, chunk 2048": ["grpo.logprob_chunk=2048"],
-    "pure bf16, auto chunk": ["model.master_fp32=false"],
-    "pure bf16, chunk 2048": ["model.master_fp32=false", "grpo.logprob_chunk=2048"],
-    "pure bf16, auto chunk, micro 128": ["model.master_fp32=false", "grpo.micro_batch_size=128"],
     "default, compiled": ["grpo.compile=true"],
+    "pure bf16, auto chunk": ["model.master_fp32=false"],
     "pure bf16, compiled": ["model.master_fp32=false", "grpo.compile=true"],
+    "pure bf16, compiled, micro 128": ["model.master_fp32=false", "grpo.compile=true", "grpo.micro_batch_size=128"],
 }
 
 
@@ -45,6 +43,8 @@ def main() -> None:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--only", help="variants whose name contains this (e.g. compiled)")
+    ap.add_argument("--profile", metavar="TEXT", help="print the top CUDA kernels of one update of the variants "
+                    "whose name contains TEXT")
     ap.add_argument("--json", metavar="PATH",
                     help="results file (default $OUT/gpu_train_variants.json when $OUT is set)")
     a = ap.parse_args()
@@ -87,6 +87,13 @@ def main() -> None:
                 med = sorted(times[warm:])[len(times[warm:]) // 2]
                 res[name] = {"train_s": med, "all": [round(x, 4) for x in times],
                              "mfu": 6 * n_params * tokens / med / H100_BF16_DENSE if dev == "cuda" else None}
+                if a.profile and a.profile in name and dev == "cuda":  # where the update's time goes
+                    from torch.profiler import ProfilerActivity, profile
+
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                        t.update(rows, adv)
+                        sync(dev)
+                    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20), flush=True)
                 del t
             except Exception as e:  # noqa: BLE001  (one shot on the GPU: report, go on)
                 res[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}

@@ -446,6 +446,10 @@ def run(cfg: BenchConfig, log=print) -> dict:
             log(f"  npo step {len(npo.step_s)}/{total}: {npo.step_s[-1]:.3f}s")
         npo.notes.update({"gradient_checkpointing": False, "static_cache": cfg.static_cache, "compile": cfg.compile,
                           "micro_batch_size": cfg.micro_batch, "optim": "torch.optim.AdamW (default)"})
+        if state.get("npo") is not None:  # rollout.static_cache: npo's own decoding, or HF's after a compile failure
+            backend = state["npo"].backend
+            npo.notes.update({"own_decoding": getattr(backend, "own_decoding", None),
+                              "decode_compile_error": getattr(backend, "compile_error", None)})
         del npo_trainer
         state.clear()
         trl_gc = None

@@ -103,7 +103,8 @@ class RolloutConfig(Section):
         256, ge=1, description="Sequences per generate call (HF backend: halved for the rest of the run when "
         "the GPU runs out of memory)."
     )
-    static_cache: bool = Field(False, description="HF static KV cache + compiled decoding (fast on GPU).")
+    static_cache: bool = Field(False, description="Preallocated KV cache; on CUDA each decoding step (forward and "
+                               "sampling) is one compiled CUDA graph. Fast on GPU; the first call compiles.")
     vllm_gpu_memory: float = Field(
         0.3, gt=0, le=1, description="backend=vllm on GPU: share of GPU memory the engine may take "
         "(weights + KV cache); the rest is left to training."

@@ -3,11 +3,13 @@
 The HF backend wraps `model.generate` (batched, KV cache, left padding). The behaviour log-probs
 are recorded by a logits processor while sampling: it applies temperature and top-p itself and
 keeps only the previous step's log-softmax, so a 150k vocabulary never holds all steps' logits.
+With rollout.static_cache it runs npo's own decoding loop instead (`HFBackend._decode_static`).
 npo_cli/vllm_backend.py implements the same `generate(prompts, n, greedy)` / `sync()` interface.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 
@@ -26,6 +28,36 @@ class Rollout:
     text: str  # decoded completion, special tokens skipped
     finished: bool  # True when an EOS token ended the completion before max_new_tokens ran out
     source: str = "policy"  # who produced it: "policy" (on-policy) or an off-policy slot source's name
+
+
+def _nucleus_drop(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Tokens outside the top-p nucleus of log-probs [B, V]: the tail whose cumulative mass from the top
+    exceeds top_p (at least one token is kept)."""
+    sorted_lp, idx = logp.sort(dim=-1, descending=True)
+    p = sorted_lp.exp()
+    drop_sorted = (p.cumsum(-1) - p) >= top_p
+    return drop_sorted.scatter(1, idx, drop_sorted)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool):
+    """(token, log p(token)) per row of last-position logits [B, V]. log p is log_softmax(logits / T) before
+    the top-p cut, as _Recorder records it. Sampling is the exponential race argmax(log p - log E),
+    E ~ Exp(1), which draws from softmax exactly (vLLM samples this way) without torch.multinomial: no host
+    sync, so a whole decoding step can be one CUDA graph."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if greedy:
+        tok = logp.argmax(-1)
+    else:
+        keys = logp if top_p >= 1.0 else logp.masked_fill(_nucleus_drop(logp, top_p), float("-inf"))
+        tok = (keys - torch.rand_like(keys).log().neg().log()).argmax(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def _decode_step(model, cache, ids, position_ids, attention_mask, temperature: float, top_p: float, greedy: bool):
+    """One token per row through the static cache, then `_pick`: what a CUDA graph replays per token."""
+    logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    return _pick(logits, temperature, top_p, greedy)
 
 
 class _Recorder(LogitsProcessor):
@@ -49,12 +81,7 @@ class _Recorder(LogitsProcessor):
         scores = scores.float() / self.temperature
         self.prev = torch.log_softmax(scores, dim=-1)
         if self.top_p < 1.0:
-            # nucleus: drop the tail whose cumulative mass (from the top) exceeds top_p; keep >= 1 token
-            sorted_lp, idx = self.prev.sort(dim=-1, descending=True)
-            cum = sorted_lp.exp().cumsum(-1)
-            drop_sorted = (cum - sorted_lp.exp()) >= self.top_p
-            drop = drop_sorted.scatter(1, idx, drop_sorted)
-            scores = scores.masked_fill(drop, float("-inf"))
+            scores = scores.masked_fill(_nucleus_drop(self.prev, self.top_p), float("-inf"))
         return scores
 
     def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
@@ -128,6 +155,14 @@ class HFBackend:
         self.batch_size = cfg.batch_size  # sequences per generate call, halved on CUDA out-of-memory
         self.eos_ids = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        # rollout.static_cache: npo's decoding loop where the model takes its cache position from the cache
+        # (transformers >= 5.19's forward signature), else HF generate's own static cache
+        params = inspect.signature(type(self.model).forward).parameters
+        self.own_decoding = (cfg.static_cache and "cache_position" not in params
+                             and {"logits_to_keep", "position_ids"} <= params.keys())
+        self._caches: dict[tuple[int, int], object] = {}  # (rows, length) -> StaticCache, reused: fixed addresses
+        self._step = None  # _decode_step, compiled into a CUDA graph on CUDA
+        self.compile_error: str | None = None  # why the compiled step was given up for HF generate, if it was
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -169,6 +204,7 @@ class HFBackend:
                     done = None
                 if done is None:  # outside the except clause: the failed batch's memory is freed first
                     self.batch_size = len(chunk) // 2
+                    self._caches.clear()  # static caches of the old batch size
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     print(f"out of GPU memory generating {len(chunk)} sequences at once: "
@@ -181,21 +217,38 @@ class HFBackend:
             self.model.train(was_training)
         return out
 
-    def _generate_batch(self, prompt_ids: list[list[int]], greedy: bool) -> list[Rollout]:
-        device = next(self.model.parameters()).device
-        P = max(len(p) for p in prompt_ids)
+    def _left_pad(self, prompt_ids: list[list[int]], P: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) [B, P] on the model's device, every prompt ending at column P-1."""
         input_ids = torch.full((len(prompt_ids), P), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(prompt_ids), P), dtype=torch.long)
-        for j, p in enumerate(prompt_ids):  # left padding: every prompt ends at column P-1
+        for j, p in enumerate(prompt_ids):
             input_ids[j, P - len(p) :] = torch.tensor(p, dtype=torch.long)
             attn[j, P - len(p) :] = 1
-        rec = _Recorder(self.cfg.temperature, self.cfg.top_p)
-        seqs = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attn.to(device),
-            generation_config=self._gen_config(greedy), logits_processor=[rec],
-        )
-        lps = rec.finish(seqs[:, P:]).cpu()  # on the device, where the recorded log-probs are
-        new = seqs[:, P:].cpu()
+        device = next(self.model.parameters()).device
+        return input_ids.to(device), attn.to(device)
+
+    def _generate_batch(self, prompt_ids: list[list[int]], greedy: bool) -> list[Rollout]:
+        new = None
+        if self.own_decoding:
+            try:
+                new, lps = self._decode_static(prompt_ids, greedy)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:
+                if self._step is _decode_step:  # eager: a bug to see, not a compiler to work around
+                    raise
+                # torch.compile / CUDA graphs on a model or torch they do not support: HF's own path works
+                self.own_decoding, self.compile_error = False, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+                print(f"rollout.static_cache: compiling npo's decoding step failed ({self.compile_error}); "
+                      "sampling with HF generate's static cache from now on", file=sys.stderr)
+        if new is None:
+            P = max(len(p) for p in prompt_ids)
+            input_ids, attn = self._left_pad(prompt_ids, P)
+            rec = _Recorder(self.cfg.temperature, self.cfg.top_p)
+            seqs = self.model.generate(input_ids=input_ids, attention_mask=attn,
+                                       generation_config=self._gen_config(greedy), logits_processor=[rec])
+            lps = rec.finish(seqs[:, P:]).cpu()  # on the device, where the recorded log-probs are
+            new = seqs[:, P:].cpu()
         eos = torch.tensor(self.eos_ids)
         rollouts = []
         for j, p in enumerate(prompt_ids):
@@ -209,6 +262,49 @@ class HFBackend:
                 text=self.tokenizer.decode(ids, skip_special_tokens=True), finished=finished,
             ))
         return rollouts
+
+    def _decode_static(self, prompt_ids: list[list[int]], greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """rollout.static_cache: (tokens, log-probs) [B, max_new_tokens] (fewer columns when every row has
+        ended), sampled through a preallocated KV cache. Each token after the prompt is one call of
+        `_decode_step` on fixed shapes, compiled on CUDA into one CUDA graph (torch.compile, reduce-overhead):
+        the forward, temperature, top-p, sampling and the log-prob record replay as one launch, with no host
+        sync. HF generate instead runs its sampling, processors and stopping checks as separate kernels
+        between graph replays. Prompts are left-padded to a multiple of 64 tokens, so batches of similar
+        prompts share one graph (each new shape compiles once)."""
+        from transformers import StaticCache
+
+        B, C = len(prompt_ids), self.cfg.max_new_tokens
+        P = -(-max(len(p) for p in prompt_ids) // 64) * 64
+        input_ids, attn = self._left_pad(prompt_ids, P)
+        device = input_ids.device
+        attn = torch.cat([attn, attn.new_ones(B, C)], dim=1)  # the generated tokens: all attended
+        cache = self._caches.get((B, P + C))
+        if cache is None:
+            cache = self._caches[(B, P + C)] = StaticCache(config=self.model.config, max_cache_len=P + C)
+        cache.reset()
+        if self._step is None:
+            self._step = (torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
+                          if device.type == "cuda" else _decode_step)
+        T, top_p = self.cfg.temperature, self.cfg.top_p
+        pos = (attn[:, :P].cumsum(-1) - 1).clamp(min=0)  # positions as generate gives them (left padding)
+        tokens = torch.empty(B, C, dtype=torch.long, device=device)
+        logps = torch.empty(B, C, dtype=torch.float32, device=device)
+        logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]  # the prompt: eager (its shape varies)
+        tokens[:, 0], logps[:, 0] = _pick(logits, T, top_p, greedy)
+        pos = pos[:, -1:]
+        eos = torch.tensor(self.eos_ids, device=device)
+        n = C
+        for t in range(1, C):
+            if t % 32 == 0 and bool(torch.isin(tokens[:, :t], eos).any(-1).all()):  # a sync every 32 tokens
+                n = t
+                break
+            pos = pos + 1
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are copied out below
+            tok, lp = self._step(self.model, cache, tokens[:, t - 1 : t], pos, attn, T, top_p, greedy)
+            tokens[:, t], logps[:, t] = tok, lp
+        return tokens[:, :n].cpu(), logps[:, :n].cpu()
 
 
 def make_backend(model, tokenizer, cfg: RolloutConfig, add_special_tokens: bool = True,

@@ -340,9 +340,11 @@ def test_second_run_on_same_branch_is_refused(store_dir):
         Trainer.resume(store, "base", ["train.steps=1"]).train()
 
 
-def test_rollout_eos_grouping_and_logprobs(base_store):
+@pytest.mark.parametrize("static_cache", [False, True], ids=["generate", "own-decoding"])
+def test_rollout_eos_grouping_and_logprobs(base_store, static_cache):
     """Completions stop at (and keep) EOS; groups keep prompt order across generate batches; the stored
-    behaviour log-probs equal the policy's log-probs at the sampling temperature."""
+    behaviour log-probs equal the policy's log-probs at the sampling temperature. Both HF backends:
+    model.generate, and npo's own decoding loop over a static cache (rollout.static_cache)."""
     from npo_cli.checkpoint import load_model
     from npo_cli.grpo import token_logprobs
     from npo_cli.recipe import RolloutConfig
@@ -350,8 +352,9 @@ def test_rollout_eos_grouping_and_logprobs(base_store):
     from npo_cli.trainer import collate
 
     model, tok, _ = load_model(open_store(base_store), "base@0")
-    cfg = RolloutConfig(max_new_tokens=5, temperature=0.7, top_p=0.95, batch_size=3)
+    cfg = RolloutConfig(max_new_tokens=5, temperature=0.7, top_p=0.95, batch_size=3, static_cache=static_cache)
     backend = HFBackend(model, tok, cfg)
+    assert backend.own_decoding == static_cache
     torch.manual_seed(0)
     prompts = ["1+2=", "7+8=", "4+4="]
     groups = backend.generate(prompts, 4)
@@ -377,6 +380,90 @@ def test_rollout_eos_grouping_and_logprobs(base_store):
     assert [[r.completion_ids for r in g] for g in again] == [[r.completion_ids for r in g] for g in groups]
     greedy = backend.generate(prompts, 2, greedy=True)
     assert all(g[0].completion_ids == g[1].completion_ids for g in greedy)
+
+
+def test_own_decoding_matches_generate(base_store):
+    """rollout.static_cache's decoding loop gives HF generate's greedy tokens and log-probs, with prompts of
+    mixed lengths across the 64-token padding bucket, and stops early once every row has ended."""
+    from npo_cli.checkpoint import load_model
+    from npo_cli.recipe import RolloutConfig
+    from npo_cli.rollout import HFBackend, _decode_step
+
+    model, tok, _ = load_model(open_store(base_store), "base@0")
+    prompts = ["1+2=", "7+8=", "9" * 70 + "+1=", "12+3="]  # 4 to 73 tokens: the batch pads to 128
+    cfg = {"max_new_tokens": 40, "temperature": 0.7, "batch_size": 8}
+    hf = HFBackend(model, tok, RolloutConfig(**cfg))
+    own = HFBackend(model, tok, RolloutConfig(**cfg, static_cache=True))
+    assert own._step is None  # set at the first call: compiled on CUDA, eager here
+    calls = []
+
+    def counted_step(*args):
+        calls.append(1)
+        return _decode_step(*args)
+
+    own._step = counted_step
+    want, got = hf.generate(prompts, 2, greedy=True), own.generate(prompts, 2, greedy=True)
+    for g_want, g_got in zip(want, got):
+        for a, b in zip(g_want, g_got):
+            assert (a.completion_ids, a.finished, a.text) == (b.completion_ids, b.finished, b.text)
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+    assert all(r.finished for g in got for r in g)  # the warm start stops within a few tokens ...
+    assert len(calls) < 39  # ... so the loop ended before max_new_tokens (checked every 32 tokens)
+
+    def broken_compile(*args):
+        raise RuntimeError("inductor: unsupported op (injected)")
+
+    own._step = broken_compile  # a compiled step that fails: HF generate's static cache takes over, once
+    assert [[r.completion_ids for r in g] for g in own.generate(prompts, 2, greedy=True)] == \
+        [[r.completion_ids for r in g] for g in want]
+    assert not own.own_decoding and own.compile_error == "RuntimeError: inductor: unsupported op (injected)"
+
+
+def test_sampling_by_exponential_race_draws_from_softmax():
+    """_pick samples each token with its softmax probability (at the temperature), never outside the top-p
+    nucleus, and returns log p(token) before the nucleus cut."""
+    from npo_cli.rollout import _pick
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).repeat(40000, 1)
+    torch.manual_seed(0)
+    tok, lp = _pick(logits, 0.8, 1.0, greedy=False)
+    p = torch.softmax(logits[0] / 0.8, -1)
+    freq = torch.bincount(tok, minlength=5).float() / len(tok)
+    assert float((freq - p).abs().max()) < 0.01
+    assert torch.allclose(lp, p.log()[tok])
+    tok, lp = _pick(logits, 1.0, 0.8, greedy=False)  # nucleus of 0.8: the first two tokens (0.665 + 0.245)
+    assert set(tok.tolist()) == {0, 1}
+    assert torch.allclose(lp, torch.log_softmax(logits[0], -1)[tok])
+    assert _pick(logits[:2], 1.0, 1.0, greedy=True)[0].tolist() == [0, 0]
+
+
+def test_own_decoding_compiles_into_one_graph(base_store):
+    """The decoding step (forward, sampling, log-prob) traces into one graph without breaks, as the CUDA
+    path compiles it (here inductor on CPU): the same greedy tokens as eager, and sampled log-probs that
+    equal the policy's own."""
+    import torch._dynamo
+
+    from npo_cli.checkpoint import load_model
+    from npo_cli.grpo import token_logprobs
+    from npo_cli.recipe import RolloutConfig
+    from npo_cli.rollout import HFBackend, _decode_step
+    from npo_cli.trainer import collate
+
+    model, tok, _ = load_model(open_store(base_store), "base@0")
+    cfg = RolloutConfig(max_new_tokens=6, temperature=0.7, top_p=0.9, batch_size=8, static_cache=True)
+    eager, compiled = HFBackend(model, tok, cfg), HFBackend(model, tok, cfg)
+    torch._dynamo.reset()
+    compiled._step = torch.compile(_decode_step, fullgraph=True, dynamic=False)
+    prompts = ["1+2=", "17+38="]
+    assert ([[r.completion_ids for r in g] for g in compiled.generate(prompts, 2, greedy=True)]
+            == [[r.completion_ids for r in g] for g in eager.generate(prompts, 2, greedy=True)])
+    rows = [r for g in compiled.generate(prompts, 4) for r in g]
+    b = collate(rows, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        lp, _ = token_logprobs(model, b["input_ids"], b["attention_mask"], b["n_completion"], 16,
+                               with_entropy=False, temperature=0.7)
+    assert float(((lp - b["old_logp"]).abs() * b["mask"]).max()) < 1e-4
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # greedy and sampled
 
 
 def test_generation_out_of_memory_halves_the_batch(base_store):
