@@ -6,6 +6,8 @@
 #     PYTHON=.venv/bin/python bash benchmarks/gpu.sh --small
 if [ -d .whl ] && [ -z "${PYTHON:-}" ]; then  # on the GPU machine (PYTHON set = a local run)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+  # the carried transformers (the CPU tests' version) over the image's; if it cannot import there, the image's
+  python3 -c "import transformers, trl" || { echo "carried transformers does not import: using the image's"; rm -rf /tmp/site/transformers /tmp/site/transformers-*; }
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
