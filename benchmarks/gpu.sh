@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU benchmark: npo vs TRL 1.16 GRPOTrainer at the Qwen2-0.5B shape (benchmarks/gpu_bench.py).
-# On the H100 machine (torch + transformers there; trl, datasets, pydantic... carried as wheels in .whl/):
+# On the GPU machine (torch there; trl, datasets, pydantic, transformers 5.19... carried as wheels in .whl/):
 #     bash benchmarks/gpu.sh                      # ~3 min; results in $OUT/gpu_bench.json
 # Locally, the same script at a tiny shape on CPU (no .whl/ needed: uses the active environment):
 #     PYTHON=.venv/bin/python bash benchmarks/gpu.sh --small

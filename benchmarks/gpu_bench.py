@@ -12,13 +12,13 @@ so warm-up steps are excluded and printed), log-probs with the LM head chunked t
 (grpo.logprob_chunk=0, auto), micro-batching.
 
 Reports per-step time of each, generation and training time apart, and training MFU:
-6 * N * T / train_time / 989e12 (H100 SXM bf16 dense), N = all parameters with the tied embedding
+6 * N * T / train_time / 989e12 (H100 SXM / H200 bf16 dense), N = all parameters with the tied embedding
 counted once (it is the LM-head matmul; the embedding lookup is free), T = rows x (max prompt + max
 completion) tokens of the training batch (padding included); attention-score FLOPs are not counted.
 Also printed: MFU with N + V*H (the embedding counted again, as if untied), the convention that makes
 issue 7's reference "0.54 s for 40,960 tokens = 29% MFU" come out (N + V*H = 630M).
 
-    bash benchmarks/gpu.sh                 # H100: the 0.5B shape
+    bash benchmarks/gpu.sh                 # H100 or H200: the 0.5B shape
     PYTHON=.venv/bin/python bash benchmarks/gpu.sh --small   # CPU smoke test of the same script
 
 Results: a table on stdout and $OUT/gpu_bench.json when $OUT is set (else --json PATH).

@@ -238,7 +238,8 @@ class HFBackend:
                 if self._step is _decode_step:  # eager: a bug to see, not a compiler to work around
                     raise
                 # torch.compile / CUDA graphs on a model or torch they do not support: HF's own path works
-                self.own_decoding, self.compile_error = False, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+                first_line = (str(e).splitlines() or [""])[0][:300]
+                self.own_decoding, self.compile_error = False, f"{type(e).__name__}: {first_line}"
                 print(f"rollout.static_cache: compiling npo's decoding step failed ({self.compile_error}); "
                       "sampling with HF generate's static cache from now on", file=sys.stderr)
         if new is None:
@@ -269,12 +270,19 @@ class HFBackend:
         `_decode_step` on fixed shapes, compiled on CUDA into one CUDA graph (torch.compile, reduce-overhead):
         the forward, temperature, top-p, sampling and the log-prob record replay as one launch, with no host
         sync. HF generate instead runs its sampling, processors and stopping checks as separate kernels
-        between graph replays. Prompts are left-padded to a multiple of 64 tokens, so batches of similar
-        prompts share one graph (each new shape compiles once)."""
+        between graph replays. Prompts are left-padded to a multiple of 64 tokens and, when compiled, the
+        batch to a multiple of 64 rows (copies of the first prompt, dropped after), so batches of similar
+        prompts share one graph: each new shape compiles once (~25 s at 0.5B on an H200), and past torch's
+        recompile limit (8 shapes) a shape runs uncompiled."""
         from transformers import StaticCache
 
-        B, C = len(prompt_ids), self.cfg.max_new_tokens
-        P = -(-max(len(p) for p in prompt_ids) // 64) * 64
+        if self._step is None:
+            self._step = (torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
+                          if next(self.model.parameters()).device.type == "cuda" else _decode_step)
+        rows, C = len(prompt_ids), self.cfg.max_new_tokens
+        if self._step is not _decode_step:
+            prompt_ids = prompt_ids + [prompt_ids[0]] * (-rows % 64)
+        B, P = len(prompt_ids), -(-max(len(p) for p in prompt_ids) // 64) * 64
         input_ids, attn = self._left_pad(prompt_ids, P)
         device = input_ids.device
         attn = torch.cat([attn, attn.new_ones(B, C)], dim=1)  # the generated tokens: all attended
@@ -282,9 +290,6 @@ class HFBackend:
         if cache is None:
             cache = self._caches[(B, P + C)] = StaticCache(config=self.model.config, max_cache_len=P + C)
         cache.reset()
-        if self._step is None:
-            self._step = (torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
-                          if device.type == "cuda" else _decode_step)
         T, top_p = self.cfg.temperature, self.cfg.top_p
         pos = (attn[:, :P].cumsum(-1) - 1).clamp(min=0)  # positions as generate gives them (left padding)
         tokens = torch.empty(B, C, dtype=torch.long, device=device)
@@ -296,7 +301,7 @@ class HFBackend:
         eos = torch.tensor(self.eos_ids, device=device)
         n = C
         for t in range(1, C):
-            if t % 32 == 0 and bool(torch.isin(tokens[:, :t], eos).any(-1).all()):  # a sync every 32 tokens
+            if t % 32 == 0 and bool(torch.isin(tokens[:rows, :t], eos).any(-1).all()):  # a sync every 32 tokens
                 n = t
                 break
             pos = pos + 1
@@ -304,7 +309,7 @@ class HFBackend:
                 torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are copied out below
             tok, lp = self._step(self.model, cache, tokens[:, t - 1 : t], pos, attn, T, top_p, greedy)
             tokens[:, t], logps[:, t] = tok, lp
-        return tokens[:, :n].cpu(), logps[:, :n].cpu()
+        return tokens[:rows, :n].cpu(), logps[:rows, :n].cpu()
 
 
 def make_backend(model, tokenizer, cfg: RolloutConfig, add_special_tokens: bool = True,

@@ -43,3 +43,12 @@ def test_gpu_bench_small_on_cpu(tmp_path, extra):
     for side in ("npo", "trl"):
         assert res[side]["mean_completion_len"] == 16  # EOS is outside the logits: never sampled
         assert res[side]["median_step_s"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_decode_bench_small_on_cpu(tmp_path):
+    """The GPU decoding comparison's path on CPU: HF generate's static cache and npo's loop, full-length."""
+    res = _run(["benchmarks/decode_bench.py", "--small", "--calls", "1"], tmp_path, timeout=110)
+    assert res["HF generate, static cache"]["own_decoding"] is False
+    assert res["npo decoding"]["own_decoding"] is True and res["npo decoding"]["compile_error"] is None
+    assert res["npo_over_hf_static"] > 0

@@ -440,7 +440,7 @@ def test_sampling_by_exponential_race_draws_from_softmax():
 def test_own_decoding_compiles_into_one_graph(base_store):
     """The decoding step (forward, sampling, log-prob) traces into one graph without breaks, as the CUDA
     path compiles it (here inductor on CPU): the same greedy tokens as eager, and sampled log-probs that
-    equal the policy's own."""
+    equal the policy's own. Compiled, batches are padded to 64 rows: 4 and 8 rows share one graph."""
     import torch._dynamo
 
     from npo_cli.checkpoint import load_model
@@ -453,6 +453,7 @@ def test_own_decoding_compiles_into_one_graph(base_store):
     cfg = RolloutConfig(max_new_tokens=6, temperature=0.7, top_p=0.9, batch_size=8, static_cache=True)
     eager, compiled = HFBackend(model, tok, cfg), HFBackend(model, tok, cfg)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # graphs compiled by earlier tests
     compiled._step = torch.compile(_decode_step, fullgraph=True, dynamic=False)
     prompts = ["1+2=", "17+38="]
     assert ([[r.completion_ids for r in g] for g in compiled.generate(prompts, 2, greedy=True)]
@@ -463,7 +464,9 @@ def test_own_decoding_compiles_into_one_graph(base_store):
         lp, _ = token_logprobs(model, b["input_ids"], b["attention_mask"], b["n_completion"], 16,
                                with_entropy=False, temperature=0.7)
     assert float(((lp - b["old_logp"]).abs() * b["mask"]).max()) < 1e-4
+    assert len(compiled.generate(prompts, 1, greedy=True)) == 2  # 2 rows: the greedy graph of 4 rows
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # greedy and sampled
+    assert list(compiled._caches) == [(64, 64 + 6)]
 
 
 def test_generation_out_of_memory_halves_the_batch(base_store):
