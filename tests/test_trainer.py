@@ -149,6 +149,23 @@ def test_resume_is_bitwise(store_dir):
         [m["eval/accuracy"] for m in b.history + c.history if "eval/accuracy" in m]
 
 
+def test_resume_is_bitwise_with_own_decoding(store_dir):
+    """rollout.static_cache (npo's decoding loop, its own sampling): a resumed run equals a straight one."""
+    d = recipe_dict(rollout={"prompts_per_step": 4, "group_size": 4, "static_cache": True},
+                    train={"steps": 4, "save_every": 2, "eval_every": 100})
+    store = open_store(store_dir)
+    a = Trainer.new(build_recipe(d), store)
+    a.train()
+    b = Trainer.new(build_recipe({**d, "name": "r2"}), store, controller=StopAt(2))
+    b.train()
+    c = Trainer.resume(store, "r2")
+    c.train()
+    assert a.backend.own_decoding and c.backend.own_decoding
+    assert strip(a.history) == strip(b.history + c.history)
+    pa, pc = dict(a.model.named_parameters()), dict(c.model.named_parameters())
+    assert all(torch.equal(pa[k], pc[k]) for k in pa)
+
+
 def train_recording_grads(store, recipes: list[dict]) -> tuple[list[Trainer], list[torch.Tensor]]:
     """Train each recipe as a new run, keeping the flat gradient at every optimizer step (in run order)."""
     runs, grads = [], []
