@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from npo_cli import __version__
-from npo_cli.errors import NpoError, os_reason
+from npo_cli.errors import NpoError, one_line, os_reason
 
 try:  # Typer >= 0.2x carries its own copy of click; its exceptions are the ones raised
     from typer._click.exceptions import ClickException
@@ -655,7 +655,7 @@ def _main(rank: int | None = None):
         if isinstance(e, OSError) and e.filename:  # the OS refused a path the user named: not a bug
             fail(f"error: {who}cannot use {e.filename}: {os_reason(e)}; check the path and its permissions")
         if _unreachable(e):
-            fail(f"error: {who}{str(e).splitlines()[0]}; check NPO_S3_ENDPOINT / AWS_ENDPOINT_URL and the network, "
+            fail(f"error: {who}{one_line(e)}; check NPO_S3_ENDPOINT / AWS_ENDPOINT_URL and the network, "
                  "then resume (--resume, with --force for the lease a stopped run left)")
         if rank is not None and _lost_peer(e):  # not this rank's fault: the other's error says what went wrong
             fail(f"error: {who}a collective failed: another process of this torchrun stopped or hung (its error "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from npo_cli.errors import NpoError
+from npo_cli.errors import NpoError, one_line
 from npo_cli.recipe import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,7 +56,7 @@ def load_policy(cfg: ModelConfig, store=None, seed: int = 0):
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise NpoError(f"cannot load model folder {path}: {str(e).splitlines()[0]}") from None
+            raise NpoError(f"cannot load model folder {path}: {one_line(e)}") from None
     elif _looks_like_ref(path):
         from npo_cli.checkpoint import load_model
         from npo_cli.store import Store

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LogitsProcessor
 
-from npo_cli.errors import NpoError
+from npo_cli.errors import NpoError, one_line
 from npo_cli.recipe import RolloutConfig
 
 
@@ -238,8 +238,7 @@ class HFBackend:
                 if self._step is _decode_step:  # eager: a bug to see, not a compiler to work around
                     raise
                 # torch.compile / CUDA graphs on a model or torch they do not support: HF's own path works
-                first_line = (str(e).splitlines() or [""])[0][:300]
-                self.own_decoding, self.compile_error = False, f"{type(e).__name__}: {first_line}"
+                self.own_decoding, self.compile_error = False, f"{type(e).__name__}: {one_line(e)[:300]}"
                 print(f"rollout.static_cache: compiling npo's decoding step failed ({self.compile_error}); "
                       "sampling with HF generate's static cache from now on", file=sys.stderr)
         if new is None:

@@ -46,7 +46,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -54,7 +54,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from npo_cli import __version__
-from npo_cli.errors import NpoError, os_reason
+from npo_cli.errors import NpoError, one_line, os_reason
 
 MANIFEST_FORMAT = "npo-checkpoint/1"
 _MANIFEST_MAGIC = b'{"format":"npo-checkpoint/'  # the first bytes of every manifest object
@@ -433,9 +433,9 @@ def _s3_fs(url: str):
     except FileNotFoundError:
         raise NpoError(f"S3 bucket {bucket!r} not found{where} (create it, or fix --store)") from None
     except PermissionError as e:
-        raise NpoError(f"S3 bucket {bucket!r}{where}: access denied ({_one_line(e)})") from None
+        raise NpoError(f"S3 bucket {bucket!r}{where}: access denied ({one_line(e)})") from None
     except Exception as e:  # noqa: BLE001  (connection refused, DNS, no credentials...)
-        raise NpoError(f"cannot reach the S3 store {url}{where}: {_one_line(e)} "
+        raise NpoError(f"cannot reach the S3 store {url}{where}: {one_line(e)} "
                        "(check $NPO_S3_ENDPOINT / $AWS_ENDPOINT_URL and credentials)") from None
 
     def quiet_orphans(loop, context):
@@ -446,11 +446,6 @@ def _s3_fs(url: str):
 
     fs.loop.set_exception_handler(quiet_orphans)
     return fs
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
 
 
 class Store:
@@ -481,7 +476,7 @@ class Store:
         try:
             fs, root = fsspec.core.url_to_fs(url)
         except (ImportError, ValueError) as e:
-            raise NpoError(f"cannot open store {url!r}: {_one_line(e)}") from None
+            raise NpoError(f"cannot open store {url!r}: {one_line(e)}") from None
         return cls(url.rstrip("/"), _RemoteFS(fs, root))
 
     def __repr__(self) -> str:
@@ -625,21 +620,23 @@ class Store:
         try:
             m = Manifest.model_validate_json(bytes(data))
         except ValidationError as e:
-            raise NpoError(f"checkpoint {cid[:12]} has an invalid manifest: {_one_line(e)}") from None
+            raise NpoError(f"checkpoint {cid[:12]} has an invalid manifest: {one_line(e)}") from None
         m.id = cid
         self._manifests[cid] = m
         return m
 
     def lineage(self, ref: str) -> list[Manifest]:
         """The checkpoint and its ancestors, newest first."""
-        out, seen = [], set()
-        cid: str | None = self.resolve(ref)
+        return list(self._walk(self.resolve(ref)))
+
+    def _walk(self, cid: str | None) -> Iterator[Manifest]:
+        """Manifests from cid back along the parents, each read only when the walk reaches it."""
+        seen = set()
         while cid and cid not in seen:
             seen.add(cid)
             m = self.manifest(cid)
-            out.append(m)
+            yield m
             cid = m.parent
-        return out
 
     def resolve(self, ref: str) -> str:
         """Checkpoint id for a ref (see the module docstring); NpoError with what exists otherwise."""
@@ -684,14 +681,7 @@ class Store:
     def _step_on(self, head: str, step: int) -> str | None:
         """The newest checkpoint at `step` walking back from head; stops there (a damaged older manifest
         does not hide a good newer one)."""
-        cid, seen = head, set()
-        while cid and cid not in seen:
-            seen.add(cid)
-            m = self.manifest(cid)
-            if m.step == step:
-                return m.id
-            cid = m.parent
-        return None
+        return next((m.id for m in self._walk(head) if m.step == step), None)
 
     def _resolve_prefix(self, prefix: str) -> str:
         names = self.io.listdir(f"objects/{prefix[:2]}")
