@@ -1,8 +1,9 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# From PyPI even the pinned torch==2.13.0 is the CUDA build on Linux: on a stock machine install with
-# TORCH_INDEX=https://download.pytorch.org/whl/cpu. Empty: pip's own config (here its find-links hold the CPU wheel).
+# From PyPI even the pinned torch==2.13.0 is the CUDA build on Linux: for the CPU build install with
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu. Empty: wherever pip's own configuration points
+# (an index, or find-links holding the CPU wheel).
 TORCH_INDEX ?=
 TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 

@@ -1,4 +1,4 @@
-"""Evidence for issue 5: AutoNPO against GRPO at equal total compute, over several seeds.
+"""Evidence for AutoNPO against GRPO at equal total compute, over several seeds.
 
 Per seed, in one store (a copy of checkpoints.example, or a fresh one):
   1. AutoNPO: `npo auto` with the recipe (run auto-sSEED) until its live branch reaches train.steps = T.
@@ -14,7 +14,7 @@ forwards of old checkpoints excepted), so tokens are the compute unit.
     .venv/bin/python benchmarks/auto_evidence.py --seeds 0 1 2 --out auto-evidence
     .venv/bin/python benchmarks/auto_evidence.py --quick --out /tmp/auto-ev     # a smoke test
 
-Default recipe: recipes/plateau.yaml (helper EXAMPLE) when present, else --recipe PATH. --quick without
+Default recipe: recipes/plateau.yaml (with checkpoints.example) when present, else --recipe PATH. --quick without
 a recipe SFTs a tiny warm start inline and forces an early intervention with loose thresholds.
 """
 
@@ -44,7 +44,8 @@ QUICK_AUTO = ["auto.window=3", "auto.slope_eps=1.0", "auto.entropy_drop=-1.0", "
 
 
 def run_auto(store, recipe: Recipe, name: str, seed: int) -> None:
-    from npo_cli.auto import auto_chain, auto_run
+    from npo_cli.auto import auto_chain
+    from npo_cli.commands import auto_run
 
     T = recipe.train.steps
     if name in store.runs():
@@ -68,26 +69,26 @@ def auto_tokens(store, run: str) -> int:
     """Total compute of an auto run: the controller's count on its live head (all branches)."""
     from npo_cli.auto import auto_chain
 
-    c = store.manifest(store.head(run, auto_chain(store, run)[-1])).state["controller"]["compute"]
+    c = store.manifest(store.head(run, auto_chain(store, run)[-1])).state.controller["compute"]
     return int(c["rollout_tokens"] + c["guide_tokens"] + c["probe_tokens"])
 
 
 def run_grpo(store, recipe: Recipe, name: str, seed: int, tokens: int) -> None:
     """GRPO to T, then extended until its generated tokens reach `tokens` (equal compute)."""
-    from npo_cli.trainer import Trainer
+    from npo_cli.branching import new_trainer, resume_trainer
 
     t0 = time.perf_counter()
     if name not in store.runs():
         r = build_recipe(recipe.model_dump(mode="json"),
                          [f"name={name}", f"seed={seed}", "logging.progress=false", "auto.enabled=false"])
-        Trainer.new(r, store).train(progress=False)
+        new_trainer(r, store).train(progress=False)
     for _ in range(5):  # the step count needed is estimated from the tokens per step so far
         man = store.manifest(store.head(name))
-        have = int(man.state.get("tokens_generated", 0))
+        have = man.state.tokens_generated
         if have >= tokens:
             break
         steps = max(man.step + 1, math.ceil(man.step * tokens / max(have, 1)))
-        Trainer.resume(store, name, [f"train.steps={steps}"]).train(progress=False, force=True)
+        resume_trainer(store, name, [f"train.steps={steps}"]).train(progress=False, force=True)
     print(f"  {name}: {store.manifest(store.head(name)).step} steps in {time.perf_counter() - t0:.0f} s",
           flush=True)
 
@@ -126,7 +127,7 @@ def seed_result(store, recipe: Recipe, seed: int) -> dict | None:
     C = float(auto_tokens(store, a))
     g_final = grpo_pts[-1][2]
     g_at_T = next((acc for s, _, acc in grpo_pts if s == T), None)
-    inter = [(e["step"], e["delta"]) for e in auto_events(store, a) if e["kind"] == "auto"]
+    inter = [(e.step, e.delta) for _, e in auto_events(store, a) if e.kind == "auto"]
     return {"live": live, "interventions": inter, "auto_final": auto_pts[-1][2], "grpo_final": g_final,
             "grpo_at_T": g_at_T, "compute": C, "grpo_compute": grpo_pts[-1][1], "grpo_steps": grpo_pts[-1][0],
             "auto_to_grpo_final": first_reach(auto_pts, g_final), "grpo_to_grpo_final": first_reach(grpo_pts, g_final),
@@ -184,7 +185,9 @@ def main() -> None:
         r = seed_result(store, recipe, seed)
         if r is not None:
             results[seed] = r
-    text = report(results, {"recipe": recipe_path, "store": str(sdir), "seeds": seeds, "T": recipe.train.steps})
+    shown = Path(recipe_path).relative_to(ROOT) if Path(recipe_path).is_relative_to(ROOT) else recipe_path
+    text = report(results, {"recipe": str(shown), "store": f"{sdir.name}/", "seeds": seeds,  # next to the report
+                            "T": recipe.train.steps})
     Path("auto_evidence.md").write_text(text)
     Path("auto_evidence.json").write_text(json.dumps(results, indent=1))
     print(text)

@@ -141,8 +141,8 @@ def run_auto(store, plan: dict, recipe, seed: int) -> None:
     import yaml
 
     try:
-        from npo_cli.auto import auto_run
-    except ImportError as e:  # helper AUTO's module: the arm is skipped without it
+        from npo_cli.commands import auto_run
+    except ImportError as e:  # without npo_cli.auto the arm is skipped
         raise SkipArm(f"npo_cli.auto is not available ({e})") from None
     run = f"auto-s{seed}"
     if run in store.runs():
@@ -524,7 +524,9 @@ def main() -> int:
             "recipe": plan.get("recipe_path", "?")}
     text = report(plan, res, status, meta)
     (results / "convergence.md").write_text(text)
-    (results / "convergence.json").write_text(json.dumps({"plan": plan, "status": status, "meta": meta, **res},
+    # the work folder's paths are this machine's: the results name them OUT/...
+    public = json.loads(json.dumps(plan).replace(json.dumps(str(out))[1:-1], "OUT"))
+    (results / "convergence.json").write_text(json.dumps({"plan": public, "status": status, "meta": meta, **res},
                                                          indent=1, default=str))
     plots(store, plan, res, results)
     print(text)

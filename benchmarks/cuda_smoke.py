@@ -1,4 +1,4 @@
-"""CUDA path check (one prepared run on a GPU machine): a warm-started tiny run trained on cuda in
+"""CUDA path check (one run on a GPU machine): a warm-started tiny run trained on cuda in
 bf16 with the static KV cache, `npo intervene` on it (guide sampling on cuda), the behaviour
 log-probs against a fresh forward, and `npo eval`. Prints one JSON line per check; exits 1 on failure.
 
@@ -22,11 +22,13 @@ def main() -> int:
     ap.add_argument("--store", default=None)
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
+    from npo_cli.batch import collate
+    from npo_cli.branching import new_trainer
+    from npo_cli.commands import eval_checkpoint, intervene
     from npo_cli.example import quick_warm_start
-    from npo_cli.intervene import intervene
+    from npo_cli.grpo import token_logprobs
     from npo_cli.recipe import build_recipe
     from npo_cli.store import Store
-    from npo_cli.trainer import Trainer, collate, eval_checkpoint
 
     torch.set_num_threads(4)
     root = Path(a.store or tempfile.mkdtemp())
@@ -43,7 +45,7 @@ def main() -> int:
         "grpo": {"lr": 5e-4}, "train": {"steps": 8, "save_every": 4, "eval_every": 8},
         "logging": {"progress": False, "metrics_jsonl": None},
     })
-    t = Trainer.new(recipe, store)
+    t = new_trainer(recipe, store)
     t0 = time.perf_counter()
     res = t.train()
     hist = t.history
@@ -57,7 +59,7 @@ def main() -> int:
     rows = [ro for g in t.backend.generate(["3+4=", "8+1=", "5+5="], 8) for ro in g]
     b = collate(rows, t.pad_id, t.device)
     with torch.no_grad():
-        logp, _ = t._logprobs(t.model, b["input_ids"], b["attention_mask"], b["n_completion"], 2048,
+        logp, _ = token_logprobs(t.model, b["input_ids"], b["attention_mask"], b["n_completion"], 2048,
                               with_entropy=False)
     diff = ((logp.float() - b["old_logp"]).abs() * b["mask"]).max()
     print(json.dumps({"check": "logprob_match", "max_abs_diff": float(diff)}), flush=True)

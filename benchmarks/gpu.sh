@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# One prepared GPU benchmark: npo vs TRL 1.16 GRPOTrainer at the Qwen2-0.5B shape (benchmarks/gpu_bench.py).
-# On the GPU machine (torch there; trl, datasets, pydantic, transformers 5.19... carried as wheels in .whl/):
+# The GPU benchmark: npo vs TRL 1.16 GRPOTrainer at the Qwen2-0.5B shape (benchmarks/gpu_bench.py).
+# On a GPU machine with torch (trl, datasets, pydantic, transformers 5.19... installed, or as wheels in .whl/):
 #     bash benchmarks/gpu.sh                      # ~3 min; results in $OUT/gpu_bench.json
 # Locally, the same script at a tiny shape on CPU (no .whl/ needed: uses the active environment):
 #     PYTHON=.venv/bin/python bash benchmarks/gpu.sh --small
-if [ -d .whl ] && [ -z "${PYTHON:-}" ]; then  # on the GPU machine (PYTHON set = a local run)
+if [ -d .whl ] && [ -z "${PYTHON:-}" ]; then  # wheels to install first (PYTHON set = a local run)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-  # the carried transformers (the CPU tests' version) over the image's; if it cannot import there, the image's
-  python3 -c "import transformers, trl" || { echo "carried transformers does not import: using the image's"; rm -rf /tmp/site/transformers /tmp/site/transformers-*; }
+  # the .whl/ transformers (the CPU tests' version) over the installed one; if it cannot import, the installed one
+  python3 -c "import transformers, trl" || { echo ".whl/ transformers does not import: using the installed one"; rm -rf /tmp/site/transformers /tmp/site/transformers-*; }
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -16,7 +16,8 @@ Reports per-step time of each, generation and training time apart, and training 
 counted once (it is the LM-head matmul; the embedding lookup is free), T = rows x (max prompt + max
 completion) tokens of the training batch (padding included); attention-score FLOPs are not counted.
 Also printed: MFU with N + V*H (the embedding counted again, as if untied), the convention that makes
-issue 7's reference "0.54 s for 40,960 tokens = 29% MFU" come out (N + V*H = 630M).
+the reference figure for a plain HF training step at this shape, "0.54 s for 40,960 tokens = 29% MFU",
+come out (N + V*H = 630M).
 
     bash benchmarks/gpu.sh                 # H100 or H200: the 0.5B shape
     PYTHON=.venv/bin/python bash benchmarks/gpu.sh --small   # CPU smoke test of the same script

@@ -50,10 +50,10 @@ def main() -> None:
     a = ap.parse_args()
     cfg = SMALL if a.small else QWEN2_05B
     dev = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    from npo_cli.branching import new_trainer
     from npo_cli.recipe import build_recipe
     from npo_cli.rollout import Rollout
     from npo_cli.store import Store
-    from npo_cli.trainer import Trainer
 
     rows_n, P, C = cfg.prompts * cfg.group, 8, cfg.new_tokens
     g = torch.Generator().manual_seed(0)
@@ -75,7 +75,7 @@ def main() -> None:
                 "logging": {"progress": False, "metrics_jsonl": None},
             }, sets)
             try:
-                t = Trainer.new(recipe, Store.open(f"memory://v-{os.getpid()}-{time.time_ns()}"))
+                t = new_trainer(recipe, Store.open(f"memory://v-{os.getpid()}-{time.time_ns()}"))
                 times = []
                 warm = 2 if "compiled" in name else 1  # compiled: the first two calls may compile
                 for _ in range(warm + a.steps):

@@ -81,7 +81,7 @@ class Side:
 
     def summary(self, warmup: int, n_params: int, peak: float | None, n_embed: int = 0) -> dict:
         """Medians after warm-up. MFU = 6 N T / train time / peak; also with N + n_embed (the embedding
-        table counted as a second matrix, as if untied: the convention of issue 7's 29% reference)."""
+        table counted as a second matrix, as if untied: the convention of the 29% reference figure)."""
         def med(xs):
             xs = xs[warmup:]
             return statistics.median(xs) if xs else None
@@ -192,9 +192,9 @@ VERIFIERS = {"exact": "exact", "hash": "grpo_bench:hash_reward"}
 
 
 def make_npo(cfg: BenchConfig, model_path: str):
+    from npo_cli.branching import new_trainer
     from npo_cli.recipe import build_recipe
     from npo_cli.store import Store
-    from npo_cli.trainer import Trainer
 
     rows = cfg.prompts * cfg.group
     recipe = build_recipe({
@@ -213,7 +213,7 @@ def make_npo(cfg: BenchConfig, model_path: str):
         "logging": {"progress": False, "metrics_jsonl": None},
     })
     store = Store.open(f"memory://bench-{os.getpid()}-{time.time_ns()}")
-    trainer = Trainer.new(recipe, store)
+    trainer = new_trainer(recipe, store)
     return trainer, recipe
 
 

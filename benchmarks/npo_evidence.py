@@ -1,4 +1,4 @@
-"""Evidence for issue 4: NPO's two interventions against plain GRPO, over several seeds.
+"""Evidence for NPO's two interventions against plain GRPO, over several seeds.
 
 (1) sparse regime (bootstrapping): a GRPO baseline of T steps; its checkpoint at step s is the scout,
     so `npo intervene --run grpo --at 0 --guide s --until W` restarts from the initial policy with the
@@ -18,8 +18,8 @@ writes the table from everything stored.
     .venv/bin/python benchmarks/npo_evidence.py --seeds 0 1 2 --out evidence --report-only
     .venv/bin/python benchmarks/npo_evidence.py --quick --out /tmp/ev      # a 2-minute smoke test
 
-Defaults: recipes/sparse.yaml and recipes/plateau.yaml with checkpoints.example when present (helper
-EXAMPLE); --quick without them SFTs a tiny warm start inline and runs a few steps.
+Defaults: recipes/sparse.yaml and recipes/plateau.yaml with checkpoints.example when present;
+--quick without them SFTs a tiny warm start inline and runs a few steps.
 """
 
 from __future__ import annotations
@@ -92,20 +92,20 @@ def with_saves(recipe: Recipe, steps: list[int]) -> Recipe:
 
 def _finish(store, run: str, branch: str, steps: int) -> bool:
     """True if run/branch is complete; resumes it first when a killed process left it part-way."""
-    from npo_cli.trainer import Trainer
+    from npo_cli.branching import resume_trainer
 
     head = store.head(run, branch)
     if head is None:
         return False
     if store.manifest(head).step < steps:
         print(f"  {run}/{branch}: resuming at step {store.manifest(head).step}", flush=True)
-        Trainer.resume(store, f"{run}/{branch}").train(progress=False, force=True)  # we are its only writer
+        resume_trainer(store, f"{run}/{branch}").train(progress=False, force=True)  # we are its only writer
     return True
 
 
 def train_run(store, recipe: Recipe, name: str, seed: int, sets: list[str] = ()) -> None:
     """A new run `name` from `recipe` (plus overrides); reused (or finished) if it is in the store."""
-    from npo_cli.trainer import Trainer
+    from npo_cli.branching import new_trainer
 
     if name in store.runs() and _finish(store, name, "main", recipe.train.steps):
         print(f"  {name}: in the store, reused", flush=True)
@@ -113,12 +113,12 @@ def train_run(store, recipe: Recipe, name: str, seed: int, sets: list[str] = ())
     r = build_recipe(recipe.model_dump(mode="json"),
                      [f"name={name}", f"seed={seed}", "logging.progress=false", *sets])
     t0 = time.perf_counter()
-    Trainer.new(r, store).train(progress=False)
+    new_trainer(r, store).train(progress=False)
     print(f"  {name}: {r.train.steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def branch(store, run: str, name: str, at: int, guide: int, until: int, gate: float | None) -> None:
-    from npo_cli.intervene import intervene
+    from npo_cli.commands import intervene
 
     if name in store.branches(run):
         steps = store.get_json(store.manifest(store.head(run, name)).recipe)["train"]["steps"]
@@ -304,7 +304,7 @@ def main() -> None:
         at, g = a.at if a.at is not None else (T // 4 if not a.quick else 2), a.guide or (T // 2 if not a.quick else 4)
         print(f"plateau regime: T={T}, rollback {at}, guide {g}", flush=True)
         pl = plateau(store, r, seeds, at, g, a.gate, a.report_only)
-    text = report(sp, pl, {"store": str(sdir), "seeds": seeds})
+    text = report(sp, pl, {"store": f"{sdir.name}/", "seeds": seeds})  # next to evidence.md
     Path("evidence.md").write_text(text)
     Path("evidence.json").write_text(json.dumps({"sparse": sp, "plateau": pl}, indent=1, default=str))
     print(text)

@@ -32,7 +32,8 @@ from safetensors.torch import load_file, save_file
 
 import npo_cli.checkpoint as ck
 from npo_cli.checkpoint import load_tensors, save_tensors_stats
-from npo_cli.store import Manifest, Store
+from npo_cli.manifest import Manifest
+from npo_cli.store import Store
 
 
 def make_state(vocab: int = 32000, hidden: int = 768, layers: int = 11, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -17,9 +17,9 @@ torch.set_num_threads(1)
 
 
 def main(steps: int = 12) -> None:
+    from npo_cli.branching import new_trainer
     from npo_cli.recipe import build_recipe
     from npo_cli.store import Store
-    from npo_cli.trainer import Trainer
 
     for backend in ("hf", "vllm"):
         recipe = build_recipe({"name": f"bench-{backend}", "rollout": {"backend": backend},
@@ -30,7 +30,7 @@ def main(steps: int = 12) -> None:
                                "logging": {"progress": False, "metrics_jsonl": None}})
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
-            trainer = Trainer.new(recipe, Store.open(d))
+            trainer = new_trainer(recipe, Store.open(d))
             trainer.eval_problems = []
             built = time.perf_counter() - t0
             for _ in range(steps):

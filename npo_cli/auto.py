@@ -1,4 +1,4 @@
-"""AutoNPO (`npo auto`): NPO without a human. DESIGN.md §1, issue 5.
+"""AutoNPO (`npo auto`): NPO without a human.
 
 The controller (`AutoController`, the trainer's `controller` seam) watches every step:
 1. warning: the reward EMA stagnates (least-squares slope over `auto.window` steps < slope_eps) while the
@@ -10,7 +10,7 @@ The controller (`AutoController`, the trainer's `controller` seam) watches every
    V(D) = exp(mean per-token KL(pi_t || pi_{t-D})) on the probe's own trajectories (one forward of the
    old checkpoint each, no extra sampling); D* = argmax S = Q/V (`select_delta`, a pure function).
    When S(D*) >= min_score the controller stops the branch (the trainer checkpoints step t: the guide).
-4. the driver (`auto_run`) makes branch `auto-k` at t-D*, pre-fills the guide cache (guide = the step-t
+4. the driver (`drive`) makes branch `auto-k` (`rollback`, through `branching.fork_branch`) at t-D*, pre-fills the guide cache (guide = the step-t
    checkpoint) for the mistakes of the replayed stretch [t-D*, t) (the replay meets exactly those
    prompts again: the data order is a function of the step; other gated prompts are generated on
    demand), replays t-D*..t with npo.source=npo, then continues GRPO, and repeats on the next plateau.
@@ -27,14 +27,23 @@ exactly, also in the middle of a replay or between a decision and its branch.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 
 from npo_cli import dist
+from npo_cli.batch import Group, collate, format_prompt
+from npo_cli.branching import fork_branch, head_with_recipe, npo_recipe, resume_trainer
+from npo_cli.checkpoint import DTYPES, load_model
 from npo_cli.errors import NpoError
+from npo_cli.grpo import token_logprobs
+from npo_cli.guide import GuideGenerator
+from npo_cli.history import ls_data
+from npo_cli.manifest import Event
+from npo_cli.recipe import Recipe, build_recipe
+from npo_cli.seeds import derive_seed, forked_rng
+from npo_cli.store import Store
 from npo_cli.tasks import Problem
-from npo_cli.trainer import Group, Trainer, collate, format_prompt, head_with_recipe
+from npo_cli.trainer import Trainer
 
 DECISION_KINDS = ("auto", "auto-probe", "auto-bootstrap", "auto-branch")
 
@@ -133,7 +142,7 @@ class AutoController:
         self.floor = 0  # rollback candidates are at or after this step (the end of the last replay)
         self.interventions = 0  # plateau interventions so far (bootstrap not counted)
         self.replay: dict | None = None  # {"k", "branch", "start", "until", "guide"} while replaying
-        self.decision: dict | None = None  # the confirmed decision the driver acts on
+        self.decision: Event | None = None  # the confirmed decision the driver acts on
         self.pool: list[dict] = []  # Problem.to_json() + {"step"}; unique prompts, oldest first
         self.compute = {"steps": 0, "rollout_tokens": 0, "guide_tokens": 0, "probe_tokens": 0}
         self.signals: dict[str, float] = {}
@@ -144,7 +153,8 @@ class AutoController:
         pool = self.store.put_json({"format": "npo-auto-pool/1", "items": self.pool})
         return {"auto": 1, "phase": self.phase, "reward_ema": self.reward_ema, "entropy_ema": self.entropy_ema,
                 "raw": self.raw, "hist": self.hist, "warned": self.warned, "quiet_until": self.quiet_until,
-                "floor": self.floor, "interventions": self.interventions, "replay": self.replay, "decision": self.decision,
+                "floor": self.floor, "interventions": self.interventions, "replay": self.replay,
+                "decision": self.decision.model_dump() if self.decision else None,
                 "compute": dict(self.compute), "signals": self.signals, "pool": pool, "objects": [pool]}
 
     def load_state_dict(self, st: dict) -> None:
@@ -154,7 +164,8 @@ class AutoController:
         self.raw = list(st["raw"])
         self.hist, self.warned, self.quiet_until = [list(x) for x in st["hist"]], st["warned"], st["quiet_until"]
         self.floor, self.interventions = st["floor"], st["interventions"]
-        self.replay, self.decision, self.signals = st["replay"], st["decision"], dict(st["signals"])
+        self.replay, self.signals = st["replay"], dict(st["signals"])
+        self.decision = Event.model_validate(st["decision"]) if st["decision"] else None
         self.compute = {**self.compute, **st["compute"]}
         self.pool = list(self.store.get_json(st["pool"], "auto mistake pool")["items"])
 
@@ -223,8 +234,8 @@ class AutoController:
                         None)
             if fork is None:
                 raise NpoError(f"auto.bootstrap: no step-0 checkpoint on {trainer.run}/{trainer.branch}")
-            self.decision = {"kind": "auto-bootstrap", "k": 0, "step": step, "fork_step": 0, "fork": fork.id,
-                             "until": step, "delta": step, "branch": "auto-boot", "pool": len(self.pool)}
+            self.decision = Event(kind="auto-bootstrap", k=0, step=step, fork_step=0, fork=fork.id, until=step,
+                                  delta=step, branch="auto-boot", pool=len(self.pool))
             return self._decide(trainer)
         if self.phase == "warned" and self.warned >= self.cfg.patience:
             self._say(trainer, f"auto: step {step} plateau warning ({self._sig()}); probing {len(self.pool)} "
@@ -232,14 +243,14 @@ class AutoController:
             # torchrun: rank 0 probes (the controller's state is the same on every rank), the others take
             # its decision and its cost. Every rank syncs the sampler first: under FSDP it gathers the shards.
             trainer.backend.sync()
-            d = dist.broadcast_json(self.probe(trainer) if dist.is_main() else None)
+            d = Event.model_validate(dist.broadcast_json(self.probe(trainer).model_dump() if dist.is_main() else None))
             if not dist.is_main():
-                self.compute["probe_tokens"] += d.get("probe", {}).get("tokens", 0)
-            if d["confirmed"]:
+                self.compute["probe_tokens"] += (d.probe or {}).get("tokens", 0)
+            if d.confirmed:
                 self.decision = d
                 return self._decide(trainer)
             trainer.events.append(d)
-            self._say(trainer, f"auto: step {step} not confirmed: {d.get('reason', 'S below min_score')}")
+            self._say(trainer, f"auto: step {step} not confirmed: {d.reason or 'S below min_score'}")
             self.phase, self.warned, self.quiet_until = "watching", 0, step + self.cfg.min_gap
         return False
 
@@ -247,8 +258,8 @@ class AutoController:
         trainer.events.append(self.decision)
         self.phase = "decided"
         d = self.decision
-        self._say(trainer, f"auto: step {d['step']} -> roll back to step {d['fork_step']} (D*={d['delta']}), "
-                  f"guide = this step, branch {d['branch']}")
+        self._say(trainer, f"auto: step {d.step} -> roll back to step {d.fork_step} (D*={d.delta}), "
+                  f"guide = this step, branch {d.branch}")
         return True
 
     def _sig(self) -> str:
@@ -274,25 +285,23 @@ class AutoController:
                 out.append((m.step, m.id))
         return out
 
-    def probe(self, trainer) -> dict:
+    def probe(self, trainer) -> Event:
         """Sample pi_t on the pool once; Q, V, S for every candidate; the decision event."""
-        from npo_cli.guide import derive_seed
         t, cfg, r = trainer.step_num, self.cfg, trainer.recipe
-        d = {"kind": "auto", "k": self.interventions + 1, "step": t, "confirmed": False,
-             "signals": {"reward_ema": self.reward_ema, "entropy_ema": self.entropy_ema, **self.signals},
-             "pool": len(self.pool)}
+        d = Event(kind="auto", k=self.interventions + 1, step=t, confirmed=False, pool=len(self.pool),
+                  signals={"reward_ema": self.reward_ema, "entropy_ema": self.entropy_ema, **self.signals})
         cands = self.candidates(trainer)
         if not cands:
-            return {**d, "kind": "auto-probe", "reason": f"no saved checkpoint within {cfg.delta_max} steps "
-                    f"after step {self.floor}"}
+            d.kind, d.reason = "auto-probe", f"no saved checkpoint within {cfg.delta_max} steps after step {self.floor}"
+            return d
         groups = members(self.pool, [s for s, _ in cands], t, cfg.bucket, r.train.save_every)
         picks = spread(groups, cfg.probe_size)
         if not picks:
-            return {**d, "kind": "auto-probe", "reason": "no mistakes near the candidate checkpoints"}
+            d.kind, d.reason = "auto-probe", "no mistakes near the candidate checkpoints"
+            return d
         prompts = [format_prompt(r, trainer.tokenizer, Problem.from_json(it)) for it in picks]
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):  # the training RNG stream does not see the probe
-            torch.manual_seed(derive_seed(r.seed, trainer.run, "auto-probe", t))
+        # the training RNG stream does not see the probe
+        with forked_rng(derive_seed(r.seed, trainer.run, "auto-probe", t)):
             sampled = trainer.backend.generate(prompts, cfg.probe_samples)
         passed = {}
         for it, g in zip(picks, sampled):
@@ -308,25 +317,22 @@ class AutoController:
             table.append({"step": step, "delta": t - step, "checkpoint": cid, "n": len(b),
                           "Q": sum(b) / len(b) if b else None, "kl": kl, "V": math.exp(min(kl, 50.0))})
         sel = select_delta(table, cfg.min_score)
-        d.update(candidates=sel["rows"], confirmed=sel["confirmed"],
-                 probe={"prompts": len(picks), "samples": cfg.probe_samples, "tokens": tokens,
-                        "pass": sum(passed.values()) / len(passed)})
+        d.candidates, d.confirmed = sel["rows"], sel["confirmed"]
+        d.probe = {"prompts": len(picks), "samples": cfg.probe_samples, "tokens": tokens,
+                   "pass": sum(passed.values()) / len(passed)}
         best = sel["best"]
         if best is not None:
-            d.update(delta=best["delta"], fork_step=best["step"], fork=best["checkpoint"], until=t,
-                     branch=f"auto-{d['k']}", S=best["S"])
+            d.delta, d.fork_step, d.fork, d.until = best["delta"], best["step"], best["checkpoint"], t
+            d.branch, d.S = f"auto-{d.k}", best["S"]
         if not sel["confirmed"]:
-            d["kind"] = "auto-probe"
-            d["reason"] = "no candidate with probed mistakes" if best is None else \
-                f"best S={best['S']:.3f} < min_score {cfg.min_score}"
+            d.kind = "auto-probe"
+            d.reason = ("no candidate with probed mistakes" if best is None else
+                        f"best S={best['S']:.3f} < min_score {cfg.min_score}")
         return d
 
     def _kls(self, trainer, rows, cands) -> list[float]:
         """Mean per-token KL(pi_t || pi_c) on the probe trajectories (k3 estimator: they are pi_t's
         samples), one forward of pi_t and one of each candidate, in the sampling dtype."""
-        from npo_cli.checkpoint import load_model
-        from npo_cli.model import DTYPES
-
         r = trainer.recipe
         mbs, device = trainer.micro_batch or max(len(rows), 1), trainer.device
         batches = [collate(rows[s : s + mbs], trainer.pad_id, device) for s in range(0, len(rows), mbs)]
@@ -335,7 +341,7 @@ class AutoController:
             was = model.training
             model.eval()
             with torch.no_grad():
-                out = [trainer._logprobs(model, b["input_ids"], b["attention_mask"], b["n_completion"],
+                out = [token_logprobs(model, b["input_ids"], b["attention_mask"], b["n_completion"],
                                          r.grpo.logprob_chunk, with_entropy=False,
                                          temperature=r.rollout.temperature)[0].float() for b in batches]
             model.train(was)
@@ -356,13 +362,13 @@ class AutoController:
 
     # ---------------------------------------------------------------- after a rollback
 
-    def begin_replay(self, prev: AutoController, d: dict, guide: str) -> None:
+    def begin_replay(self, prev: AutoController, d: Event, guide: str) -> None:
         """On the new branch (state restored from the fork): carry over what the run has learnt so far."""
-        c = d["fork_step"]
+        c = d.fork_step
         self.pool = [it for it in prev.pool if it["step"] < c]  # later ones belong to the abandoned stretch
-        self.interventions = prev.interventions + (1 if d["kind"] == "auto" else 0)
+        self.interventions = prev.interventions + (1 if d.kind == "auto" else 0)
         self.compute, self.floor = dict(prev.compute), prev.floor
-        self.replay = {"k": d["k"], "branch": d["branch"], "start": c, "until": d["until"], "guide": guide}
+        self.replay = {"k": d.k, "branch": d.branch, "start": c, "until": d.until, "guide": guide}
         self.phase, self.warned, self.decision = "replaying", 0, None
 
 
@@ -394,119 +400,104 @@ class AutoTrainer(Trainer):
 # --------------------------------------------------------------------------- the driver
 
 
-def auto_chain(store, run: str) -> list[str]:
+def auto_chain(store: Store, run: str) -> list[str]:
     """Branches of an auto run in order, main first; the last one is live."""
-    from npo_cli.history import ls_data
-
     return ls_data(store, run)["runs"][0]["auto_chain"] or ["main"]
 
 
-def rollback(store, live, from_branch: str, prev: AutoController, guide: str, console=None,
+def rollback(store: Store, live: Recipe, from_branch: str, prev: AutoController, guide: str, console=None,
              force: bool = False) -> AutoTrainer:
     """Branch at the decision's fork, NPO from the fork to the guide's step, the guide cache pre-filled.
     `live` is the recipe of the branch that stopped (it carries every override so far). force: break the
     dead lease of a driver killed while it made this branch."""
-    from npo_cli.guide import GuideGenerator, derive_seed
-    from npo_cli.recipe import build_recipe
     d, run = prev.decision, live.name
-    name, c, until = d["branch"], d["fork_step"], d["until"]
-    fork = store.manifest(d["fork"])
-    have = store.branches(run).get(name)
+    fork = store.manifest(d.fork)
+    have = store.branches(run).get(d.branch)
     if have is not None and have != fork.id:  # a branch made by a crashed driver is reused; not another
-        raise NpoError(f"branch {run}/{name} already exists and has moved on; resume it with "
-                       f"npo auto --resume {run}/{name}")
-    dist.barrier()  # torchrun: every rank has looked before rank 0 makes the branch
-    if have is None and dist.is_main():
-        store.branch(fork.id, name, run=run)
-    dist.barrier()
-    sets = ["npo.source=npo", f"npo.guide='{guide}'", f"npo.start={c}", f"npo.until={until}"]
-    if live.auto.gate is not None:
-        sets.append(f"npo.gate={live.auto.gate}")
-    recipe = build_recipe(live.model_dump(mode="json"), sets)
-    trainer = AutoTrainer(recipe, store, branch=name, init=fork, console=console)
-    trainer.controller.begin_replay(prev, d, guide)
+        raise NpoError(f"branch {run}/{d.branch} already exists and has moved on; resume it with "
+                       f"npo auto --resume {run}/{d.branch}")
+    recipe = npo_recipe(live, guide, d.fork_step, d.until, live.auto.gate)
+    event = Event(kind="auto-branch", k=d.k, branch=d.branch, from_branch=from_branch, fork=fork.id,
+                  fork_step=d.fork_step, guide=guide, guide_step=d.step, until=d.until, delta=d.delta)
 
-    # guide trajectories for the replay's known mistakes (the same cache keys the NPO source reads)
-    todo = [it for it in prev.pool if c <= it["step"] < until]
+    def prepare(trainer: AutoTrainer) -> None:
+        trainer.controller.begin_replay(prev, d, guide)
+        event.prefill = prefill_mistakes(store, trainer, prev.pool, guide)
+        trainer.controller.compute["guide_tokens"] += event.prefill["tokens"]
+
+    trainer = fork_branch(store, fork, recipe, d.branch, event, trainer_cls=AutoTrainer, prepare=prepare,
+                          console=console, force=force)
+    if console is not None and recipe.logging.progress:
+        pre = event.prefill
+        console.print(f"auto: branch {run}/{d.branch} from step {d.fork_step}: NPO to step {d.until} with guide "
+                      f"{store.describe(guide)}; guide cache pre-filled for {pre['found']}/{pre['prompts']} mistakes",
+                      highlight=False, soft_wrap=True)
+    return trainer
+
+
+def prefill_mistakes(store: Store, trainer: AutoTrainer, pool: list[dict], guide: str) -> dict:
+    """Guide trajectories for the replay's known mistakes (the same cache keys the NPO source reads): the
+    replay meets exactly those prompts again. torchrun: each rank samples its share (its own seed: separate
+    streams), rank 0 writes every entry, and share() returns once they are written, so no rank trains
+    before the cache is complete."""
+    recipe, replay = trainer.recipe, trainer.controller.replay
+    todo = [it for it in pool if replay["start"] <= it["step"] < replay["until"]]
     items = [(format_prompt(recipe, trainer.tokenizer, p), p) for p in map(Problem.from_json, todo)]
-    # torchrun: each rank samples its share of the mistakes (its own seed: separate streams), rank 0
-    # writes every entry, and share() returns once they are written: no rank trains before the cache is complete
     gen = GuideGenerator(store, guide, recipe)
-    # seeded from the guide's weights, as the source's
-    seed = dist.rank_seed(derive_seed(recipe.seed, gen.seed_id, "auto-prefill"))
+    seed = dist.rank_seed(derive_seed(recipe.seed, gen.seed_id, "auto-prefill"))  # from the guide's weights
     mine = items[dist.rank() :: dist.world()]
     found = sum(e is not None for e in gen.get(mine, seed, engine=trainer.backend)) if mine else 0
     gen.unload()
     gen.share()
     found, tokens = dist.all_sum([found, gen.stats.tokens])
-    pre = {"prompts": len(items), "found": int(found), "tokens": int(tokens)}
-    trainer.controller.compute["guide_tokens"] += pre["tokens"]
-    trainer.events.append({"kind": "auto-branch", "k": d["k"], "branch": name, "from_branch": from_branch,
-                           "fork": fork.id, "fork_step": c, "guide": guide, "guide_step": d["step"],
-                           "until": until, "delta": d["delta"], "prefill": pre})
-    with store.lease(run, name, force=force) if dist.is_main() else nullcontext():
-        trainer.save()  # the branch's first checkpoint: settings, carried controller state, the event
-    if console is not None and recipe.logging.progress:
-        console.print(f"auto: branch {run}/{name} from step {c}: NPO to step {until} with guide "
-                      f"{store.describe(guide)}; guide cache pre-filled for {pre['found']}/{len(items)} mistakes",
-                      highlight=False, soft_wrap=True)
-    return trainer
+    return {"prompts": len(items), "found": int(found), "tokens": int(tokens)}
 
 
-def auto_events(store, run: str) -> list[dict]:
-    """The decision events of every branch of the auto chain, in order."""
+def auto_events(store: Store, run: str) -> list[tuple[str, Event]]:
+    """(where, event) of every decision on the auto chain, in order; where is BRANCH@STEP."""
     out = []
     for b in auto_chain(store, run):
         own = [m for m in store.lineage(f"{run}/{b}") if m.branch == b and m.run == run]
         for m in reversed(own):
-            out += [{**e, "at": f"{b}@{m.step}"} for e in m.events if e.get("kind") in DECISION_KINDS]
+            out += [(f"{b}@{m.step}", e) for e in m.events if e.kind in DECISION_KINDS]
     return out
 
 
-def auto_run(recipe_path: str | None, overrides: list[str], store_url: str | None, resume: str | None,
-             console=None, progress: bool = True, force: bool = False) -> dict:
-    """`npo auto`: train with the controller; on each decision branch, pre-fill, replay; until the live
-    branch reaches train.steps. --resume RUN continues the live branch (RUN/BRANCH: that branch)."""
-    from npo_cli.recipe import build_recipe, load_recipe
-    from npo_cli.trainer import open_store
+def check_new(recipe: Recipe) -> None:
+    """What a new AutoNPO run's recipe must satisfy."""
+    if recipe.npo.source != "none":
+        raise NpoError("npo auto starts from plain GRPO (npo.source=none); it sets the NPO guide on its "
+                       "replay branches itself")
+    if recipe.auto.bootstrap and recipe.auto.scout_steps >= recipe.train.steps:
+        raise NpoError(f"auto.scout_steps={recipe.auto.scout_steps} must be below train.steps="
+                       f"{recipe.train.steps}")
 
-    dist.init(console)  # torchrun ... -m npo_cli auto ...: data-parallel (no-op in one process)
-    if resume:
-        if recipe_path:
-            raise NpoError("--resume takes the recipe stored in the checkpoint; drop RECIPE and pass "
-                           "changes with --set")
-        if "@" in resume:
-            raise NpoError(f"--resume takes RUN or RUN/BRANCH, not '{resume}'")
-        store = open_store(store_url, must_exist=True)
-        run, _, branch = resume.partition("/")
-        if run not in store.runs():
-            raise NpoError(f"unknown run {run!r} in {store.url} (see npo ls)")
-        branch = branch or auto_chain(store, run)[-1]
-        man, stored = head_with_recipe(store, run, branch)
-        live = build_recipe(stored, list(overrides))
-        if not live.auto.enabled:
-            raise NpoError(f"{run}/{branch} is not an AutoNPO run; continue it with npo run --resume")
-        if man.branch != branch:
-            raise NpoError(f"branch {run}/{branch} was made but never trained; resume the run with "
-                           f"npo auto --resume {run}")
-        ctrl = (man.state or {}).get("controller", {})
-        if ctrl.get("phase") == "decided":  # stopped for a rollback that was not made yet
-            prev = AutoController.from_state(live.auto, store, ctrl)
-            trainer = rollback(store, live, branch, prev, man.id, console, force=force)
-        else:
-            trainer = AutoTrainer.resume(store, f"{run}/{branch}", list(overrides), console=console)
-    else:
-        if not recipe_path:
-            raise NpoError("give a recipe file (npo auto RECIPE) or --resume RUN")
-        recipe = load_recipe(recipe_path, list(overrides) + ["auto.enabled=true"])
-        if recipe.npo.source != "none":
-            raise NpoError("npo auto starts from plain GRPO (npo.source=none); it sets the NPO guide on its "
-                           "replay branches itself")
-        if recipe.auto.bootstrap and recipe.auto.scout_steps >= recipe.train.steps:
-            raise NpoError(f"auto.scout_steps={recipe.auto.scout_steps} must be below train.steps="
-                           f"{recipe.train.steps}")
-        store = open_store(store_url, recipe)
-        trainer = AutoTrainer.new(recipe, store, console=console)
+
+def resume(store: Store, ref: str, overrides: list[str], console=None, force: bool = False) -> AutoTrainer:
+    """The trainer that continues AutoNPO run RUN (its live branch) or RUN/BRANCH; a run stopped between a
+    decision and its branch makes the branch first."""
+    if "@" in ref:
+        raise NpoError(f"--resume takes RUN or RUN/BRANCH, not '{ref}'")
+    run, _, branch = ref.partition("/")
+    if run not in store.runs():
+        raise NpoError(f"unknown run {run!r} in {store.url} (see npo ls)")
+    branch = branch or auto_chain(store, run)[-1]
+    man, stored = head_with_recipe(store, run, branch)
+    live = build_recipe(stored, list(overrides))
+    if not live.auto.enabled:
+        raise NpoError(f"{run}/{branch} is not an AutoNPO run; continue it with npo run --resume")
+    if man.branch != branch:
+        raise NpoError(f"branch {run}/{branch} was made but never trained; resume the run with "
+                       f"npo auto --resume {run}")
+    if man.state.controller.get("phase") == "decided":  # stopped for a rollback that was not made yet
+        prev = AutoController.from_state(live.auto, store, man.state.controller)
+        return rollback(store, live, branch, prev, man.id, console, force=force)
+    return resume_trainer(store, f"{run}/{branch}", list(overrides), trainer_cls=AutoTrainer, console=console)
+
+
+def drive(store: Store, trainer: AutoTrainer, console=None, progress: bool = True, force: bool = False) -> dict:
+    """Train with the controller; on each decision branch, pre-fill, replay; until the live branch reaches
+    train.steps. Returns the last branch's summary plus the run's AutoNPO record."""
     while True:
         show = progress and trainer.recipe.logging.progress
         res = trainer.train(progress=show, force=force)
@@ -516,15 +507,15 @@ def auto_run(recipe_path: str | None, overrides: list[str], store_url: str | Non
         prev, live, from_branch = trainer.controller, trainer.recipe, trainer.branch
         trainer = None  # free the old policy before loading the branch's
         trainer = rollback(store, live, from_branch, prev, res["checkpoint"], console if show else None)
-    dist.finish()
     ctrl = trainer.controller
     res["auto"] = {"live": trainer.branch, "chain": auto_chain(store, trainer.run),
                    "interventions": ctrl.interventions, "phase": ctrl.phase, "compute": dict(ctrl.compute),
-                   "compute_tokens": ctrl.total_tokens(), "events": auto_events(store, trainer.run)}
+                   "compute_tokens": ctrl.total_tokens(),
+                   "events": [{**e.model_dump(), "at": where} for where, e in auto_events(store, trainer.run)]}
     return res
 
 
-def is_auto(store, ref: str) -> bool:
+def is_auto(store: Store, ref: str) -> bool:
     """Whether RUN / RUN/BRANCH is an AutoNPO run (its head's stored recipe has auto.enabled)."""
     run, _, branch = ref.partition("/")
     if run not in store.runs():

@@ -34,14 +34,21 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ValidationError
 
 from npo_cli.errors import NpoError
-from npo_cli.store import Manifest, Store, TensorEntry, check_name
+from npo_cli.lease import pid_alive
+from npo_cli.manifest import Event, Manifest, TensorEntry, TrainerState
+from npo_cli.objects import check_name, is_oid
+from npo_cli.store import Store
 
 __all__ = [
-    "Manifest", "TensorEntry", "export", "import_hf", "load_metrics", "load_model", "load_optimizer",
-    "load_state_tensors", "load_tensors", "save_checkpoint", "save_tensors",
+    "DTYPES", "export", "import_hf", "load_config", "load_metrics", "load_model", "load_optimizer",
+    "load_state_tensors", "load_tensors", "load_tokenizer", "save_checkpoint", "save_tensors",
+    "save_tensors_stats",
 ]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # recipe names
 
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -240,14 +247,17 @@ def _optimizer_parts(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 
 def save_checkpoint(store: Store, *, run: str, branch: str, step: int, model, tokenizer, optimizer=None,
-                    state: dict | None = None, state_tensors: dict[str, torch.Tensor] | None = None,
+                    state: TrainerState | dict | None = None,
+                    state_tensors: dict[str, torch.Tensor] | None = None,
                     metrics: list[dict] | None = None, summary: dict[str, float] | None = None,
-                    recipe: dict | None = None, guide: str | None = None, events: list[dict] | None = None,
+                    recipe: dict | None = None, guide: str | None = None,
+                    events: list[Event | dict] | None = None, extra_objects: list[str] | None = None,
                     parent: str | None = "head", expect: str | None = "any") -> str:
     """Save a checkpoint on run/branch and move the branch to it; returns its id.
 
     parent: "head" (the branch's current head, none for a new branch), None (a root), or any ref.
     guide: a ref or id of the guide checkpoint. Refused if another live process holds the branch lease.
+    extra_objects: other objects the checkpoint needs (already in the store), kept with it by gc.
     expect: the branch head this writer last saw (None: the branch must not exist yet); the save is
     refused, and the branch left alone, when the branch is elsewhere before or after the objects are written.
     """
@@ -259,10 +269,17 @@ def save_checkpoint(store: Store, *, run: str, branch: str, step: int, model, to
     before = store.head(run, branch)
     if expect != "any" and before != expect:
         raise _moved(run, branch, before, expect)
-    parent_id = before if parent == "head" else (store.resolve(parent) if parent else None)
-    guide_id = store.resolve(guide) if guide else None
-    state = _jsonable("state", state or {})
-    events = _jsonable("events", events or [])
+    # a checkpoint id is taken as it is (the trainer passes ids); any other ref is resolved
+    parent_id = before if parent == "head" else (store.manifest(parent).id if parent else None)
+    guide_id = store.manifest(guide).id if guide else None
+    state = _jsonable("state", state.model_dump() if isinstance(state, TrainerState) else state or {})
+    events = _jsonable("events", [e.model_dump() if isinstance(e, Event) else e for e in events or []])
+    _check("state", TrainerState, state)
+    for i, e in enumerate(events):
+        _check(f"events[{i}]", Event, e)
+    bad = [oid for oid in extra_objects or [] if not is_oid(oid)]
+    if bad:
+        raise NpoError(f"extra_objects must be object ids, not {bad[0]!r}")
     summary = {str(k): float(v) for k, v in (summary or {}).items()}
 
     opt_tensors, opt_extra, groups = _optimizer_parts(optimizer) if optimizer is not None else ({}, {}, [])
@@ -280,7 +297,7 @@ def save_checkpoint(store: Store, *, run: str, branch: str, step: int, model, to
         model=pick("model/"), optimizer=pick("optimizer/"), optimizer_extra=opt_extra, optimizer_groups=groups,
         state=state, state_tensors=pick("state/"),
         metrics=store.put_json(_jsonable("metrics", metrics or [])),
-        summary=summary, guide=guide_id, events=events,
+        summary=summary, guide=guide_id, events=events, extra_objects=list(extra_objects or []),
         model_config=store.put_bytes(model.config.to_json_string().encode()),
         tokenizer=_tokenizer_objects(store, tokenizer) if tokenizer is not None else {},
     )
@@ -293,6 +310,16 @@ def save_checkpoint(store: Store, *, run: str, branch: str, step: int, model, to
         raise _moved(run, branch, now, before)
     store.set_ref(run, branch, cid, create=before is None)  # last: until here a crash leaves unreferenced objects
     return cid
+
+
+def _check(what: str, model: type[BaseModel], value: Any) -> None:
+    """NpoError, before anything is written, for a state or event that would not make a valid manifest."""
+    try:
+        model.model_validate(value)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(map(str, err["loc"]))
+        raise NpoError(f"{what}{'.' + where if where else ''}: {err['msg']}") from None
 
 
 def _moved(run: str, branch: str, now: str | None, expected: str | None) -> NpoError:
@@ -408,8 +435,6 @@ def export(store: Store, ref: str, out_dir: str, dtype: str = "auto") -> str:
 
     dtype "auto": the run's model.dtype (a bf16 run trains fp32 master weights but is a bf16 model),
     the stored dtype for a checkpoint without a recipe; or float32 / bfloat16 / float16."""
-    from npo_cli.model import DTYPES
-
     if dtype != "auto" and dtype not in DTYPES:
         raise NpoError(f"--dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
@@ -424,11 +449,9 @@ def export(store: Store, ref: str, out_dir: str, dtype: str = "auto") -> str:
     # written next to out_dir, then renamed: a killed export leaves no half folder under the name asked for
     out = os.path.abspath(out_dir)
     tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.npo-{os.getpid()}")
-    from npo_cli.store import _pid_alive
-
     for left in glob.glob(os.path.join(os.path.dirname(out), f".{glob.escape(os.path.basename(out))}.npo-*")):
         pid = left.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):  # a killed export's folder (SIGKILL skips the finally)
+        if pid.isdigit() and not pid_alive(int(pid)):  # a killed export's folder (SIGKILL skips the finally)
             shutil.rmtree(left, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
@@ -458,5 +481,5 @@ def import_hf(store: Store, hf_dir: str, run: str, branch: str = "main") -> str:
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     src = os.path.abspath(hf_dir)
     return save_checkpoint(store, run=run, branch=branch, step=0, model=model, tokenizer=tokenizer,
-                           parent=None, state={"imported_from": src},
-                           events=[{"kind": "import", "source": src}])
+                           parent=None, state=TrainerState(imported_from=src),
+                           events=[Event(kind="import", source=src)])

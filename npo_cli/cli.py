@@ -13,9 +13,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.tree import Tree
 
-from npo_cli import __version__
+from npo_cli import __version__, commands, dist
 from npo_cli.errors import NpoError, one_line, os_reason
+from npo_cli.history import human_bytes
+from npo_cli.manifest import Event
+from npo_cli.recipe import schema_rows
 
 try:  # Typer >= 0.2x carries its own copy of click; its exceptions are the ones raised
     from typer._click.exceptions import ClickException
@@ -55,8 +59,6 @@ def _root(
 @recipe_app.command("schema")
 def recipe_schema(as_json: bool = JsonOpt):
     """Every recipe setting with its type (a choice lists its allowed values), default and description."""
-    from npo_cli.recipe import schema_rows
-
     rows = schema_rows()
     if as_json:  # the default as a JSON value, not JSON text inside a string
         print(json.dumps([{"key": k, "type": t, "default": json.loads(d), "description": s} for k, t, d, s in rows],
@@ -86,9 +88,7 @@ def run_cmd(
     as_json: bool = JsonOpt,
 ):
     """Train with GRPO: a new run from RECIPE, or continue one with --resume."""
-    from npo_cli.trainer import run_recipe
-
-    res = run_recipe(recipe, sets, store, resume, console=json_console if as_json else console,
+    res = commands.run_recipe(recipe, sets, store, resume, console=json_console if as_json else console,
                      progress=not as_json, force=force)
     if as_json:
         print(json.dumps(res, indent=1))
@@ -120,12 +120,7 @@ def eval_cmd(
     as_json: bool = JsonOpt,
 ):
     """Held-out accuracy (sampled and greedy) and pass@k of a checkpoint on its task's eval split."""
-    from npo_cli.store import Store
-    from npo_cli.trainer import eval_checkpoint
-
-    s = Store.open(store, must_exist=True)  # a mistyped --store says so, not "unknown run"
-    _note_live_branch(s, ref)
-    res = eval_checkpoint(s, ref, samples, task_sets)
+    res = commands.eval_command(store, ref, samples, task_sets)
     if as_json:
         print(json.dumps(res, indent=1))
         return
@@ -138,23 +133,9 @@ def eval_cmd(
     console.print(table)
 
 
-# ------------------------------------------------------------------ store commands (helper STORE)
+# ------------------------------------------------------------------ store commands
 
 StoreRefArg = typer.Argument(..., help="Checkpoint: RUN, RUN@STEP, RUN/BRANCH, RUN/BRANCH@STEP or an id prefix.")
-
-
-def _note_live_branch(s, ref: str) -> None:
-    """RUN names RUN/main, but an AutoNPO run's result lives on its chain's last branch: say so (stderr)."""
-    if "/" in ref or "@" in ref or ref not in s.runs():
-        return
-    from npo_cli.auto import auto_chain
-
-    try:
-        live = auto_chain(s, ref)[-1]
-    except NpoError:  # a damaged checkpoint elsewhere in the run: the command itself says what it can
-        return
-    if live != "main":
-        print(f"note: {ref} is {ref}/main; its AutoNPO chain goes on in {ref}/{live}", file=sys.stderr)
 
 
 def _fmt(v) -> str:
@@ -175,12 +156,7 @@ def ls_cmd(
     as_json: bool = JsonOpt,
 ):
     """Runs, branches (fork point, guide) and checkpoints (step, reward, eval accuracy, size)."""
-    from rich.tree import Tree
-
-    from npo_cli.history import human_bytes, ls_data
-    from npo_cli.store import Store
-
-    data = ls_data(Store.open(store, must_exist=True), run)
+    data = commands.ls(store, run)
     if as_json:
         print(json.dumps(data, indent=1))
         return
@@ -195,7 +171,7 @@ def ls_cmd(
         for b in r["branches"]:
             extra = [f"from {b['fork']['ref']}"] if b["fork"] else []
             extra += [f"guide {b['guide']['ref']}"] if b["guide"] else []
-            if b.get("auto"):  # AutoNPO (issue 5)
+            if b.get("auto"):  # the AutoNPO intervention that made this branch
                 a = b["auto"]
                 extra.append(f"AutoNPO {'#' + str(a['k']) if a['k'] else 'bootstrap'}: D*={a['delta']}, "
                              f"NPO {a['fork_step']}..{a['until']}")
@@ -210,12 +186,7 @@ def ls_cmd(
 @app.command("show")
 def show_cmd(ref: str = StoreRefArg, store: str | None = StoreOpt, as_json: bool = JsonOpt):
     """One checkpoint: manifest, metrics summary, recipe difference from its parent."""
-    from npo_cli.history import human_bytes, show_data
-    from npo_cli.store import Store
-
-    s = Store.open(store, must_exist=True)
-    d = show_data(s, ref)
-    _note_live_branch(s, ref)
+    d = commands.show(store, ref)
     if as_json:
         print(json.dumps(d, indent=1))
         return
@@ -234,9 +205,9 @@ def show_cmd(ref: str = StoreRefArg, store: str | None = StoreOpt, as_json: bool
         at = f" (step {d['eval_step']})" if k.startswith("eval/") and d["eval_step"] is not None else ""
         t.add_row(f"summary {k}", _fmt(v) + at)
     if m["events"]:
-        t.add_row("events", "; ".join(str(e.get("kind", e)) for e in m["events"]))
+        t.add_row("events", "; ".join(e["kind"] for e in m["events"]))
     console.print(t)
-    _print_auto_events(m["events"])
+    _print_auto_events([Event.model_validate(e) for e in m["events"]])
     cols = d["metrics"]["columns"]
     if cols:
         mt = Table("metric", "first", "last", "mean", "min", "max",
@@ -260,26 +231,16 @@ def rewind_cmd(
     store: str | None = StoreOpt,
 ):
     """A new branch at REF (one ref written, no tensor copied), to continue training from there."""
-    from npo_cli.store import Store, check_name
-
-    if branch is not None:
-        check_name("branch", branch)
-    s = Store.open(store, must_exist=True)
-    m = s.manifest(ref)
-    name = branch or f"rewind-{m.step}"
-    s.branch(m.id, name, run=m.run)
+    run, name, step, cid = commands.rewind(store, ref, branch)
     opt = f" --store {store}" if store else ""
-    print(f"branch {m.run}/{name} -> step {m.step} ({m.id[:12]})")
-    print(f"continue it with: npo run --resume {m.run}/{name}{opt}")
+    print(f"branch {run}/{name} -> step {step} ({cid[:12]})")
+    print(f"continue it with: npo run --resume {run}/{name}{opt}")
 
 
 @app.command("verify")
 def verify_cmd(store: str | None = StoreOpt, as_json: bool = JsonOpt):
     """Re-hash every object and check every checkpoint's references; exit 1 on problems."""
-    from npo_cli.history import human_bytes
-    from npo_cli.store import Store
-
-    rep = Store.open(store, must_exist=True).verify()
+    rep = commands.verify_store(store)
     if as_json:
         print(json.dumps(rep, indent=1))
     elif rep["ok"]:
@@ -303,10 +264,7 @@ def gc_cmd(
     as_json: bool = JsonOpt,
 ):
     """Delete objects that no branch reaches (through parents and guides); report bytes freed."""
-    from npo_cli.history import human_bytes
-    from npo_cli.store import Store
-
-    rep = Store.open(store, must_exist=True).gc(dry_run=dry_run, force=force, keep_recent=keep_recent)
+    rep = commands.gc_store(store, dry_run=dry_run, force=force, keep_recent=keep_recent)
     if as_json:
         print(json.dumps(rep, indent=1))
         return
@@ -339,17 +297,8 @@ def export_cmd(
     store: str | None = StoreOpt,
 ):
     """Write a checkpoint as a plain Hugging Face model folder (from_pretrained loads it)."""
-    from npo_cli.store import Store
-
-    if "://" in out_dir:  # os paths only: s3://b/x became a local folder "s3:/b/x"
-        raise NpoError(f"export writes a local folder, not {out_dir}; give a path, then copy it")
-    s = Store.open(store, must_exist=True)
-    s.resolve(ref)  # a bad ref fails before torch is imported
-    _note_live_branch(s, ref)
-    from npo_cli.checkpoint import export
-
     with _no_hf_progress():
-        export(s, ref, out_dir, dtype)
+        commands.export_checkpoint(store, ref, out_dir, dtype)
     print(f"exported {ref} to {out_dir}")
 
 
@@ -360,24 +309,12 @@ def import_cmd(
     store: str | None = StoreOpt,
 ):
     """Make a step-0 checkpoint on RUN/main from a Hugging Face model folder."""
-    import os as _os
-
-    from npo_cli.store import Store, check_name
-
-    check_name("run", run)
-    if "://" in hf_dir:  # local folders only: for a URL the check below said "no config.json" though it is there
-        raise NpoError(f"import reads a local folder, not {hf_dir}; copy it to a local path first")
-    if not _os.path.isfile(_os.path.join(hf_dir, "config.json")):
-        raise NpoError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
-    s = Store.open(store)  # a new folder becomes a new store
-    from npo_cli.checkpoint import import_hf
-
     with _no_hf_progress():
-        cid = import_hf(s, hf_dir, run)
+        cid = commands.import_model(store, hf_dir, run)
     print(f"imported {hf_dir} as {run}/main@0 ({cid[:12]})")
 
 
-# ------------------------------------------------------------------ NPO (issue 4)
+# ------------------------------------------------------------------ NPO
 
 
 @app.command("intervene")
@@ -398,14 +335,12 @@ def intervene_cmd(
     as_json: bool = JsonOpt,
 ):
     """Branch RUN at step A and train it with guide G: NPO from A until U, then plain GRPO."""
-    from npo_cli.intervene import intervene
-
     ref, _, step = at.rpartition("@")
     if not step.isdigit() or (ref and run and ref != run):
         raise NpoError(f"--at takes a step or RUN[/BRANCH]@STEP (e.g. 200 or myrun@200), not '{at}'"
                        + (f", with a run other than --run {run}" if ref and run else ""))
     run, at = run or ref or None, int(step)
-    res = intervene(store, run=run, at=at, guide=guide, until=until, gate=gate, branch=branch, overrides=sets,
+    res = commands.intervene(store, run=run, at=at, guide=guide, until=until, gate=gate, branch=branch, overrides=sets,
                     allow_any_guide=allow_any_guide, console=json_console if as_json else console,
                     progress=not as_json, force=force)
     if as_json:
@@ -437,9 +372,7 @@ def guide_cmd(
     as_json: bool = JsonOpt,
 ):
     """Pre-fill the guide cache: verified guide trajectories for a prompt set, written to the store."""
-    from npo_cli.guide import prefill
-
-    res = prefill(store, guide, prompts, split, limit, from_step, sets,
+    res = commands.guide(store, guide, prompts, split, limit, from_step, sets,
                   console=json_console if as_json else console, progress=not as_json)
     if as_json:
         print(json.dumps(res, indent=1))
@@ -449,7 +382,7 @@ def guide_cmd(
           f"({res['samples']} samples, {res['tokens']} tokens, {res['seconds']:.1f} s)")
 
 
-# ------------------------------------------------------------------ compare (issue 6)
+# ------------------------------------------------------------------ compare
 
 
 CompareRefsArg = typer.Argument(..., help="Branches or checkpoints (RUN, RUN/BRANCH, RUN@STEP, id). A glob "
@@ -475,24 +408,7 @@ def compare_cmd(
     steps (a seed crashed), the final value and the work columns are all at the last step they share, and a
     note says so. Its steps to the threshold are where the mean curve first reaches it, not a mean of each
     member's."""
-    from npo_cli.compare import compare
-    from npo_cli.store import Store
-
-    if plot:  # a bad chart path fails before the work, not after it
-        folder = os.path.dirname(os.path.abspath(plot))
-        if not os.path.isdir(folder):
-            raise NpoError(f"--plot {plot}: folder {folder} does not exist; create it or pick another path")
-        if os.path.isdir(plot):
-            raise NpoError(f"--plot {plot} is a folder; give a file name, e.g. {os.path.join(plot, 'chart.png')}")
-    s = Store.open(store, must_exist=True)
-    data = compare(s, refs, metric, x, threshold)
-    for ref in refs:
-        _note_live_branch(s, ref.partition("=")[2] or ref)
-    if plot:
-        from npo_cli.compare import plot as draw
-
-        draw(data, plot)
-        data["plot"] = plot
+    data = commands.compare_curves(store, refs, metric, x, threshold, plot)
     if as_json:
         print(json.dumps(data, indent=1))
         return
@@ -517,34 +433,33 @@ def compare_cmd(
         console.print(f"chart: {plot}")
 
 
-# ------------------------------------------------------------------ AutoNPO (issue 5)
+# ------------------------------------------------------------------ AutoNPO
 
 
-def _print_auto_events(events: list[dict]) -> None:
+def _print_auto_events(events: list[Event]) -> None:
     """AutoNPO decisions of a checkpoint: signals, every candidate's Q, V, S and the chosen D*."""
     for e in events:
-        kind = e.get("kind")
-        if kind == "auto-branch":
-            p = e.get("prefill", {})
-            console.print(f"auto-branch #{e['k']}: {e['branch']} from {e['from_branch']}@{e['fork_step']}, NPO to "
-                          f"{e['until']} with guide {e['from_branch']}@{e['guide_step']} ({e['guide'][:12]}); "
+        if e.kind == "auto-branch":
+            p = e.prefill or {}
+            console.print(f"auto-branch #{e.k}: {e.branch} from {e.from_branch}@{e.fork_step}, NPO to "
+                          f"{e.until} with guide {e.from_branch}@{e.guide_step} ({e.guide[:12]}); "
                           f"guide cache pre-filled for {p.get('found', 0)}/{p.get('prompts', 0)} mistakes",
                           highlight=False, soft_wrap=True)
-        elif kind == "auto-bootstrap":
-            console.print(f"auto-bootstrap: scout done at step {e['step']}; restart from step 0 on {e['branch']} "
+        elif e.kind == "auto-bootstrap":
+            console.print(f"auto-bootstrap: scout done at step {e.step}; restart from step 0 on {e.branch} "
                           "with this checkpoint as guide", highlight=False, soft_wrap=True)
-        elif kind in ("auto", "auto-probe"):
-            sig = ", ".join(f"{k} {v:.4f}" for k, v in e.get("signals", {}).items() if v is not None)
-            verdict = (f"confirmed: roll back D*={e['delta']} to step {e['fork_step']} ({e['branch']})"
-                       if e.get("confirmed") else f"not confirmed: {e.get('reason', '')}")
-            pr = e.get("probe")
+        elif e.kind in ("auto", "auto-probe"):
+            sig = ", ".join(f"{k} {v:.4f}" for k, v in (e.signals or {}).items() if v is not None)
+            verdict = (f"confirmed: roll back D*={e.delta} to step {e.fork_step} ({e.branch})"
+                       if e.confirmed else f"not confirmed: {e.reason or ''}")
+            pr = e.probe
             probe = f"; probe {pr['prompts']} x {pr['samples']}, pass {pr['pass']:.3f}" if pr else ""
-            console.print(f"auto decision at step {e['step']} (pool {e.get('pool', 0)}{probe}): {sig}; {verdict}",
+            console.print(f"auto decision at step {e.step} (pool {e.pool or 0}{probe}): {sig}; {verdict}",
                           highlight=False, soft_wrap=True)
-            if e.get("candidates"):
+            if e.candidates:
                 ct = Table("step", "delta", "n", "Q", "KL", "V", "S", title="rollback candidates")
-                for c in e["candidates"]:
-                    mark = " *" if e.get("confirmed") and c["delta"] == e.get("delta") else ""
+                for c in e.candidates:
+                    mark = " *" if e.confirmed and c["delta"] == e.delta else ""
                     ct.add_row(str(c["step"]), str(c["delta"]) + mark, str(c["n"]), _fmt(c["Q"]), f"{c['kl']:.4f}",
                                f"{c['V']:.3f}", _fmt(c["S"]))
                 console.print(ct)
@@ -561,9 +476,7 @@ def auto_cmd(
     as_json: bool = JsonOpt,
 ):
     """AutoNPO: GRPO that detects plateaus, rolls back and replays them with NPO on its own."""
-    from npo_cli.auto import auto_run
-
-    res = auto_run(recipe, sets, store, resume, console=json_console if as_json else console,
+    res = commands.auto_run(recipe, sets, store, resume, console=json_console if as_json else console,
                    progress=not as_json, force=force)
     if as_json:
         print(json.dumps(res, indent=1))
@@ -578,12 +491,13 @@ def auto_cmd(
         for row in rows:
             t.add_row(*row)
         console.print(t)
-        for e in a["events"]:
-            if e["kind"] in ("auto", "auto-probe", "auto-bootstrap"):
-                what = (f"D*={e['delta']}: {e['branch']} from step {e['fork_step']}" if e.get("confirmed")
-                        else "bootstrap restart from step 0" if e["kind"] == "auto-bootstrap"
-                        else f"not confirmed ({e.get('reason', '')})")
-                console.print(f"  step {e['step']} on {e['at']}: {what}", highlight=False)
+        for row in a["events"]:  # the decisions, each with where it was taken (BRANCH@STEP)
+            e = Event.model_validate({k: v for k, v in row.items() if k != "at"})
+            if e.kind in ("auto", "auto-probe", "auto-bootstrap"):
+                what = (f"D*={e.delta}: {e.branch} from step {e.fork_step}" if e.confirmed
+                        else "bootstrap restart from step 0" if e.kind == "auto-bootstrap"
+                        else f"not confirmed ({e.reason or ''})")
+                console.print(f"  step {e.step} on {row['at']}: {what}", highlight=False)
         if res["stopped_by"]:
             console.print(f"stopped by {res['stopped_by']} at step {res['step']}; continue with "
                           f"npo auto --resume {res['run']}")
@@ -604,8 +518,6 @@ def main():
         _main(rank)
     except SystemExit as e:  # _main ends every command with sys.exit
         if rank is not None:  # a torchrun rank
-            from npo_cli import dist
-
             dist.exit_process(e.code)
         raise
 

@@ -31,8 +31,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from npo_cli.errors import NpoError
+from npo_cli.manifest import Manifest
 from npo_cli.recipe import RolloutConfig
-from npo_cli.store import Manifest, Store
+from npo_cli.store import Store
 
 X_KINDS = ("step", "updates", "samples", "tokens", "wall")
 WORK = ("updates", "samples", "tokens", "wall")
@@ -102,8 +103,7 @@ class _Costs:
 
     @staticmethod
     def event_tokens(m: Manifest) -> float:
-        return float(sum((e.get(k) or {}).get("tokens", 0) for e in m.events for k in EVENT_TOKEN_KEYS
-                         if isinstance(e, dict) and isinstance(e.get(k), dict)))
+        return float(sum((getattr(e, k) or {}).get("tokens", 0) for e in m.events for k in EVENT_TOKEN_KEYS))
 
     def total(self, m: Manifest) -> dict[str, float]:
         out = dict.fromkeys(WORK, 0.0)

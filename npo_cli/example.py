@@ -29,8 +29,17 @@ import time
 
 import torch
 
+from npo_cli.batch import format_prompt
+from npo_cli.checkpoint import save_checkpoint
 from npo_cli.errors import NpoError
+from npo_cli.manifest import TrainerState
 from npo_cli.recipe import Recipe, build_recipe
+from npo_cli.rollout import HFBackend
+from npo_cli.store import Store
+from npo_cli.tasks import load_problems
+from npo_cli.tiny import char_tokenizer, tiny_config
+from npo_cli.trainer import evaluate
+from npo_cli.verifiers import make_verifier
 
 SEED = 0
 SFT_TASK = {"digits": 2, "hard_digits": 3, "hard_fraction": 0.5}
@@ -50,9 +59,6 @@ def regime_recipe(arithmetic: dict) -> Recipe:
 
 def sft_batches(tokenizer, recipe: Recipe):
     """Endless fixed-order batches of right-padded prompt+answer+EOS rows; labels only on answer+EOS."""
-    from npo_cli.tasks import load_problems
-    from npo_cli.trainer import format_prompt
-
     problems = load_problems(recipe.task, "train", SEED)
     rng, order = random.Random(SEED), []
     while True:
@@ -79,11 +85,6 @@ class Judge:
     """Sampled (temperature 1) accuracy on one regime's held-out problems, with a fixed seed."""
 
     def __init__(self, model, tokenizer, recipe: Recipe, size: int):
-        from npo_cli.rollout import HFBackend
-        from npo_cli.tasks import load_problems
-        from npo_cli.trainer import format_prompt
-        from npo_cli.verifiers import make_verifier
-
         self.problems = load_problems(recipe.task.model_copy(update={"eval_size": size}), "eval", SEED)
         self.prompts = [format_prompt(recipe, tokenizer, p) for p in self.problems]
         self.backend, self.verify = HFBackend(model, tokenizer, recipe.rollout), make_verifier(recipe.task)
@@ -98,11 +99,6 @@ class Judge:
 def build(out: str) -> dict[str, tuple[int, str]]:
     """Run the SFT, save the snapshots into store `out`; returns branch -> (step, checkpoint id)."""
     from transformers import AutoModelForCausalLM
-
-    from npo_cli.checkpoint import save_checkpoint
-    from npo_cli.store import Store
-    from npo_cli.tiny import char_tokenizer, tiny_config
-    from npo_cli.trainer import evaluate
 
     torch.set_num_threads(1)
     store = Store.open(out)
@@ -136,7 +132,7 @@ def build(out: str) -> dict[str, tuple[int, str]]:
                            | {"sft_loss": loss.item(), "eval/step": step})
                 cid = save_checkpoint(store, run="base", branch="main", step=step, model=model,
                                       tokenizer=tokenizer, recipe=r.model_dump(mode="json"), summary=summary,
-                                      metrics=losses, state={"sft": {"task": SFT_TASK, "batch": BATCH, "lr": LR}})
+                                      metrics=losses, state=TrainerState(sft={"task": SFT_TASK, "batch": BATCH, "lr": LR}))
                 losses = []
                 picked |= {name: (step, cid) for name in hits}
                 print(f"step {step}: base/{' base/'.join(hits)} = {cid[:12]} "
@@ -156,10 +152,6 @@ def quick_warm_start(store, run: str = "base", steps: int = 150, task: dict | No
     groups both fail and succeed), saved as RUN@0 on main: the deterministic warm start of the test
     suite and the smoke runs (the committed example store is the real one). Returns the checkpoint id."""
     from transformers import AutoModelForCausalLM
-
-    from npo_cli.checkpoint import save_checkpoint
-    from npo_cli.tasks import load_problems
-    from npo_cli.tiny import char_tokenizer, tiny_config
 
     task = task or {"arithmetic": {"digits": 1}, "eval_size": 16}
     torch.manual_seed(0)

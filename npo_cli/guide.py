@@ -5,13 +5,13 @@ call) until a completion passes the task's verifier or `npo.max_tries` samples a
 trajectory keeps the guide's token ids and per-token log-probs (the behaviour policy of the NPO slot).
 
 Cache: one JSON object per (guide checkpoint id, formatted prompt, answer, sampling settings), named
-by a ref `guides/<guide id>/<key>` in the store (`Store.cache_get` / `cache_put`). The key hashes all
+by an ordinary ref `guides/<guide id>/<key>` in the store (`cache_get` / `cache_put` below). The key hashes all
 of those, and a read checks the entry's guide id, prompt and answer again, so a trajectory is never
 used with another guide. A prompt the guide failed is cached too ("found": false, with its number of
 tries) so it is not resampled unless max_tries grows. Entries stay while the guide checkpoint is
 reachable (`npo gc` keeps them with it).
 
-Sampling runs under `torch.random.fork_rng`, seeded from (recipe seed, guide id, step), so the
+Sampling runs under a forked RNG (`seeds.forked_rng`), seeded from (recipe seed, guide weights, step), so the
 trainer's RNG stream, and with it exact resume, do not depend on whether the cache was warm.
 """
 
@@ -19,16 +19,52 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
+import re
 import time
 from dataclasses import dataclass
 
-import torch
-
 from npo_cli import dist
+from npo_cli.backend import make_backend
+from npo_cli.batch import format_prompt
+from npo_cli.checkpoint import DTYPES, load_model, load_tokenizer
 from npo_cli.errors import NpoError
+from npo_cli.model import resolve_device
+from npo_cli.progress import Progress
+from npo_cli.recipe import build_recipe
+from npo_cli.seeds import data_order, derive_seed, forked_rng
+from npo_cli.tasks import load_problems
+from npo_cli.verifiers import make_judge
 
 CACHE_FORMAT = "npo-guide/1"
+_OID = re.compile(r"[0-9a-f]{64}")
+
+
+# --------------------------------------------------------------------------- the cache: refs guides/<guide>/<key>
+
+
+def cache_get(store, guide: str, key: str) -> str | None:
+    """Object id of guide checkpoint `guide`'s cache entry `key` (both 64-hex), or None (also for a damaged
+    entry: it is resampled and rewritten)."""
+    try:
+        return store.read_ref(f"guides/{guide}/{key}")
+    except NpoError:
+        return None
+
+
+def cache_put(store, guide: str, key: str, oid: str) -> None:
+    """Point cache entry `key` of `guide` at object `oid` (write the object first)."""
+    if not all(_OID.fullmatch(x or "") for x in (guide, key, oid)):
+        raise NpoError("guide cache names must be 64-hex ids")
+    store.write_ref(f"guides/{guide}/{key}", oid)
+
+
+def cache_entries(store, guide: str) -> dict[str, str]:
+    """key -> entry object id, for one guide checkpoint."""
+    out = {}
+    for k in store.list_refs(f"guides/{guide}"):
+        if _OID.fullmatch(k) and (oid := cache_get(store, guide, k)):
+            out[k] = oid
+    return out
 
 
 def sampling_settings(recipe) -> dict:
@@ -42,11 +78,6 @@ def cache_key(guide_id: str, prompt: str, answer: str, settings: dict) -> str:
     blob = json.dumps({"guide": guide_id, "prompt": prompt, "answer": answer, "settings": settings},
                       sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def derive_seed(*parts) -> int:
-    """A stable 63-bit seed from any parts (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
 
 
 @dataclass
@@ -63,11 +94,9 @@ class GuideGenerator:
     """Verified trajectories of one guide checkpoint for (formatted prompt, Problem) pairs."""
 
     def __init__(self, store, guide: str, recipe, device: str | None = None):
-        from npo_cli.verifiers import make_verifier
-
         self.store, self.recipe = store, recipe
-        self.guide_id = store.resolve(guide)
-        self.manifest = store.manifest(self.guide_id)
+        self.manifest = store.manifest(guide)  # an id as it is, any other ref resolved
+        self.guide_id = self.manifest.id
         # Seeds derive from the guide's weights, not its checkpoint id: the id covers the manifest's
         # creation time, so a re-run of the same experiment would sample different guide trajectories.
         self.seed_id = hashlib.sha256(json.dumps(sorted((k, e.oids()) for k, e in self.manifest.model.items()))
@@ -75,8 +104,7 @@ class GuideGenerator:
         self.settings = sampling_settings(recipe)
         self.max_tries, self.round = recipe.npo.max_tries, recipe.npo.guide_round
         self.device = device
-        # correctness only: a format bonus must not let a wrong answer in
-        self.judge = make_verifier(recipe.task.model_copy(update={"format_reward": 0.0}))
+        self.judge = make_judge(recipe.task)  # a format bonus must not let a wrong answer in
         self.backend = None
         self.stats = GuideStats()
         self.unwritten: list[dict] = []
@@ -91,7 +119,7 @@ class GuideGenerator:
 
     def lookup(self, prompt: str, problem) -> dict | None:
         """The cached entry for this prompt (found or not), or None on a miss."""
-        oid = self.store.cache_get(self.guide_id, self.key(prompt, problem.answer))
+        oid = cache_get(self.store, self.guide_id, self.key(prompt, problem.answer))
         if oid is None:
             return None
         try:
@@ -111,7 +139,7 @@ class GuideGenerator:
             self.unwritten.append(entry)
             return
         oid = self.store.put_json(entry)  # object first, then the ref
-        self.store.cache_put(self.guide_id, self.key(entry["prompt"], entry["answer"]), oid)
+        cache_put(self.store, self.guide_id, self.key(entry["prompt"], entry["answer"]), oid)
 
     def take_unwritten(self) -> list[dict]:
         out, self.unwritten = self.unwritten, []
@@ -136,10 +164,6 @@ class GuideGenerator:
         """The guide's rollout backend, built on first use. engine: the policy's backend, whose vLLM
         engine a guide of the same model samples through (its weights swapped in)."""
         if self.backend is None:
-            from npo_cli.checkpoint import load_model
-            from npo_cli.model import DTYPES, resolve_device
-            from npo_cli.rollout import make_backend
-
             device = self.device or resolve_device(self.recipe.model)
             model, tok, _ = load_model(self.store, self.guide_id, dtype=DTYPES[self.recipe.model.dtype],
                                        device=device)
@@ -181,9 +205,7 @@ class GuideGenerator:
         n = len(items)
         found: list = [None] * n
         tries, tokens = [0] * n, [0] * n
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with forked_rng(seed):
             left = list(range(n))
             while left:
                 k = min(self.round, self.max_tries - tries[left[0]])  # every prompt left has the same tries
@@ -220,27 +242,20 @@ class GuideGenerator:
 # --------------------------------------------------------------------------- `npo guide`
 
 
-def prefill(store_url: str | None, guide: str, prompts: str | None = None, split: str = "train",
-            limit: int | None = None, from_step: int = 0, overrides: list[str] = (), console=None,
-            progress: bool = True) -> dict:
+def prefill(store, guide: str, prompts: str | None = None, split: str = "train", limit: int | None = None,
+            from_step: int = 0, overrides: list[str] = (), console=None, progress: bool = True) -> dict:
     """`npo guide`: fill the cache of `guide` for a prompt file or the task's train/eval split.
 
     Settings (template, sampling, verifier, max_tries) come from the guide checkpoint's stored recipe
     plus overrides, i.e. the same keys a branch of that run computes. The train split goes in the
     trainer's order (epoch 0 of the run's seed), starting at `from_step`, so `--limit N` covers the
     prompts of the next N / prompts_per_step steps of an intervention at that step."""
-    from npo_cli.recipe import build_recipe
-    from npo_cli.store import Store
-    from npo_cli.tasks import load_problems
-    from npo_cli.trainer import format_prompt
-
     if split not in ("train", "eval"):
         raise NpoError(f"--split must be train or eval, not {split!r}")
     if limit is not None and limit < 1:
         raise NpoError("--limit must be >= 1")
     if from_step < 0:
         raise NpoError("--from-step must be >= 0")
-    store = Store.open(store_url, must_exist=True)
     man = store.manifest(guide)
     recipe = build_recipe(store.get_json(man.recipe) if man.recipe else {}, list(overrides))
     if prompts:
@@ -249,8 +264,7 @@ def prefill(store_url: str | None, guide: str, prompts: str | None = None, split
     else:
         problems = load_problems(recipe.task, split, recipe.seed)
         if split == "train":
-            order = list(range(len(problems)))
-            random.Random(recipe.seed * 1_000_003).shuffle(order)  # = Trainer._order(epoch 0)
+            order = data_order(recipe.seed, 0, len(problems))
             start = from_step * recipe.rollout.prompts_per_step
             problems = [problems[i] for i in (order[start:] + order[:start])]
         elif split == "eval":
@@ -259,34 +273,17 @@ def prefill(store_url: str | None, guide: str, prompts: str | None = None, split
     if not problems:
         raise NpoError("no prompts to generate for")
     gen = GuideGenerator(store, man.id, recipe)
-    tok = None
-    if recipe.task.chat_template:
-        from npo_cli.checkpoint import load_tokenizer
-
-        tok = load_tokenizer(store, man)
+    tok = load_tokenizer(store, man) if recipe.task.chat_template else None
     items = [(format_prompt(recipe, tok, p), p) for p in problems]
     chunk = max(1, recipe.rollout.batch_size // max(1, recipe.npo.guide_round))
-    bar = None
-    if progress and console is not None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("[bold]guide"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
-        task_id = bar.add_task("guide", total=len(items), info="")
-        bar.start()
     found = 0
-    try:
+    with Progress(console, "guide", len(items), enabled=progress) as bar:
         for s in range(0, len(items), chunk):
             part = items[s : s + chunk]
             res = gen.get(part, derive_seed(recipe.seed, gen.seed_id, "prefill", s))
             found += sum(e is not None for e in res)
-            if bar is not None:
-                st = gen.stats
-                bar.update(task_id, completed=s + len(part),
-                           info=f"found {found}/{s + len(part)}  cached {st.hits}  {st.tokens} tok")
-    finally:
-        if bar is not None:
-            bar.stop()
+            st = gen.stats
+            bar.update(s + len(part), f"found {found}/{s + len(part)}  cached {st.hits}  {st.tokens} tok")
     st = gen.stats
     return {"guide": gen.guide_id, "guide_ref": f"{man.run}/{man.branch}@{man.step}", "prompts": len(items),
             "found": found, "cache_hits": st.hits, "sampled": st.sampled, "samples": st.samples,

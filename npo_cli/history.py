@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 from npo_cli.errors import NpoError
+from npo_cli.manifest import EVAL_STEP, Manifest
 from npo_cli.recipe import recipe_diff
-from npo_cli.store import Manifest, Store
+from npo_cli.store import Store
 
 REWARD_KEY, EVAL_KEY = "reward", "eval/accuracy"  # the summary keys `npo ls` shows
-EVAL_STEP = "eval/step"  # summary key: the step its eval numbers were measured at (the trainer writes it)
 
 
 def short_ref(store: Store, cid: str | None, run: str | None = None) -> str | None:
@@ -102,7 +102,7 @@ def _ls_run(store: Store, r: str) -> dict[str, Any]:
             "auto": _auto_branch(own),
         })
         if b == "main":
-            is_auto = any((m.state or {}).get("controller", {}).get("auto") for m in own)
+            is_auto = any(m.state.controller.get("auto") for m in own)
     chain = _auto_chain(rows) if is_auto else []
     for row in rows:
         row["live"] = bool(chain) and row["branch"] == chain[-1]
@@ -113,8 +113,8 @@ def _auto_branch(own: list[Manifest]) -> dict | None:
     """The AutoNPO intervention that made this branch (its first checkpoint's auto-branch event)."""
     for m in reversed(own):
         for e in m.events:
-            if e.get("kind") == "auto-branch":
-                return {k: e.get(k) for k in ("k", "from_branch", "fork_step", "guide_step", "delta", "until")}
+            if e.kind == "auto-branch":
+                return e.model_dump(include={"k", "from_branch", "fork_step", "guide_step", "delta", "until"})
     return None
 
 

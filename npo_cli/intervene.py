@@ -10,9 +10,33 @@ and its first one carries an `intervene` event.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from pydantic import BaseModel, ConfigDict, Field
 
+from npo_cli import dist
+from npo_cli.branching import fork_branch, npo_recipe
 from npo_cli.errors import NpoError
+from npo_cli.manifest import Event
+from npo_cli.objects import check_name
+from npo_cli.recipe import Recipe, build_recipe
+from npo_cli.store import Store
+
+
+class Plan(BaseModel):
+    """An intervention, checked and worked out before anything is written."""
+
+    model_config = ConfigDict(extra="forbid")
+    run: str
+    branch: str
+    fork: str = Field(description="Checkpoint id of RUN@A.")
+    at: int
+    guide: str = Field(description="Checkpoint id of the guide.")
+    guide_ref: str
+    guide_step: int
+    until: int
+    steps: int = Field(description="The branch trains to this step (the run's train.steps).")
+    gate: float
+    same_lineage: bool
+    recipe: Recipe = Field(exclude=True, description="The branch's recipe: the fork's, NPO on.")
 
 
 def _pick_run(store, at: int, guide: str) -> str:
@@ -36,12 +60,9 @@ def _pick_run(store, at: int, guide: str) -> str:
     raise NpoError(f"the store holds several runs ({', '.join(runs[:10])}); name one with --run")
 
 
-def plan(store, *, run: str | None, at: int, guide: str, until: int | None = None, gate: float | None = None,
-         branch: str | None = None, overrides: list[str] = (), allow_any_guide: bool = False) -> dict:
+def plan(store: Store, *, run: str | None, at: int, guide: str, until: int | None = None, gate: float | None = None,
+         branch: str | None = None, overrides: list[str] = (), allow_any_guide: bool = False) -> Plan:
     """Check everything and work out the branch, before anything is written."""
-    from npo_cli.recipe import build_recipe
-    from npo_cli.store import check_name
-
     if at < 0:
         raise NpoError(f"--at must be a step >= 0, not {at}")
     if gate is not None and not 0.0 <= gate <= 1.0:
@@ -70,10 +91,7 @@ def plan(store, *, run: str | None, at: int, guide: str, until: int | None = Non
         raise NpoError(f"--until {until} must be after --at {at}")
     name = f"npo-{at}-g{g.step}" if branch is None else branch  # "" is refused below, not defaulted
     check_name("branch", name)
-    sets = ["npo.source=npo", f"npo.guide='{g.id}'", f"npo.start={at}", f"npo.until={until}"]
-    if gate is not None:
-        sets.append(f"npo.gate={gate}")
-    recipe = build_recipe(stored, sets + list(overrides))
+    recipe = npo_recipe(build_recipe(stored, list(overrides)), g.id, at, until, gate)
     if recipe.name != run_name:
         raise NpoError(f"--set name cannot rename run '{run_name}'")
     total = recipe.train.steps
@@ -85,37 +103,16 @@ def plan(store, *, run: str | None, at: int, guide: str, until: int | None = Non
     if name in store.branches(run_name):
         raise NpoError(f"branch {run_name}/{name} already exists; continue it with "
                        f"npo run --resume {run_name}/{name}, or pick another name with --branch")
-    return {"run": run_name, "branch": name, "fork": fork.id, "at": at, "guide": g.id,
-            "guide_ref": f"{g.run}/{g.branch}@{g.step}", "guide_step": g.step, "until": until,
-            "steps": total, "gate": recipe.npo.gate, "sets": sets + list(overrides),
-            "same_lineage": same_lineage}
+    return Plan(run=run_name, branch=name, fork=fork.id, at=at, guide=g.id, guide_ref=f"{g.run}/{g.branch}@{g.step}",
+                guide_step=g.step, until=until, steps=total, gate=recipe.npo.gate, same_lineage=same_lineage,
+                recipe=recipe)
 
 
-def intervene(store_url: str | None, *, run: str | None, at: int, guide: str, until: int | None = None,
-              gate: float | None = None, branch: str | None = None, overrides: list[str] = (),
-              allow_any_guide: bool = False, console=None, progress: bool = True, force: bool = False) -> dict:
-    """Plan, make the branch (one ref), train it; returns the trainer's summary plus the plan."""
-    from npo_cli import dist
-    from npo_cli.recipe import build_recipe
-    from npo_cli.sources import make_source
-    from npo_cli.trainer import Trainer, open_store
-
-    dist.init(console)  # torchrun ... -m npo_cli intervene ...: the branch trains data-parallel
-    store = open_store(store_url, must_exist=True)
-    p = plan(store, run=run, at=at, guide=guide, until=until, gate=gate, branch=branch, overrides=overrides,
-             allow_any_guide=allow_any_guide)
-    fork = store.manifest(p["fork"])
-    recipe = build_recipe(store.get_json(fork.recipe), p["sets"])
-    make_source(recipe, store)  # fail early: the guide loads
-    dist.barrier()  # every rank has planned (which refuses an existing branch) before rank 0 writes it
-    trainer = Trainer(recipe, store, branch=p["branch"], init=fork, console=console)
-    trainer.events.append({"kind": "intervene", "at": at, "fork": p["fork"], "guide": p["guide"],
-                           "until": p["until"], "gate": p["gate"], "same_lineage": p["same_lineage"]})
-    # The branch's first checkpoint is the fork's weights (objects shared) under the NPO recipe, and the
-    # branch ref is first written pointing at it: a branch stopped before its first step still resumes
-    # as NPO (`npo run --resume RUN/BRANCH`), never as the fork's plain GRPO.
-    with store.lease(p["run"], p["branch"], force=force) if dist.is_main() else nullcontext():
-        trainer.save(parent=fork.id)
+def train_branch(store: Store, p: Plan, console=None, progress: bool = True, force: bool = False) -> dict:
+    """Make the planned branch (`branching.fork_branch`) and train it; the trainer's summary plus the plan."""
+    event = Event(kind="intervene", at=p.at, fork=p.fork, guide=p.guide, until=p.until, gate=p.gate,
+                  same_lineage=p.same_lineage)
+    trainer = fork_branch(store, store.manifest(p.fork), p.recipe, p.branch, event, console=console, force=force)
     res = trainer.train(progress=progress and trainer.recipe.logging.progress)
     dist.finish()
-    return {**res, "plan": p}
+    return {**res, "plan": p.model_dump()}

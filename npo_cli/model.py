@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
+from npo_cli.checkpoint import DTYPES, load_model
 from npo_cli.errors import NpoError, one_line
 from npo_cli.recipe import ModelConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from npo_cli.store import Store
+from npo_cli.tiny import char_tokenizer, tiny_config
 
 
 def resolve_device(cfg: ModelConfig) -> str:
@@ -43,8 +44,6 @@ def load_policy(cfg: ModelConfig, store=None, seed: int = 0):
     manifest = None
     path = cfg.path
     if path == "tiny":
-        from npo_cli.tiny import char_tokenizer, tiny_config
-
         torch.manual_seed(seed)  # the tiny model's init is part of the run's seed
         model = AutoModelForCausalLM.from_config(tiny_config(), dtype=dtype)
         tokenizer = char_tokenizer()
@@ -58,9 +57,6 @@ def load_policy(cfg: ModelConfig, store=None, seed: int = 0):
         except (OSError, ValueError) as e:
             raise NpoError(f"cannot load model folder {path}: {one_line(e)}") from None
     elif _looks_like_ref(path):
-        from npo_cli.checkpoint import load_model
-        from npo_cli.store import Store
-
         src = Store.open(cfg.store) if cfg.store else store
         if src is None:
             src = Store.open(None)

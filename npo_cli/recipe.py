@@ -344,17 +344,11 @@ def build_recipe(data: dict, overrides: list[str] = ()) -> Recipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """The recipe file plus `--set` overrides. Under torchrun rank 0 reads the file and the other ranks
-    build from its copy: no rank can train under other settings (a file edited while the ranks start,
-    another copy on another node), which would hang them at mismatched collectives, and only rank 0's
-    node needs the file."""
-    from npo_cli import dist
-
-    data = dist.broadcast_json(_read_recipe(path) if dist.is_main() else None)  # one process: it reads
-    return build_recipe(data, overrides)
+    """The recipe file plus `--set` overrides."""
+    return build_recipe(read_recipe(path), overrides)
 
 
-def _read_recipe(path: str | Path) -> dict:
+def read_recipe(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise NpoError(f"recipe file not found: {path}")

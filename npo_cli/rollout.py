@@ -4,7 +4,8 @@ The HF backend wraps `model.generate` (batched, KV cache, left padding). The beh
 are recorded by a logits processor while sampling: it applies temperature and top-p itself and
 keeps only the previous step's log-softmax, so a 150k vocabulary never holds all steps' logits.
 With rollout.static_cache it runs npo's own decoding loop instead (`HFBackend._decode_static`).
-npo_cli/vllm_backend.py implements the same `generate(prompts, n, greedy)` / `sync()` interface.
+npo_cli/vllm_backend.py implements the same `generate(prompts, n, greedy)` / `sync()` interface;
+npo_cli/backend.py picks one of the two.
 """
 
 from __future__ import annotations
@@ -309,19 +310,3 @@ class HFBackend:
             tok, lp = self._step(self.model, cache, tokens[:, t - 1 : t], pos, attn, T, top_p, greedy)
             tokens[:, t], logps[:, t] = tok, lp
         return tokens[:rows, :n].cpu(), logps[:rows, :n].cpu()
-
-
-def make_backend(model, tokenizer, cfg: RolloutConfig, add_special_tokens: bool = True,
-                 dtype: torch.dtype | None = None, copy: bool = False, share=None):
-    """The rollout engine named by rollout.backend: HF generate, or an in-process vLLM engine.
-
-    copy: sample from a separate full-weight copy even when dtype matches (vLLM always has its own).
-    share: a backend whose vLLM engine this one samples through when the weights fit it (the guide
-    through the policy's engine); ignored by HF.
-    """
-    if cfg.backend == "vllm":
-        from npo_cli.vllm_backend import VLLMBackend  # lazy: vllm is an optional extra
-
-        return VLLMBackend(model, tokenizer, cfg, add_special_tokens=add_special_tokens, dtype=dtype,
-                           share=share if isinstance(share, VLLMBackend) else None)
-    return HFBackend(model, tokenizer, cfg, add_special_tokens=add_special_tokens, dtype=dtype, copy=copy)

@@ -27,11 +27,12 @@ import math
 import random
 
 from npo_cli import dist
+from npo_cli.batch import Group, NoSource, StepContext, score_group
 from npo_cli.errors import NpoError
-from npo_cli.guide import GuideGenerator, derive_seed
+from npo_cli.guide import GuideGenerator
 from npo_cli.rollout import Rollout
-from npo_cli.tasks import Problem
-from npo_cli.trainer import Group, NoSource
+from npo_cli.seeds import derive_seed
+from npo_cli.tasks import Problem, _read_records
 
 GATE_EPS = 1e-9  # p̂ == gate mixes (k/n is not always exact in binary)
 
@@ -40,20 +41,20 @@ def gated(accuracy: float, gate: float) -> bool:
     return accuracy <= gate + GATE_EPS
 
 
-def put_slot(trainer, group: Group, ro: Rollout) -> bool:
+def put_slot(ctx: StepContext, group: Group, ro: Rollout) -> bool:
     """Replace the last slot of `group` with off-policy rollout `ro`, if the verifier accepts it."""
     p = group.problem
-    if trainer.judge(p.prompt, ro.text, p.answer) < 1.0:
+    if ctx.judge(p.prompt, ro.text, p.answer) < 1.0:
         return False  # a wrong answer never enters a group
     group.rollouts[-1] = ro
-    group.rewards[-1] = float(trainer.reward_fn(p.prompt, ro.text, p.answer, finished=ro.finished))
+    group.rewards[-1] = float(ctx.reward_fn(p.prompt, ro.text, p.answer, finished=ro.finished))
     group.correct[-1] = True
     group.info["offpolicy_slot"] = ro.source
     return True
 
 
 class SlotSource(NoSource):
-    """Gate, replace, count. Subclasses give `trajectories(trainer, groups)`."""
+    """Gate, replace, count. Subclasses give `trajectories(ctx, groups)`."""
 
     name = "slots"
     has_logprobs = True  # False: behaviour log-probs unknown (teacher file), so no KL / V / S
@@ -67,30 +68,30 @@ class SlotSource(NoSource):
     def active(self, step: int) -> bool:
         return self.npo.start <= step and (self.npo.until is None or step < self.npo.until)
 
-    def trajectories(self, trainer, groups: list[Group]) -> list[Rollout | None]:
+    def trajectories(self, ctx: StepContext, groups: list[Group]) -> list[Rollout | None]:
         """One off-policy trajectory (or None) per group; sources that mix through the base `mix` define it
         (ExGRPO adds replayed groups instead and overrides `mix`)."""
         raise TypeError(f"{type(self).__name__} uses SlotSource.mix but defines no trajectories()")
 
-    def mix(self, trainer, groups: list[Group]) -> list[Group]:
+    def mix(self, ctx: StepContext, groups: list[Group]) -> list[Group]:
         self._m = {}
-        if not self.active(trainer.step_num):
-            self.idle(trainer)
+        if not self.active(ctx.step):
+            self.idle(ctx)
             return groups
-        self.mix_groups(trainer, groups, lambda gs: self.trajectories(trainer, gs))
+        self.mix_groups(ctx, groups, lambda gs: self.trajectories(ctx, gs))
         return groups
 
-    def idle(self, trainer) -> None:
+    def idle(self, ctx: StepContext) -> None:
         pass
 
-    def mix_groups(self, trainer, groups: list[Group], fetch) -> None:
+    def mix_groups(self, ctx: StepContext, groups: list[Group], fetch) -> None:
         acc = [g.accuracy for g in groups]  # before mixing
         gate = [g for g, a in zip(groups, acc) if gated(a, self.npo.gate)]
         tokens, seconds = self._cost
         trajs = fetch(gate) if gate else []
         tokens, seconds = self._cost[0] - tokens, self._cost[1] - seconds
         self.share_ranks()
-        hit = {id(g) for g, ro in zip(gate, trajs) if ro is not None and put_slot(trainer, g, ro)}
+        hit = {id(g) for g, ro in zip(gate, trajs) if ro is not None and put_slot(ctx, g, ro)}
         failing = [g for g, a in zip(groups, acc) if a == 0.0]
         # torchrun: each rank mixed its own groups; the metrics and the cost are the whole batch's
         n_groups, n_gate, n_hit, n_fail, n_fail_hit, tokens = dist.all_sum(
@@ -152,10 +153,10 @@ class GuideSource(SlotSource):
         self.gen = GuideGenerator(store, ref, recipe)
         self.guide = self.gen.guide_id
 
-    def entries(self, trainer, groups: list[Group]) -> list[dict | None]:
+    def entries(self, ctx: StepContext, groups: list[Group]) -> list[dict | None]:
         # torchrun: ranks sample different prompts; a rank's own seed keeps their streams apart
-        seed = dist.rank_seed(derive_seed(self.recipe.seed, self.gen.seed_id, trainer.step_num))
-        return self.gen.get([(g.prompt, g.problem) for g in groups], seed, engine=trainer.backend)
+        seed = dist.rank_seed(derive_seed(self.recipe.seed, self.gen.seed_id, ctx.step))
+        return self.gen.get([(g.prompt, g.problem) for g in groups], seed, engine=ctx.backend)
 
     @property
     def _cost(self) -> tuple[int, float]:
@@ -166,17 +167,17 @@ class GuideSource(SlotSource):
         if self.gen:
             self.gen.share()
 
-    def trajectories(self, trainer, groups: list[Group]) -> list[Rollout | None]:
+    def trajectories(self, ctx: StepContext, groups: list[Group]) -> list[Rollout | None]:
         out = []
-        for g, e in zip(groups, self.entries(trainer, groups)):
+        for g, e in zip(groups, self.entries(ctx, groups)):
             if e is not None and e["prompt_ids"] != g.rollouts[-1].prompt_ids:
                 raise NpoError(f"guide {self.store.describe(self.guide)} tokenizes prompts differently from "
                                f"the policy; npo.source={self.name} needs the same tokenizer (luffy re-tokenizes)")
             out.append(slot_rollout(g, e, self.name) if e is not None else None)
         return out
 
-    def idle(self, trainer) -> None:
-        if self.npo.until is not None and trainer.step_num >= self.npo.until:
+    def idle(self, ctx: StepContext) -> None:
+        if self.npo.until is not None and ctx.step >= self.npo.until:
             self.gen.unload()  # the window is over: free the guide's memory
 
 
@@ -223,30 +224,30 @@ class LuffySource(GuideSource):
             raise NpoError("npo.source=luffy needs npo.teacher_path (JSONL of prompt, completion) "
                            "or npo.guide (a teacher checkpoint)")
 
-    def trajectories(self, trainer, groups: list[Group]) -> list[Rollout | None]:
+    def trajectories(self, ctx: StepContext, groups: list[Group]) -> list[Rollout | None]:
         if self.table is None:  # teacher checkpoint: its ids if the tokenizer matches, else re-tokenized
             return [None if e is None else slot_rollout(g, e, self.name)
-                    if e["prompt_ids"] == g.rollouts[-1].prompt_ids else self.tokenize(trainer, g, e["text"])
-                    for g, e in zip(groups, self.entries(trainer, groups))]
+                    if e["prompt_ids"] == g.rollouts[-1].prompt_ids else self.tokenize(ctx, g, e["text"])
+                    for g, e in zip(groups, self.entries(ctx, groups))]
         out = []
         for g in groups:
             ro = None
             for row in self.table.get(g.problem.prompt, []):
-                cand = self.tokenize(trainer, g, row["completion"])
-                if cand is not None and trainer.judge(g.problem.prompt, cand.text, g.problem.answer) >= 1.0:
+                cand = self.tokenize(ctx, g, row["completion"])
+                if cand is not None and ctx.judge(g.problem.prompt, cand.text, g.problem.answer) >= 1.0:
                     ro = cand
                     break
             out.append(ro)
         return out
 
-    def idle(self, trainer) -> None:
+    def idle(self, ctx: StepContext) -> None:
         if self.table is None:
-            super().idle(trainer)
+            super().idle(ctx)
 
-    def tokenize(self, trainer, group: Group, text: str) -> Rollout | None:
+    def tokenize(self, ctx: StepContext, group: Group, text: str) -> Rollout | None:
         """A teacher completion in the policy's tokens (+ EOS); None if longer than max_new_tokens.
         Behaviour log-probs are unknown (0): LUFFY shaping does not use them."""
-        tok = trainer.tokenizer
+        tok = ctx.tokenizer
         ids = tok(text, add_special_tokens=False)["input_ids"] + [int(tok.eos_token_id)]
         if len(ids) > self.recipe.rollout.max_new_tokens:
             return None
@@ -258,8 +259,6 @@ class LuffySource(GuideSource):
 def read_teacher(url: str, prompt_field: str = "prompt") -> dict[str, list[dict]]:
     """prompt -> teacher completions, from a JSONL/Parquet file (any fsspec URL) with `prompt_field` and
     `completion` fields."""
-    from npo_cli.tasks import _read_records
-
     table: dict[str, list[dict]] = {}
     for i, row in enumerate(_read_records(url, (prompt_field, "completion")), 1):
         if not isinstance(row, dict) or row.get(prompt_field) is None or row.get("completion") is None:
@@ -290,21 +289,21 @@ class ExGRPOSource(SlotSource):
         self.buffer: dict[str, dict] = {}  # formatted prompt -> record; order = least recently updated first
         self.segments: list[str] = []
 
-    def mix(self, trainer, groups: list[Group]) -> list[Group]:
+    def mix(self, ctx: StepContext, groups: list[Group]) -> list[Group]:
         """torchrun: the buffer is the same on every rank (every rank records every rank's groups, in the
         global order), so the picks are too; each rank samples and trains its share of them."""
         self._m = {}
-        step, extra, picks = trainer.step_num, [], {}
+        step, extra, picks = ctx.step, [], {}
         k = round(self.npo.replay_ratio * self.recipe.rollout.prompts_per_step)
         if self.active(step) and k > 0 and self.buffer:
             batch = [p for part in dist.gather_json([g.prompt for g in groups]) for p in part]
             picks = self.pick(k, set(batch), step)
             mine = dict(list(picks.items())[dist.rank() :: dist.world()])  # like the prompts: rank::world
             if mine:
-                sampled = trainer.backend.generate(list(mine), self.recipe.rollout.group_size)
+                sampled = ctx.backend.generate(list(mine), self.recipe.rollout.group_size)
                 for (prompt, rec), rollouts in zip(mine.items(), sampled):
                     problem = Problem.from_json(rec["problem"])
-                    extra.append(trainer.score(problem, prompt, rollouts))
+                    extra.append(score_group(problem, prompt, rollouts, ctx.reward_fn, ctx.judge))
         chosen = {p: self.best(rec) for p, rec in picks.items()}
         for gs in (groups, extra):  # the batch's groups, then the replayed ones, each in the global order
             for o in dist.gather_strided([self.outcome(g, step) for g in gs]):
@@ -314,7 +313,7 @@ class ExGRPOSource(SlotSource):
                 return [slot_rollout(g, chosen[g.prompt], self.name) if chosen.get(g.prompt) else None
                         for g in gs]
 
-            self.mix_groups(trainer, extra, fetch)
+            self.mix_groups(ctx, extra, fetch)
             self._m["npo/replay_groups"] = float(len(picks))
             self._m["npo/buffer_prompts"] = float(len(self.buffer))
         return groups + extra

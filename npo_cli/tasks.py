@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from npo_cli.errors import NpoError
+from npo_cli.objects import s3_endpoint
 from npo_cli.recipe import ArithmeticConfig, TaskConfig
 
 Split = Literal["train", "eval"]
@@ -149,8 +150,6 @@ def _read_records(url: str, fields: tuple[str, str]) -> list[dict]:
     is_parquet = lower.endswith((".parquet", ".pq"))
     if not is_parquet and not lower.endswith((".jsonl", ".json", ".ndjson")):
         raise NpoError(f"prompt file {url}: use a .jsonl or .parquet file")
-    from npo_cli.store import s3_endpoint
-
     # s3:// files through the store's endpoint ($NPO_STORE's S3 and the prompts are usually the same place)
     opts = {"endpoint_url": s3_endpoint()} if url.startswith("s3://") and s3_endpoint() else {}
     try:

@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 from importlib import resources
 
-from tokenizers import Tokenizer, decoders, models
-from transformers import AutoConfig, PreTrainedTokenizerFast, Qwen2Config
+# transformers is imported where used: commands that only read the store (npo ls) start without it
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 # Printable ASCII and newline: enough for arithmetic and short math text.
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
+def char_tokenizer():
+    """A PreTrainedTokenizerFast over CHARS, with pad, EOS and unknown tokens."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {PAD: 0, EOS: 1, UNK: 2}
     for ch in CHARS:
         vocab[ch] = len(vocab)
@@ -30,6 +33,9 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_config() -> Qwen2Config:
+def tiny_config():
+    """The tiny Qwen2 config (npo_cli/assets/tiny_config.json)."""
+    from transformers import AutoConfig
+
     data = json.loads(resources.files("npo_cli").joinpath("assets/tiny_config.json").read_text())
     return AutoConfig.for_model(**data)

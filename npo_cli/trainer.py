@@ -1,155 +1,47 @@
 """The GRPO loop. `Trainer.step()` reads top to bottom: prompts -> rollout -> verify -> off-policy
 slots -> advantages -> loss -> optimizer -> metrics. `Trainer.train()` wraps it with checkpoints,
-eval, the progress bar, the branch lease and Ctrl-C handling.
+eval, the progress line, the branch lease and Ctrl-C handling.
 
-Two seams for later work, each one call in the loop:
-- `self.source.mix(self, groups)` (in step): an off-policy slot source (NPO guide, LUFFY, replay)
-  may replace slots of the on-policy groups; the default `NoSource` returns them unchanged.
-- `self.controller.after_step(self, metrics)` (in train): an AutoNPO-style controller watches
-  every step and may return True to stop the branch after a checkpoint; default `NoController`.
-Both may keep JSON state (`state_dict` / `load_state_dict`), saved in every checkpoint, and may
-append decision records to `trainer.events` (stored with the next checkpoint).
+The trainer is handed its two seams (npo_cli/batch.py), each one call in the loop:
+- `source.mix(ctx, groups)` (in step): an off-policy slot source (NPO guide, LUFFY, replay) may replace
+  slots of the on-policy groups; it sees only a `StepContext`. Plain GRPO's `NoSource` leaves them.
+- `controller.after_step(trainer, metrics)` (in train): a controller (AutoNPO) watches every step and
+  may return True to stop the branch after a checkpoint; plain training's `NoController` never does.
+Both keep JSON state (`state_dict` / `load_state_dict`) in every checkpoint; objects they keep in the
+store are listed under the state's "objects" and become the manifest's `extra_objects`, so gc keeps
+them. Decision records go to `trainer.events`, stored with the next checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import random
 import signal
 import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from npo_cli import dist
+from npo_cli.backend import make_backend
+from npo_cli.batch import NoController, NoSource, StepContext, collate, format_prompt, lr_at, score_group
+from npo_cli.checkpoint import DTYPES, load_model, load_optimizer, load_state_tensors, save_checkpoint
 from npo_cli.errors import NpoError
-from npo_cli.history import EVAL_STEP
-from npo_cli.recipe import Recipe, build_recipe, recipe_diff
-from npo_cli.rollout import Rollout, make_backend
+from npo_cli.grpo import OffPolicy, compile_layers, group_advantages, grpo_loss, token_logprobs
+from npo_cli.manifest import EVAL_STEP, Event, Manifest, TrainerState
+from npo_cli.metrics import MetricSinks
+from npo_cli.model import load_policy, param_dtype, resolve_device
+from npo_cli.progress import Progress
+from npo_cli.recipe import Recipe, recipe_diff
+from npo_cli.rollout import Rollout
+from npo_cli.seeds import data_order, eval_seed, forked_rng
 from npo_cli.tasks import Problem, load_problems
+from npo_cli.verifiers import make_judge, make_verifier
 
-# keys of per-step metrics that depend on wall-clock time (everything else is deterministic on CPU)
-TIMING_KEYS = ("step_time", "gen_time", "update_time", "tokens_per_s", "eval/time", "npo/guide_seconds")
 # loss stats that are totals (summed over micro-batches), not means
 COUNT_KEYS = ("loss", "tokens", "off/rows", "off/tokens")
-
-
-@dataclass
-class Group:
-    """One prompt's n completions with their scores. Sources may swap rollouts (and scores) in place."""
-
-    problem: Problem
-    prompt: str  # the formatted text the policy saw
-    rollouts: list[Rollout]
-    rewards: list[float]
-    correct: list[bool]
-    info: dict = field(default_factory=dict)  # free space for sources (e.g. "guide_slot": True)
-
-    @property
-    def accuracy(self) -> float:
-        return sum(self.correct) / len(self.correct)
-
-
-class NoSource:
-    """Off-policy slot source of plain GRPO: leaves every group as sampled (issue 4 plugs in here)."""
-
-    name = "none"
-    guide: str | None = None  # checkpoint id of the guide, recorded in manifests when set
-
-    def mix(self, trainer: Trainer, groups: list[Group]) -> list[Group]:
-        return groups
-
-    def metrics(self, stats: dict | None = None) -> dict[str, float]:
-        """Per-step metrics of the source; `stats` are the loss stats of the step (off/* for its slots)."""
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class NoController:
-    """Controller hook of plain training (issue 5's AutoNPO plugs in here)."""
-
-    def after_step(self, trainer: Trainer, metrics: dict) -> bool:
-        """Return True to stop this branch after checkpointing the current step."""
-        return False
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def head_with_recipe(store, run: str, branch: str):
-    """The head checkpoint of RUN/BRANCH and the recipe stored with it: what a resume continues."""
-    head = store.head(run, branch)
-    if head is None:
-        raise NpoError(f"no branch '{run}/{branch}' in the store (see npo ls)")
-    man = store.manifest(head)
-    if man.recipe is None:
-        raise NpoError(f"checkpoint {head[:12]} has no stored recipe; cannot resume it")
-    return man, store.get_json(man.recipe)
-
-
-def format_prompt(recipe: Recipe, tokenizer, problem: Problem) -> str:
-    """The text the model continues: task.template around the problem, then the chat template."""
-    t = recipe.task
-    s = t.template.replace("{prompt}", problem.prompt)
-    if t.chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise NpoError("task.chat_template is true but the tokenizer has no chat template")
-        turns = [{"role": role, "content": text} for role, text in problem.context]
-        if t.system_prompt and not any(x["role"] == "system" for x in turns):  # a file's own system turn wins
-            turns.insert(0, {"role": "system", "content": t.system_prompt})
-        s = tokenizer.apply_chat_template([*turns, {"role": "user", "content": s}], tokenize=False,
-                                          add_generation_prompt=True)
-    return s
-
-
-def lr_at(recipe: Recipe, step: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant or cosine to 0."""
-    g, total = recipe.grpo, max(1, recipe.train.steps)
-    if g.warmup_steps and step < g.warmup_steps:
-        return g.lr * (step + 1) / g.warmup_steps
-    if g.schedule == "cosine":
-        span = max(1, total - g.warmup_steps)
-        progress = min(1.0, (step - g.warmup_steps) / span)
-        return g.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return g.lr
-
-
-def collate(rollouts: list[Rollout], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """[left-padded prompt | right-padded completion] rows; masks come from lengths, not pad ids."""
-    P = max(len(r.prompt_ids) for r in rollouts)
-    C = max(len(r.completion_ids) for r in rollouts)
-    B = len(rollouts)
-    ids = torch.full((B, P + C), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, P + C), dtype=torch.long)
-    cmask = torch.zeros((B, C), dtype=torch.float32)
-    old = torch.zeros((B, C), dtype=torch.float32)
-    for j, r in enumerate(rollouts):
-        p, c = len(r.prompt_ids), len(r.completion_ids)
-        ids[j, P - p : P] = torch.tensor(r.prompt_ids, dtype=torch.long)
-        ids[j, P : P + c] = torch.tensor(r.completion_ids, dtype=torch.long)
-        attn[j, P - p : P + c] = 1
-        cmask[j, :c] = 1.0
-        old[j, :c] = torch.tensor(r.logprobs, dtype=torch.float32)
-    off = torch.tensor([r.source != "policy" for r in rollouts])
-    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "mask": cmask.to(device),
-            "old_logp": old.to(device), "offpolicy": off.to(device), "n_completion": C}
 
 
 def evaluate(model, tokenizer, recipe: Recipe, problems: list, samples: int, seed: int,
@@ -158,16 +50,12 @@ def evaluate(model, tokenizer, recipe: Recipe, problems: list, samples: int, see
 
     Runs in a forked RNG seeded from `seed`, so evaluating never changes the training stream.
     """
-    from npo_cli.verifiers import make_verifier
-
     t0 = time.perf_counter()
-    judge = make_verifier(recipe.task.model_copy(update={"format_reward": 0.0}))  # correctness only
+    judge = make_judge(recipe.task)
     if backend is None:
         backend = make_backend(model, tokenizer, recipe.rollout, add_special_tokens=not recipe.task.chat_template)
     prompts = [format_prompt(recipe, tokenizer, p) for p in problems]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with forked_rng(seed):
         sampled = backend.generate(prompts, samples)
         greedy = backend.generate(prompts, 1, greedy=True)
 
@@ -189,82 +77,30 @@ def evaluate(model, tokenizer, recipe: Recipe, problems: list, samples: int, see
 
 
 class Trainer:
-    """GRPO on one branch of one run. Build with `Trainer.new` or `Trainer.resume`."""
+    """GRPO on one branch of one run: a new run (init None) or one restored from checkpoint `init` (a resume
+    of its branch, or the fork point of a new branch). npo_cli/app.py builds trainers with their source."""
 
-    def __init__(self, recipe: Recipe, store, *, branch: str = "main", init=None,
+    def __init__(self, recipe: Recipe, store, *, branch: str = "main", init: Manifest | None = None,
                  source=None, controller=None, console=None):
-        from npo_cli.grpo import group_advantages, grpo_loss, token_logprobs
-        from npo_cli.verifiers import make_verifier
-
-        self._adv, self._loss, self._logprobs = group_advantages, grpo_loss, token_logprobs
         self.recipe, self.store, self.branch, self.console = recipe, store, branch, console
         self.run = recipe.name
-        if source is None and recipe.npo.source != "none":
-            from npo_cli.sources import make_source  # NPO guide, LUFFY, ExGRPO, RLEP (issue 4)
-
-            source = make_source(recipe, store)
         self.source = source or NoSource()
         self.controller = controller or NoController()
-        self.events: list[dict] = []
+        self.events: list[Event] = []
         self.pending_metrics: list[dict] = []  # steps since the last checkpoint
         self.history: list[dict] = []  # every step of this process (for the end summary)
         self.last_eval: dict[str, float] = {}
         self._stop_signal: int | None = None
 
-        # task and verifier first: a bad prompt file or verifier fails before a model is loaded
-        self.train_problems = load_problems(recipe.task, "train", recipe.seed)
-        self.eval_problems = load_problems(recipe.task, "eval", recipe.seed)[: recipe.task.eval_size]
-        if not self.train_problems:
-            raise NpoError("the task has no training problems")
-        if not self.eval_problems and dist.is_main():  # a small file can leave the hash split empty
-            self._say("note: the task has no held-out problems, so there is no eval; set task.eval_path")
-        # what the data position of a checkpoint counts in: a resume must see the same problems
-        self.train_sha = hashlib.sha256(json.dumps([[p.key, p.answer] for p in self.train_problems])
-                                        .encode()).hexdigest()
-        self.reward_fn = make_verifier(recipe.task)
-        self.judge = (make_verifier(recipe.task.model_copy(update={"format_reward": 0.0}))
-                      if recipe.task.format_reward else self.reward_fn)
-
-        # model: the branch head when resuming, else model.path
-        if init is not None:
-            from npo_cli.checkpoint import load_model
-            from npo_cli.model import param_dtype, resolve_device
-
-            device = resolve_device(recipe.model)
-            if device == "cpu":
-                torch.set_num_threads(recipe.model.threads)
-            self.model, self.tokenizer, _ = load_model(store, init.id, dtype=param_dtype(recipe.model),
-                                                       device=device)
-            if recipe.model.gradient_checkpointing:
-                self.model.gradient_checkpointing_enable()
-        else:
-            from npo_cli.model import load_policy
-
-            self.model, self.tokenizer, src = load_policy(recipe.model, store, seed=recipe.seed)
-            # provenance of the initial policy, stored with the step-0 checkpoint
-            self.events.append({"kind": "start", "model": recipe.model.path,
-                                **({"checkpoint": src.id} if src is not None else {})})
-        self.device = next(self.model.parameters()).device
-        self.model.train()
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.ref_model = None
-        if recipe.grpo.kl_coef > 0:  # frozen initial policy, only when the KL term is on
-            from npo_cli.model import load_policy
-
-            self.ref_model = load_policy(recipe.model, store, seed=recipe.seed)[0].eval()
-            self.ref_model.requires_grad_(False)
-
+        self._load_task()  # first: a bad prompt file or verifier fails before a model is loaded
+        self._load_model(init)
         self.fsdp = dist.on() and recipe.train.parallel == "fsdp"
         self.micro_batch = recipe.grpo.micro_batch_size  # halved on CUDA out-of-memory (0: the whole batch)
         self.optimizer = self._make_optimizer()
-        from npo_cli.model import DTYPES
-
-        # fp32 masters under a 16-bit compute dtype: autocast the training forward; the backend samples
-        # from its own 16-bit copy of the weights (synced before every rollout, as a vLLM engine would be)
-        compute = DTYPES[recipe.model.dtype]
-        self.autocast = compute if next(self.model.parameters()).dtype != compute else None
-        # FSDP shards the policy and compiled layers would recompile per decoding shape: sample from a copy
-        self.backend = make_backend(self.model, self.tokenizer, recipe.rollout, dtype=compute,
+        # FSDP shards the policy and compiled layers would recompile per decoding shape: sample from a copy.
+        # With fp32 masters the backend samples from its own 16-bit copy (synced before every rollout, as a
+        # vLLM engine would be).
+        self.backend = make_backend(self.model, self.tokenizer, recipe.rollout, dtype=DTYPES[recipe.model.dtype],
                                     copy=self.fsdp or recipe.grpo.compile,
                                     add_special_tokens=not recipe.task.chat_template)
 
@@ -276,7 +112,7 @@ class Trainer:
         self.head: str | None = None  # id of the last checkpoint written or resumed from
         # Where this branch stands for this trainer: a save moves it only from there.
         if init is None:
-            self.branch_head = None  # a new run: nowhere, even if a same-named run appeared since new() looked
+            self.branch_head = None  # a new run: nowhere, even if a same-named run appeared since it was checked
         elif (init.run, init.branch) == (self.run, branch):
             self.branch_head = init.id  # a resume: its head
         else:
@@ -290,9 +126,47 @@ class Trainer:
         if dist.on():
             self._parallel_setup(init is None)
         if recipe.grpo.compile:  # after FSDP's sharding, which compiled layers must see
-            from npo_cli.grpo import compile_layers
-
             compile_layers(self.model)
+
+    def _load_task(self) -> None:
+        """Train and eval problems, the reward and the judge (correctness without the format bonus)."""
+        r = self.recipe
+        self.train_problems = load_problems(r.task, "train", r.seed)
+        self.eval_problems = load_problems(r.task, "eval", r.seed)[: r.task.eval_size]
+        if not self.train_problems:
+            raise NpoError("the task has no training problems")
+        if not self.eval_problems and dist.is_main():  # a small file can leave the hash split empty
+            self._say("note: the task has no held-out problems, so there is no eval; set task.eval_path")
+        # what the data position of a checkpoint counts in: a resume must see the same problems
+        self.train_sha = hashlib.sha256(json.dumps([[p.key, p.answer] for p in self.train_problems])
+                                        .encode()).hexdigest()
+        self.reward_fn = make_verifier(r.task)
+        self.judge = make_judge(r.task) if r.task.format_reward else self.reward_fn
+
+    def _load_model(self, init: Manifest | None) -> None:
+        """The policy (the checkpoint `init`, else model.path), its tokenizer, the frozen reference model when
+        the KL term is on, and the autocast dtype of fp32 master weights."""
+        r = self.recipe
+        if init is not None:
+            device = resolve_device(r.model)
+            if device == "cpu":
+                torch.set_num_threads(r.model.threads)
+            self.model, self.tokenizer, _ = load_model(self.store, init.id, dtype=param_dtype(r.model), device=device)
+            if r.model.gradient_checkpointing:
+                self.model.gradient_checkpointing_enable()
+        else:
+            self.model, self.tokenizer, src = load_policy(r.model, self.store, seed=r.seed)
+            # provenance of the initial policy, stored with the step-0 checkpoint
+            self.events.append(Event(kind="start", model=r.model.path, checkpoint=src.id if src else None))
+        self.device = next(self.model.parameters()).device
+        self.model.train()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.ref_model = None
+        if r.grpo.kl_coef > 0:
+            self.ref_model = load_policy(r.model, self.store, seed=r.seed)[0].eval()
+            self.ref_model.requires_grad_(False)
+        compute = DTYPES[r.model.dtype]  # fp32 masters under a 16-bit compute dtype: autocast the forward
+        self.autocast = compute if next(self.model.parameters()).dtype != compute else None
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         g = self.recipe.grpo
@@ -324,31 +198,7 @@ class Trainer:
             self.optimizer = self._make_optimizer()
             dist.move_optimizer_state(old, self.optimizer)
 
-    # ---------------------------------------------------------------- construction
-
-    @classmethod
-    def new(cls, recipe: Recipe, store, **kw) -> Trainer:
-        if recipe.name in store.runs():
-            raise NpoError(f"run '{recipe.name}' already exists in the store; continue it with "
-                           f"--resume {recipe.name} or pick a new name with --set name=...")
-        return cls(recipe, store, **kw)
-
-    @classmethod
-    def resume(cls, store, ref: str, overrides: list[str] = (), **kw) -> Trainer:
-        """Continue the head of RUN or RUN/BRANCH with the recipe stored in it (plus overrides)."""
-        if "@" in ref:
-            raise NpoError(f"--resume takes RUN or RUN/BRANCH (a branch head), not '{ref}'; "
-                           "to train from an older step make a branch first (npo rewind)")
-        run, _, branch = ref.partition("/")
-        branch = branch or "main"
-        man, stored = head_with_recipe(store, run, branch)
-        recipe = build_recipe(stored, list(overrides))
-        if recipe.name != man.run:
-            raise NpoError(f"--set name cannot rename run '{man.run}' on resume")
-        if man.step >= recipe.train.steps:
-            raise NpoError(f"{run}/{branch} is already at step {man.step} "
-                           f"(train.steps={recipe.train.steps}); extend it with --set train.steps=N")
-        return cls(recipe, store, branch=branch, init=man, **kw)
+    # ---------------------------------------------------------------- restore
 
     def _check_same_problems(self, man, saved: str | None) -> None:
         """A resume under the same task settings must read the same training problems: a prompt file read
@@ -363,18 +213,15 @@ class Trainer:
                            "trained on (edited, or a relative path read from another folder); run from the "
                            "run's folder, or point task.train_path at the original file with --set")
 
-    def _restore(self, man) -> None:
-        from npo_cli.checkpoint import load_optimizer, load_state_tensors
-
-        st = man.state or {}
-        self._check_same_problems(man, st.get("train_sha"))
-        self.step_num = int(st.get("step", man.step))
-        self.epoch, self.pos = int(st.get("epoch", 0)), int(st.get("pos", 0))
-        self.samples_seen = int(st.get("samples_seen", 0))
-        self.tokens_generated = int(st.get("tokens_generated", 0))
-        self.last_eval = {k: float(v) for k, v in st.get("last_eval", {}).items()}
-        self.source.load_state_dict(st.get("source", {}))
-        self.controller.load_state_dict(st.get("controller", {}))
+    def _restore(self, man: Manifest) -> None:
+        st = man.state
+        self._check_same_problems(man, st.train_sha)
+        self.step_num = man.step if st.step is None else st.step
+        self.epoch, self.pos = st.epoch, st.pos
+        self.samples_seen, self.tokens_generated = st.samples_seen, st.tokens_generated
+        self.last_eval = dict(st.last_eval)
+        self.source.load_state_dict(st.source)
+        self.controller.load_state_dict(st.controller)
         if man.optimizer:
             load_optimizer(self.store, man, self.optimizer)
         tensors = load_state_tensors(self.store, man)
@@ -398,9 +245,7 @@ class Trainer:
         """The shuffled problem order of an epoch: a pure function of (seed, epoch), so resume needs only
         (epoch, pos)."""
         if self._order_cache is None or self._order_cache[0] != epoch:
-            idx = list(range(len(self.train_problems)))
-            random.Random(self.recipe.seed * 1_000_003 + epoch).shuffle(idx)
-            self._order_cache = (epoch, idx)
+            self._order_cache = (epoch, data_order(self.recipe.seed, epoch, len(self.train_problems)))
         return self._order_cache[1]
 
     def next_problems(self, k: int) -> list:
@@ -440,12 +285,12 @@ class Trainer:
             sum(len(g.rewards) for g in groups), std_sum, len(groups)])
         on_policy_reward, on_policy_acc = rsum / cnt, csum / cnt
 
-        # 4. off-policy slots (issue 4: NPO guide / LUFFY / replay); plain GRPO leaves groups alone
-        groups = self.source.mix(self, groups)
+        # 4. off-policy slots (NPO guide / LUFFY / replay); plain GRPO leaves groups alone
+        groups = self.source.mix(self.context(), groups)
 
         # 5. group-relative advantages
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
-        adv = self._adv(rewards, r.grpo.scale_std, r.grpo.adv_eps)
+        adv = group_advantages(rewards, r.grpo.scale_std, r.grpo.adv_eps)
 
         # 6. loss, backward (micro-batched), clip, optimizer step
         t1 = time.perf_counter()
@@ -484,14 +329,13 @@ class Trainer:
         self.history.append(m)
         return m
 
-    def score(self, problem, prompt: str, rollouts: list[Rollout]) -> Group:
-        rewards = [float(self.reward_fn(problem.prompt, ro.text, problem.answer, finished=ro.finished))
-                   for ro in rollouts]
-        if self.judge is self.reward_fn:
-            correct = [x >= 1.0 for x in rewards]
-        else:  # correctness without the format term
-            correct = [self.judge(problem.prompt, ro.text, problem.answer) >= 1.0 for ro in rollouts]
-        return Group(problem=problem, prompt=prompt, rollouts=rollouts, rewards=rewards, correct=correct)
+    def score(self, problem: Problem, prompt: str, rollouts: list[Rollout]):
+        return score_group(problem, prompt, rollouts, self.reward_fn, self.judge)
+
+    def context(self) -> StepContext:
+        """What the off-policy source may use at this step."""
+        return StepContext(step=self.step_num, judge=self.judge, reward_fn=self.reward_fn,
+                           tokenizer=self.tokenizer, backend=self.backend)
 
     def update(self, rows: list[Rollout], adv: torch.Tensor) -> dict[str, float]:
         """updates_per_batch optimizer steps over the batch, each accumulated over micro-batches.
@@ -575,7 +419,7 @@ class Trainer:
             pad = s >= len(rows)  # FSDP runs collectives per forward/backward: every rank runs as many
             b = collate([pad_row] if pad else rows[s : s + mbs], self.pad_id, self.device)
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                logp, _ = self._logprobs(self.model, b["input_ids"], b["attention_mask"], b["n_completion"],
+                logp, _ = token_logprobs(self.model, b["input_ids"], b["attention_mask"], b["n_completion"],
                                          g.logprob_chunk, with_entropy=False,
                                          temperature=r.rollout.temperature, compiled=g.compile)
             if pad:
@@ -588,15 +432,13 @@ class Trainer:
             ref_logp = None
             if self.ref_model is not None:
                 with torch.no_grad():
-                    ref_logp, _ = self._logprobs(self.ref_model, b["input_ids"], b["attention_mask"],
+                    ref_logp, _ = token_logprobs(self.ref_model, b["input_ids"], b["attention_mask"],
                                                  b["n_completion"], g.logprob_chunk, with_entropy=False,
                                                  temperature=r.rollout.temperature, compiled=g.compile)
             off = None
             if bool(b["offpolicy"].any()):
-                from npo_cli.grpo import OffPolicy
-
                 off = OffPolicy.from_config(b["offpolicy"], r.npo)
-            loss, st = self._loss(
+            loss, st = grpo_loss(
                 logp, old, adv[s : s + mbs].to(self.device), b["mask"],
                 clip_low=g.clip_low, clip_high=g.clip_high, agg=g.agg, max_len=r.rollout.max_new_tokens,
                 ref_logp=ref_logp, kl_coef=g.kl_coef, offpolicy=off,
@@ -624,7 +466,7 @@ class Trainer:
         res = {}
         if dist.is_main():  # torchrun: rank 0 evaluates, the others wait for its numbers
             res = evaluate(getattr(self.backend, "model", self.model), self.tokenizer, self.recipe,
-                           self.eval_problems, k, seed=self.recipe.seed * 7919 + self.step_num,
+                           self.eval_problems, k, seed=eval_seed(self.recipe.seed, self.step_num),
                            backend=self.backend)
         res = dist.broadcast_json(res)
         # the step rides along into checkpoint summaries, so `npo ls` / `show` know where an eval was measured
@@ -641,20 +483,14 @@ class Trainer:
 
     def save(self, parent: str = "head") -> str:
         """Checkpoint the run on its branch; parent: the branch's head, or the fork a new branch starts from."""
-        from npo_cli.checkpoint import save_checkpoint
-
         main = dist.is_main()  # the source's and controller's state_dict write their objects: rank 0 only
-        state = {
-            "step": self.step_num, "epoch": self.epoch, "pos": self.pos, "train_sha": self.train_sha,
-            "samples_seen": self.samples_seen, "tokens_generated": self.tokens_generated,
-            "last_eval": self.last_eval,
-            "source": self.source.state_dict() if main else {},
-            "controller": self.controller.state_dict() if main else {},
-        }
-        # objects the source / controller keep in the store (e.g. a replay buffer): gc keeps them
-        objects = [*state["source"].get("objects", []), *state["controller"].get("objects", [])]
-        if objects:
-            state["objects"] = objects
+        source = self.source.state_dict() if main else {}
+        controller = self.controller.state_dict() if main else {}
+        # objects the source / controller keep in the store (a replay buffer, a mistake pool): gc keeps them
+        extra = [*source.pop("objects", []), *controller.pop("objects", [])]
+        state = TrainerState(step=self.step_num, epoch=self.epoch, pos=self.pos, train_sha=self.train_sha,
+                             samples_seen=self.samples_seen, tokens_generated=self.tokens_generated,
+                             last_eval=self.last_eval, source=source, controller=controller)
         tensors = {}
         for i, t in enumerate(dist.gather_tensor(torch.get_rng_state())):  # torchrun: every rank's stream
             tensors["torch_rng" + (f"_rank{i}" if i else "")] = t
@@ -668,7 +504,8 @@ class Trainer:
                 self.store, run=self.run, branch=self.branch, step=self.step_num, model=model,
                 tokenizer=self.tokenizer, optimizer=optimizer, state=state, state_tensors=tensors,
                 metrics=self.pending_metrics, summary=self.summary(), recipe=self.recipe.model_dump(mode="json"),
-                guide=self.source.guide, events=self.events, parent=parent, expect=self.branch_head,
+                guide=self.source.guide, events=self.events, extra_objects=extra, parent=parent,
+                expect=self.branch_head,
             )
         self.head = self.branch_head = dist.broadcast_json(head)
         self.pending_metrics, self.events = [], []
@@ -696,7 +533,7 @@ class Trainer:
             m.update(self.evaluate())
         if sinks is not None:
             sinks.write(m)
-        bar.update(m, getattr(self.controller, "status", str)())  # e.g. AutoNPO's phase
+        bar.update(m["step"], self._progress_info(m), always="eval/accuracy" in m)
         stopped_by = None
         if self.controller.after_step(self, m):
             stopped_by = "controller"
@@ -707,6 +544,14 @@ class Trainer:
         if self.step_num % r.train.save_every == 0 or self.step_num == r.train.steps or stopped_by:
             self.save()
         return stopped_by
+
+    def _progress_info(self, m: dict) -> str:
+        info = (f"reward {m['reward']:.3f}  acc {m['accuracy']:.3f}  {m['tokens_per_s']:.0f} tok/s  "
+                f"{m['step_time']:.2f} s/step")
+        if "eval/accuracy" in m:
+            info += f"  eval {m['eval/accuracy']:.3f}"
+        status = self.controller.status()  # AutoNPO's phase
+        return info + (f"  {status}" if status else "")
 
     def train(self, progress: bool | None = None, force: bool = False) -> dict:
         """Train to recipe.train.steps under the branch lease; returns the end summary."""
@@ -722,7 +567,7 @@ class Trainer:
             main = dist.is_main()  # torchrun: rank 0 holds the lease and writes metrics
             with self.store.lease(self.run, self.branch, force=force) if main else nullcontext():
                 sinks = MetricSinks(r, self.run, self.branch, self._branch_first_step(), start_step) if main else None
-                bar = Progress(self.console, r.train.steps, start_step, enabled=show and main)
+                bar = Progress(self.console, "step", r.train.steps, start_step, enabled=show and main)
                 if self.head is None:  # new run: the initial policy is step 0 (rewind/intervene --at 0)
                     self.save()
                 try:
@@ -764,171 +609,3 @@ def _merge_stats(parts: list) -> tuple[dict, dict, dict]:
     return acc, counts, weights
 
 
-# --------------------------------------------------------------------------- logging sinks and progress
-
-
-def _row_step(line: str) -> int:
-    """The step of a metrics.jsonl row (-1 for a line that is not one)."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return -1
-
-
-class MetricSinks:
-    """metrics.jsonl, TensorBoard, W&B. A relative metrics_jsonl lives under ./runs/RUN/BRANCH/ (like an
-    output_dir); {run} and {branch} in the path are filled in.
-
-    metrics.jsonl keeps the rows of steps (first, start] (this branch's steps before the resume) and the
-    run appends to them: a new run or branch starts the file afresh (another store's run of the same name
-    wrote there before), and a resume drops the rows a stopped process logged after its last checkpoint."""
-
-    def __init__(self, recipe: Recipe, run: str, branch: str, first: int = 0, start: int = 0):
-        lg = recipe.logging
-        self.jsonl_path = None
-        self._f = self._tb = self._wandb = None
-        if lg.metrics_jsonl:
-            p = Path(lg.metrics_jsonl.replace("{run}", run).replace("{branch}", branch)).expanduser()
-            if not p.is_absolute():
-                p = Path("runs") / run / branch / p
-            p.parent.mkdir(parents=True, exist_ok=True)
-            self.jsonl_path = str(p)
-            kept = [line for line in (p.read_text().splitlines() if p.is_file() else [])
-                    if first < _row_step(line) <= start]
-            p.write_text("".join(line + "\n" for line in kept))
-            self._f = open(p, "a")  # noqa: SIM115 (kept open for the whole run, closed in close())
-        if lg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise NpoError("logging.tensorboard is set but tensorboard is not installed "
-                               "(pip install tensorboard, or unset logging.tensorboard)") from None
-            self._tb = SummaryWriter(str(Path(lg.tensorboard) / run / branch))
-        if lg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise NpoError("logging.wandb is set but wandb is not installed "
-                               "(pip install wandb, or unset logging.wandb)") from None
-            self._wandb = wandb.init(project=lg.wandb, name=f"{run}/{branch}", config=recipe.model_dump(),
-                                     resume="allow")
-
-    def write(self, m: dict) -> None:
-        if self._f:
-            self._f.write(json.dumps(m) + "\n")
-            self._f.flush()
-        if self._tb:
-            for k, v in m.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, m["step"])
-        if self._wandb:
-            self._wandb.log(m, step=m["step"])
-
-    def close(self) -> None:
-        if self._f:
-            self._f.close()
-        if self._tb:
-            self._tb.close()
-        if self._wandb:
-            self._wandb.finish()
-
-
-class Progress:
-    """Rich progress bar (TTY) or a plain line every ~5% of the run (logs); nothing when disabled."""
-
-    def __init__(self, console, total: int, start: int, enabled: bool):
-        self.total, self.enabled, self.bar = total, enabled and console is not None, None
-        self.console = console
-        self.every = max(1, (total - start) // 20)
-        if self.enabled and console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-            from rich.progress import Progress as RichProgress
-
-            self.bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
-            self.bar.start()
-
-    def update(self, m: dict, status: str = "") -> None:
-        if not self.enabled:
-            return
-        info = (f"reward {m['reward']:.3f}  acc {m['accuracy']:.3f}  {m['tokens_per_s']:.0f} tok/s  "
-                f"{m['step_time']:.2f} s/step")
-        if "eval/accuracy" in m:
-            info += f"  eval {m['eval/accuracy']:.3f}"
-        if status:
-            info += f"  {status}"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=m["step"], info=info)
-        elif m["step"] % self.every == 0 or m["step"] == self.total or "eval/accuracy" in m:
-            self.console.print(f"step {m['step']}/{self.total}  {info}", highlight=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-# --------------------------------------------------------------------------- entry points for the CLI
-
-
-def open_store(url: str | None, recipe: Recipe | None = None, must_exist: bool = False):
-    """--store beats the recipe's store, which beats $NPO_STORE / ./checkpoints. must_exist: for commands
-    that continue something already in the store (a mistyped local folder is not an empty store)."""
-    from npo_cli.store import Store
-
-    return Store.open(url or (recipe.store if recipe else None), must_exist=must_exist)
-
-
-def run_recipe(recipe_path: str | None, overrides: list[str], store_url: str | None, resume: str | None,
-               console=None, progress: bool = True, force: bool = False) -> dict:
-    """`npo run`: a new run from a recipe file, or --resume RUN[/BRANCH] from its head."""
-    from npo_cli.recipe import load_recipe
-
-    dist.init(console)  # torchrun --nproc-per-node N -m npo_cli run ...: data-parallel (no-op in one process)
-    if resume:
-        if recipe_path:
-            raise NpoError("--resume takes the recipe stored in the checkpoint; drop RECIPE "
-                           "and pass changes with --set")
-        store = open_store(store_url, must_exist=True)
-        from npo_cli.auto import auto_run, is_auto
-
-        if is_auto(store, resume):  # an AutoNPO run continues with its controller (and its rollbacks)
-            return auto_run(None, overrides, store_url, resume, console=console, progress=progress, force=force)
-        trainer = Trainer.resume(store, resume, overrides, console=console)
-    else:
-        if not recipe_path:
-            raise NpoError("give a recipe file (npo run RECIPE) or --resume RUN[/BRANCH]")
-        recipe = load_recipe(recipe_path, overrides)
-        if recipe.auto.enabled:  # auto.enabled in the recipe: the same as npo auto RECIPE
-            from npo_cli.auto import auto_run
-
-            return auto_run(recipe_path, overrides, store_url, None, console=console, progress=progress,
-                            force=force)
-        store = open_store(store_url, recipe)
-        trainer = Trainer.new(recipe, store, console=console)
-    res = trainer.train(progress=progress and trainer.recipe.logging.progress, force=force)
-    dist.finish()
-    return res
-
-
-def eval_checkpoint(store, ref: str, samples: int | None = None, task_overrides: list[str] = ()) -> dict:
-    """`npo eval`: held-out accuracy, greedy accuracy and pass@k of any checkpoint."""
-    from npo_cli.checkpoint import load_model
-    from npo_cli.model import DTYPES, resolve_device
-
-    if samples is not None and samples < 1:  # before any work; 0 is not "the recipe's default"
-        raise NpoError("--samples must be >= 1")
-    man = store.manifest(ref)
-    stored = store.get_json(man.recipe) if man.recipe else {}
-    recipe = build_recipe(stored, [f"task.{kv}" for kv in task_overrides])
-    device = resolve_device(recipe.model)
-    if device == "cpu":
-        torch.set_num_threads(recipe.model.threads)
-    model, tokenizer, _ = load_model(store, man.id, dtype=DTYPES[recipe.model.dtype], device=device)
-    problems = load_problems(recipe.task, "eval", recipe.seed)[: recipe.task.eval_size]
-    if not problems:
-        raise NpoError("the task's eval split is empty")
-    k = recipe.train.eval_samples if samples is None else samples
-    res = evaluate(model, tokenizer, recipe, problems, k, seed=recipe.seed * 7919 + man.step)
-    return {"checkpoint": man.id, "run": man.run, "branch": man.branch, "step": man.step,
-            "problems": len(problems), "samples": k, **res}

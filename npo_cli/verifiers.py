@@ -142,3 +142,9 @@ def make_verifier(task: TaskConfig) -> Callable[..., float]:
         return score
 
     return verify
+
+
+def make_judge(task: TaskConfig) -> Callable[..., float]:
+    """The verifier without the format term: correctness alone, for deciding whether a completion
+    counts as solved (pass rates, evaluation), so a format bonus never lets a wrong answer through."""
+    return make_verifier(task.model_copy(update={"format_reward": 0.0}))

@@ -7,7 +7,7 @@ torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# ---------------------------------------------------------------- S3 through a local moto server (helper STORE)
+# ---------------------------------------------------------------- S3 through a local moto server
 import pytest
 
 
@@ -39,7 +39,7 @@ def s3_url(moto_endpoint, monkeypatch):
     return f"s3://{bucket}/store"
 
 
-# ---------------------------------------------------------------- a warm-started tiny policy (helper NPO)
+# ---------------------------------------------------------------- a warm-started tiny policy
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ from conftest import copy_store, dead_lease, open_store, run_main
 
 from npo_cli.auto import AutoController, members, select_delta, spread, warning
 from npo_cli.errors import NpoError
+from npo_cli.metrics import TIMING_KEYS
 from npo_cli.recipe import AutoConfig, build_recipe
-from npo_cli.trainer import TIMING_KEYS
 
 TASK = {"arithmetic": {"digits": 1}, "eval_size": 8}
 
@@ -162,7 +162,7 @@ def final_state(store, ref: str) -> tuple[dict, list[dict], dict]:
     head = store.manifest(ref)
     rows = [m for man in reversed(store.lineage(ref)) for m in load_metrics(store, man)]
     rows = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
-    return {k: e.oids() for k, e in head.model.items()}, rows, head.state["controller"]
+    return {k: e.oids() for k, e in head.model.items()}, rows, head.state.controller
 
 
 def test_auto_end_to_end(store_dir, monkeypatch, capsys):
@@ -183,12 +183,12 @@ def test_auto_end_to_end(store_dir, monkeypatch, capsys):
     store = open_store(store_dir)
     # the decision is stored with main@t, which is the guide of the replay branch
     guide = store.resolve(f"a/main@{t}")
-    assert any(e["kind"] == "auto" for e in store.manifest(guide).events)
+    assert any(e.kind == "auto" for e in store.manifest(guide).events)
     own = [m for m in store.lineage("a/auto-1") if m.branch == "auto-1"]
     first = own[-1]
     assert first.step == fork and first.parent == store.resolve(f"a/main@{fork}")
-    ev = next(e for e in first.events if e["kind"] == "auto-branch")
-    assert ev["guide"] == guide and ev["until"] == t and ev["from_branch"] == "main"
+    ev = next(e for e in first.events if e.kind == "auto-branch")
+    assert ev.guide == guide and ev.until == t and ev.from_branch == "main"
     assert all(m.guide == guide for m in own)
     # the replay ran with NPO from fork to t, then plain GRPO
     rows = [json.loads(x) for x in Path(res["metrics_jsonl"]).read_text().splitlines()]
@@ -214,8 +214,7 @@ def test_auto_end_to_end(store_dir, monkeypatch, capsys):
 def test_auto_resume_mid_replay_is_exact(npo_base_store, tmp_path, monkeypatch):
     """Ctrl-C one step into the replay, then `npo run --resume RUN` == the same auto run in one go
     (two stores: guide sampling is seeded from the guide's weights, not its checkpoint id)."""
-    from npo_cli.auto import auto_run
-    from npo_cli.trainer import run_recipe
+    from npo_cli.commands import auto_run, run_recipe
 
     monkeypatch.chdir(tmp_path)
     orig = AutoController.after_step
@@ -246,7 +245,7 @@ def test_auto_resume_mid_replay_is_exact(npo_base_store, tmp_path, monkeypatch):
 
 def test_resume_between_decision_and_branch(npo_base_store, tmp_path, monkeypatch):
     """A driver killed after the decision checkpoint but before the branch: resume makes the branch."""
-    from npo_cli import auto
+    from npo_cli import auto, commands
 
     monkeypatch.chdir(tmp_path)
     d = tmp_path / "store"
@@ -258,7 +257,7 @@ def test_resume_between_decision_and_branch(npo_base_store, tmp_path, monkeypatc
 
     monkeypatch.setattr(auto, "rollback", crash)
     with pytest.raises(KeyboardInterrupt):
-        auto.auto_run(recipe, [], str(d), None, progress=False)
+        commands.auto_run(recipe, [], str(d), None, progress=False)
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     store = open_store(d)
@@ -266,8 +265,8 @@ def test_resume_between_decision_and_branch(npo_base_store, tmp_path, monkeypatc
 
     dead_lease(store, "a", "auto-1")  # killed while it made the branch: --force breaks that lease
     with pytest.raises(NpoError, match="that process is gone; pass --force"):
-        auto.auto_run(None, [], str(d), "a", progress=False)
-    res = auto.auto_run(None, [], str(d), "a", progress=False, force=True)
+        commands.auto_run(None, [], str(d), "a", progress=False)
+    res = commands.auto_run(None, [], str(d), "a", progress=False, force=True)
     assert res["branch"] == "auto-1" and res["step"] == 8
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import run_main
 
+from npo_cli.branching import new_trainer, resume_trainer
 from npo_cli.recipe import build_recipe
-from npo_cli.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK = {"arithmetic": {"digits": 1}, "eval_size": 8}
@@ -24,7 +24,7 @@ TASK = {"arithmetic": {"digits": 1}, "eval_size": 8}
 def cmp_store(npo_base_store, tmp_path_factory) -> Path:
     """Run 'r': 8 GRPO steps (4 prompts x 4, eval every 2); 'r/rw' rewound to step 4 and trained 4 steps
     with another lr; 'r/npo' forked at 2 with guide r@6 (NPO 2..6, then GRPO to 8)."""
-    from npo_cli.intervene import intervene
+    from npo_cli.commands import intervene
     from npo_cli.store import Store
 
     d = tmp_path_factory.mktemp("compare") / "store"
@@ -36,9 +36,9 @@ def cmp_store(npo_base_store, tmp_path_factory) -> Path:
         "train": {"steps": 8, "save_every": 2, "eval_every": 2},
         "logging": {"progress": False, "metrics_jsonl": None},
     })
-    Trainer.new(recipe, store).train()
+    new_trainer(recipe, store).train()
     store.branch(store.resolve("r@4"), "rw", run="r")
-    Trainer.resume(store, "r/rw", ["grpo.lr=3e-3"]).train()
+    resume_trainer(store, "r/rw", ["grpo.lr=3e-3"]).train()
     intervene(str(d), run="r", at=2, guide="6", branch="npo", progress=False)
     return d
 

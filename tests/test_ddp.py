@@ -48,8 +48,9 @@ from dataclasses import asdict
 import torch
 torch.set_num_threads(1)
 from npo_cli import dist
-from npo_cli.auto import auto_run
-from npo_cli.intervene import intervene
+from npo_cli.branching import new_trainer
+from npo_cli.commands import auto_run, intervene
+from npo_cli.guide import cache_get
 from npo_cli.recipe import build_recipe
 from npo_cli.rollout import Rollout
 from npo_cli.store import Store
@@ -108,7 +109,7 @@ share = GuideGenerator.share
 def logged_share(self):
     n = len(sent)
     share(self)
-    unseen.extend(e for e in sent[n:] if self.store.cache_get(self.guide_id, self.key(*e)) is None)
+    unseen.extend(e for e in sent[n:] if cache_get(self.store, self.guide_id, self.key(*e)) is None)
 GuideGenerator.share = logged_share
 gets = []  # how many prompts each GuideGenerator.get of this rank asked for
 get = GuideGenerator.get
@@ -126,7 +127,7 @@ elif command == "auto":
         json.dump(recipe, open(path, "w"))
     auto_run(path, [], store_dir, None, progress=False)
 else:
-    Trainer.new(build_recipe(recipe), Store.open(store_dir)).train(progress=False)
+    new_trainer(build_recipe(recipe), Store.open(store_dir)).train(progress=False)
 if mode == "record":
     json.dump(sampled, open(f"{out}.rank{rank}.json", "w"))
     json.dump(sent, open(f"{out}.sent.rank{rank}.json", "w"))
@@ -260,13 +261,13 @@ import torch
 torch.set_num_threads(1)
 from npo_cli import dist
 from npo_cli.recipe import build_recipe
+from npo_cli.branching import new_trainer
 from npo_cli.store import Store
-from npo_cli.trainer import Trainer
 
 dist.init()
 recipe = json.loads(sys.argv[2])
 recipe["train"]["steps"] += dist.rank()  # e.g. a rank that read another copy of the recipe
-Trainer.new(build_recipe(recipe), Store.open(sys.argv[1]))
+new_trainer(build_recipe(recipe), Store.open(sys.argv[1]))
 '''
 
 
@@ -283,10 +284,10 @@ def test_ranks_given_different_recipes_stop_with_the_reason(workdir: Path):
 
 def test_prompts_must_divide_over_ranks(monkeypatch, tmp_path: Path):
     from npo_cli import dist
+    from npo_cli.branching import new_trainer
     from npo_cli.errors import NpoError
     from npo_cli.recipe import build_recipe
     from npo_cli.store import Store
-    from npo_cli.trainer import Trainer
 
     # a pretend world of 2 (the check runs before any collective)
     monkeypatch.setattr(dist, "on", lambda: True)
@@ -294,7 +295,7 @@ def test_prompts_must_divide_over_ranks(monkeypatch, tmp_path: Path):
     monkeypatch.setattr(dist, "rank", lambda: 0)
     recipe = build_recipe({**RECIPE, "task": {"eval_size": 4}}, ["rollout.prompts_per_step=3"])
     with pytest.raises(NpoError, match=r"must be a multiple of the number of processes \(2\)"):
-        Trainer.new(recipe, Store.open(str(tmp_path / "s")))
+        new_trainer(recipe, Store.open(str(tmp_path / "s")))
 
 
 def test_exgrpo_two_ranks_equal_one_process(workdir: Path):
@@ -319,7 +320,7 @@ def test_exgrpo_two_ranks_equal_one_process(workdir: Path):
         for k in ("loss", "grad_norm", "npo/replay_groups", "npo/buffer_prompts", "npo/slots", "tokens"):
             assert a.get(k) == pytest.approx(b.get(k), rel=1e-4, abs=1e-6), k
     assert sum(m.get("npo/replay_groups", 0) for m in rows[0]) >= 2 and sum(m.get("npo/slots", 0) for m in rows[0]) >= 1
-    assert dp_man.state["source"]["replay"] == one_man.state["source"]["replay"]  # the same buffer object
+    assert dp_man.state.source["replay"] == one_man.state.source["replay"]  # the same buffer object
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -352,40 +353,40 @@ def test_auto_two_ranks_decide_as_one_process(npo_base_store, workdir: Path, par
     dp, one = Store.open(str(workdir / "dp")), Store.open(str(workdir / "one"))
     assert auto_chain(dp, "a") == auto_chain(one, "a") == ["main", "auto-1"]
     assert dp.manifest("a/auto-1").step == one.manifest("a/auto-1").step == 8
-    (d1, *_), (d2, *_) = ([e for e in auto_events(s, "a") if e["kind"] == "auto"] for s in (dp, one))
-    t = d1["step"]
-    assert (t, d1["fork_step"], d1["delta"]) == (d2["step"], d2["fork_step"], d2["delta"])
-    for c1, c2 in zip(d1["candidates"], d2["candidates"], strict=True):
+    (d1, *_), (d2, *_) = ([e for _, e in auto_events(s, "a") if e.kind == "auto"] for s in (dp, one))
+    t = d1.step
+    assert (t, d1.fork_step, d1.delta) == (d2.step, d2.fork_step, d2.delta)
+    for c1, c2 in zip(d1.candidates, d2.candidates, strict=True):
         assert (c1["step"], c1["n"], c1["Q"]) == (c2["step"], c2["n"], c2["Q"])
         assert c1["kl"] == pytest.approx(c2["kl"], rel=1e-3, abs=1e-6)
     m1, m2 = (s.manifest(f"a/main@{t}") for s in (dp, one))
-    assert m1.state["controller"]["pool"] == m2.state["controller"]["pool"]  # same JSON object: same pool
+    assert m1.state.controller["pool"] == m2.state.controller["pool"]  # same JSON object: same pool
     p1, p2 = (load_model(s, f"a/main@{t}")[0].state_dict() for s in (dp, one))
     # k_proj.bias: its exact gradient is 0 (softmax ignores a shift shared by all keys), so AdamW turns
     # float noise into +-lr steps there, and the other weights follow it slightly over several steps
     worst = max(float((p1[k] - p2[k]).abs().max()) for k in p1 if not k.endswith("k_proj.bias"))
     assert worst < 1e-4, f"parameters differ by {worst}"
-    ev = next(e for e in dp.manifest(dp.resolve(f"a/auto-1@{d1['fork_step']}")).events if e["kind"] == "auto-branch")
-    n = ev["prefill"]["prompts"]
-    assert n > 1 and ev["prefill"]["tokens"] > 0
+    ev = next(e for e in dp.manifest(dp.resolve(f"a/auto-1@{d1.fork_step}")).events if e.kind == "auto-branch")
+    n = ev.prefill["prompts"]
+    assert n > 1 and ev.prefill["tokens"] > 0
     # the ranks shared the pre-fill (its get is each rank's first), and rank 0 wrote every entry found
     firsts = [json.loads(Path(f"{out}.gets.rank{r}.json").read_text())[0] for r in range(2)]
     assert firsts == [n - n // 2, n // 2]
+    from npo_cli.batch import format_prompt
     from npo_cli.guide import GuideGenerator
     from npo_cli.recipe import build_recipe
     from npo_cli.tasks import Problem
-    from npo_cli.trainer import format_prompt
 
     branch = dp.manifest("a/auto-1")
     rec = build_recipe(dp.get_json(branch.recipe))
-    gen = GuideGenerator(dp, ev["guide"], rec)
-    pool = [it for it in dp.get_json(m1.state["controller"]["pool"])["items"]
-            if ev["fork_step"] <= it["step"] < ev["until"]]
+    gen = GuideGenerator(dp, ev.guide, rec)
+    pool = [it for it in dp.get_json(m1.state.controller["pool"])["items"]
+            if ev.fork_step <= it["step"] < ev.until]
     tok = load_model(dp, "a/auto-1")[1]
     hits = [gen.lookup(format_prompt(rec, tok, Problem.from_json(it)), Problem.from_json(it))
             for it in pool]
     assert len(pool) == n and all(h is not None for h in hits)
-    assert sum(bool(h["found"]) for h in hits) == ev["prefill"]["found"]
+    assert sum(bool(h["found"]) for h in hits) == ev.prefill["found"]
 
 
 @pytest.mark.heavy

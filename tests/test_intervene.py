@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import copy_store, dead_lease, open_store, run_main
 
+from npo_cli.branching import new_trainer
 from npo_cli.errors import NpoError
 from npo_cli.intervene import plan
 from npo_cli.recipe import build_recipe
@@ -30,7 +31,7 @@ def run_store(npo_base_store, tmp_path_factory) -> Path:
         "train": {"steps": 8, "save_every": 2, "eval_every": 4},
         "logging": {"progress": False, "metrics_jsonl": str(d.parent / "runs/{run}/{branch}/metrics.jsonl")},
     })
-    Trainer.new(recipe, Store.open(str(d))).train()
+    new_trainer(recipe, Store.open(str(d))).train()
     return d
 
 
@@ -52,7 +53,7 @@ def test_intervene_end_to_end(store_dir, monkeypatch, capsys):
     assert all(m.guide == guide for m in own)
     assert own[-1].model == store.manifest("r@2").model  # the same tensor objects: nothing re-written
     assert own[-1].parent == store.resolve("r@2")
-    assert own[-1].events[-1]["kind"] == "intervene" and own[-1].events[-1]["guide"] == guide
+    assert own[-1].events[-1].kind == "intervene" and own[-1].events[-1].guide == guide
     rows = [json.loads(line) for line in Path(res["metrics_jsonl"]).read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 4, 5, 6, 7, 8]
     npo_rows = [r for r in rows if "npo/active" in r]
@@ -79,7 +80,7 @@ def test_intervention_stopped_before_its_first_step_resumes_as_npo(store_dir, mo
     with monkeypatch.context() as mp:
         mp.setattr(Trainer, "train", killed)
         with pytest.raises(KeyboardInterrupt):
-            from npo_cli.intervene import intervene
+            from npo_cli.commands import intervene
 
             intervene(str(store_dir), run="r", at=2, guide="6", progress=False)
     store = open_store(store_dir)
@@ -133,11 +134,11 @@ def test_intervene_errors(store_dir, monkeypatch, capsys, argv, expect):
 def test_plan_other_guides(store_dir):
     store = open_store(store_dir)
     p = plan(store, run="r", at=2, guide="base@0", until=6, allow_any_guide=True)
-    assert p["guide"] == store.resolve("base@0") and not p["same_lineage"] and p["until"] == 6
+    assert p.guide == store.resolve("base@0") and not p.same_lineage and p.until == 6
     with pytest.raises(NpoError, match="give --until"):
         plan(store, run="r", at=2, guide="base@0", allow_any_guide=True)
     p = plan(store, run="r", at=0, guide="8", gate=0.25, branch="boot")
-    assert (p["branch"], p["until"], p["gate"], p["steps"]) == ("boot", 8, 0.25, 8)
+    assert (p.branch, p.until, p.gate, p.steps) == ("boot", 8, 0.25, 8)
 
 
 def test_intervention_is_reproducible_across_runs(store_dir):
@@ -145,11 +146,11 @@ def test_intervention_is_reproducible_across_runs(store_dir):
     guide trajectories and ends with the same parameters: guide seeds come from the weights."""
     import torch
 
-    from npo_cli.intervene import intervene
+    from npo_cli.commands import intervene
 
     store = open_store(store_dir)
     r = build_recipe({**store.get_json(store.manifest("r@0").recipe), "name": "r2"})
-    Trainer.new(r, store).train()
+    new_trainer(r, store).train()
     assert store.resolve("r2@6") != store.resolve("r@6")
     for run in ("r", "r2"):
         intervene(str(store_dir), run=run, at=2, guide="6", until=6, progress=False,
@@ -159,3 +160,37 @@ def test_intervention_is_reproducible_across_runs(store_dir):
     (a, _, ma), (b, _, mb) = (load_model(store, f"{run}/npo-2-g6") for run in ("r", "r2"))
     assert ma.step == mb.step == 6
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_intervene_and_auto_rollback_make_the_same_branch(store_dir):
+    """`npo intervene --at 2 --guide 6` and an AutoNPO rollback to step 2 with the step-6 checkpoint as
+    guide both go through branching.fork_branch: their branches' first checkpoints agree in every field
+    that describes the branch (fork, guide, weights, optimizer, data position, the NPO window), and differ
+    only in the name, the event that made them, and AutoNPO's own controller state."""
+    from npo_cli.auto import AutoController, rollback
+    from npo_cli.intervene import train_branch
+    from npo_cli.manifest import Event
+
+    store = open_store(store_dir)
+    fork, guide = store.manifest("r@2"), store.resolve("r@6")
+    train_branch(store, plan(store, run="r", at=2, guide="6", branch="by-hand"), progress=False)
+    live = build_recipe(store.get_json(store.manifest("r@6").recipe))
+    prev = AutoController(live.auto, store)
+    prev.decision = Event(kind="auto", k=1, step=6, fork=fork.id, fork_step=2, until=6, delta=4, branch="by-auto")
+    rollback(store, live, "main", prev, guide)
+
+    a, b = store.manifest("r/by-hand@2"), store.manifest("r/by-auto")
+    assert a.id != b.id and (a.branch, b.branch) == ("by-hand", "by-auto")
+    same = ("run", "step", "parent", "guide", "model", "optimizer", "optimizer_groups", "state_tensors",
+            "model_config_oid", "tokenizer")
+    assert {k: getattr(a, k) for k in same} == {k: getattr(b, k) for k in same}
+    assert (a.parent, a.guide, a.step) == (fork.id, guide, 2)
+    ra, rb = store.get_json(a.recipe), store.get_json(b.recipe)
+    assert ra["npo"] == rb["npo"] and ra["npo"]["source"] == "npo" and ra["npo"]["guide"] == guide
+    assert (ra["npo"]["start"], ra["npo"]["until"]) == (2, 6)
+    assert {k: v for k, v in ra.items() if k != "npo"} == {k: v for k, v in rb.items() if k != "npo"}
+    keep = ("step", "epoch", "pos", "train_sha", "samples_seen", "tokens_generated", "last_eval", "source")
+    assert a.state.model_dump(include=set(keep)) == b.state.model_dump(include=set(keep))
+    assert [e.kind for e in a.events] == ["intervene"] and [e.kind for e in b.events] == ["auto-branch"]
+    assert (a.events[0].fork, a.events[0].guide, a.events[0].until) == (b.events[0].fork, b.events[0].guide,
+                                                                         b.events[0].until)

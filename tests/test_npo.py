@@ -10,13 +10,17 @@ import pytest
 import torch
 from conftest import copy_store, open_store
 
+from npo_cli import gc
+from npo_cli.batch import Group, NoController, StepContext, collate
+from npo_cli.branching import new_trainer, resume_trainer
 from npo_cli.errors import NpoError
 from npo_cli.grpo import OffPolicy, group_advantages, grpo_loss
+from npo_cli.guide import cache_entries, cache_get, cache_put
+from npo_cli.metrics import TIMING_KEYS
 from npo_cli.recipe import build_recipe
 from npo_cli.rollout import Rollout
 from npo_cli.sources import SlotSource, make_source, put_slot
 from npo_cli.tasks import Problem
-from npo_cli.trainer import TIMING_KEYS, Group, NoController, Trainer, collate
 from npo_cli.verifiers import make_verifier
 
 TASK = {"arithmetic": {"digits": 1}, "eval_size": 8}
@@ -26,10 +30,9 @@ GUIDE_LP = [-0.3, -0.2]
 # ---------------------------------------------------------------- hand-built groups
 
 
-class FakeTrainer:
-    def __init__(self, step: int = 0):
-        self.step_num = step
-        self.reward_fn = self.judge = make_verifier(build_recipe({}).task)
+def context(step: int = 0) -> StepContext:
+    reward = make_verifier(build_recipe({}).task)
+    return StepContext(step=step, judge=reward, reward_fn=reward, tokenizer=None, backend=None)
 
 
 class FixedSource(SlotSource):
@@ -66,7 +69,7 @@ def mixed(groups: list[Group]) -> list[bool]:
 def test_gate_edges(gate, expect):
     src = FixedSource(build_recipe({"npo": {"gate": gate}}))
     gs = [group(k) for k in range(5)]
-    src.mix(FakeTrainer(), gs)
+    src.mix(context(), gs)
     assert mixed(gs) == expect
 
 
@@ -74,7 +77,7 @@ def test_gate_exact_fraction_and_one_slot():
     src = FixedSource(build_recipe({"npo": {"gate": 0.6}}))
     g = group(3, n=5)  # p̂ = 3/5 == 0.6
     before = list(g.rollouts)
-    src.mix(FakeTrainer(), [g])
+    src.mix(context(), [g])
     assert g.rollouts[:-1] == before[:-1] and all(r.source == "policy" for r in g.rollouts[:-1])
     assert g.rollouts[-1].source == "npo" and g.rewards[-1] == 1.0 and g.correct[-1]
     assert sum(r.source != "policy" for r in g.rollouts) == 1
@@ -84,7 +87,7 @@ def test_gate_exact_fraction_and_one_slot():
 def test_advantages_over_the_mixed_group_and_metrics():
     src = FixedSource(build_recipe({"npo": {"gate": 0.6}}))
     gs = [group(0), group(1), group(4)]
-    src.mix(FakeTrainer(), gs)
+    src.mix(context(), gs)
     r = torch.tensor([g.rewards for g in gs])
     assert r.tolist() == [[0, 0, 0, 1], [1, 0, 0, 1], [1, 1, 1, 1]]
     adv = group_advantages(r, scale_std=True, eps=1e-4)
@@ -99,7 +102,7 @@ def test_advantages_over_the_mixed_group_and_metrics():
 
 def test_ratio_uses_guide_logprobs_and_importance_switch():
     g = group(0)
-    FixedSource(build_recipe({"npo": {"gate": 0.6}})).mix(FakeTrainer(), [g])
+    FixedSource(build_recipe({"npo": {"gate": 0.6}})).mix(context(), [g])
     b = collate(g.rollouts, pad_id=0, device="cpu")
     assert b["offpolicy"].tolist() == [False, False, False, True]
     assert b["old_logp"][-1].tolist() == pytest.approx(GUIDE_LP)  # the guide's, not the policy's
@@ -122,14 +125,14 @@ def test_ratio_uses_guide_logprobs_and_importance_switch():
 def test_wrong_guide_answer_never_enters_and_window():
     src = FixedSource(build_recipe({"npo": {"gate": 1.0}}), text="5")
     gs = [group(0), group(2)]
-    src.mix(FakeTrainer(), gs)
+    src.mix(context(), gs)
     assert mixed(gs) == [False, False] and [g.rewards for g in gs] == [[0] * 4, [1, 1, 0, 0]]
     assert src.metrics()["npo/hit_rate"] == 0.0
-    assert not put_slot(FakeTrainer(), gs[0], gs[1].rollouts[-1])  # a wrong rollout: refused
+    assert not put_slot(context(), gs[0], gs[1].rollouts[-1])  # a wrong rollout: refused
     src = FixedSource(build_recipe({"npo": {"start": 2, "until": 4}}))
     for step, on in [(1, False), (2, True), (3, True), (4, False)]:
         gs = [group(0)]
-        src.mix(FakeTrainer(step), gs)
+        src.mix(context(step), gs)
         assert mixed(gs) == [on] and bool(src.metrics()) == on
 
 
@@ -167,7 +170,7 @@ def test_guide_cache_keyed_by_guide_and_hits(store_dir):
     assert torch.equal(rng, torch.get_rng_state())  # the caller's RNG stream is untouched
     assert a.stats.sampled == 6 and a.stats.samples >= 6 and a.stats.tokens > 0 and a.stats.seconds > 0
     assert any(e is not None for e in ea) and any(e is not None for e in eb)
-    ka, kb = store.cache_entries(a.guide_id), store.cache_entries(g2)
+    ka, kb = cache_entries(store, a.guide_id), cache_entries(store, g2)
     assert len(ka) == len(kb) == 6 and not set(ka) & set(kb)  # separate entries per guide
     for e in ea:
         if e is not None:
@@ -176,18 +179,18 @@ def test_guide_cache_keyed_by_guide_and_hits(store_dir):
     again = GuideGenerator(store, "base@0", recipe)  # a fresh process: all hits, nothing sampled
     assert again.get(items, seed=99) == ea and again.stats.hits == 6 and again.stats.sampled == 0
     # entries survive gc while the guide is reachable, and verify sees them
-    store.gc()
+    gc.collect(store)
     assert GuideGenerator(store, g2, recipe).get(items, seed=5) == eb
-    assert store.verify()["ok"]
+    assert gc.verify(store)["ok"]
     # other sampling settings are other keys
     other = GuideGenerator(store, "base@0", build_recipe({**recipe.model_dump(), "rollout": {"max_new_tokens": 5}}))
     prompt, problem = items[0]
     assert other.key(prompt, problem.answer) != a.key(prompt, problem.answer)
     # once the guide is unreachable, gc drops its cache (refs and objects); other guides keep theirs
     (store_dir / "runs" / "g2" / "branches" / "main").unlink()
-    rep = store.gc(keep_recent=0)
-    assert rep["objects"] > 0 and store.cache_entries(g2) == {} and len(store.cache_entries(a.guide_id)) == 6
-    assert store.verify()["ok"]
+    rep = gc.collect(store, keep_recent=0)
+    assert rep["objects"] > 0 and cache_entries(store, g2) == {} and len(cache_entries(store, a.guide_id)) == 6
+    assert gc.verify(store)["ok"]
 
 
 def test_guide_never_returns_a_wrong_answer(store_dir):
@@ -198,7 +201,7 @@ def test_guide_never_returns_a_wrong_answer(store_dir):
     gen = GuideGenerator(store, "base@0", recipe)
     impossible = [("1+2=", Problem("1+2=", "zzz"))]
     assert gen.get(impossible, seed=0) == [None]
-    oid = store.cache_get(gen.guide_id, gen.key("1+2=", "zzz"))
+    oid = cache_get(store, gen.guide_id, gen.key("1+2=", "zzz"))
     entry = store.get_json(oid)
     assert entry["found"] is False and entry["tries"] == 3
     assert gen.get(impossible, seed=0) == [None] and gen.stats.hits == 1 and gen.stats.sampled == 1
@@ -206,7 +209,7 @@ def test_guide_never_returns_a_wrong_answer(store_dir):
     bad = {"format": CACHE_FORMAT, "guide": gen.guide_id, "prompt": "1+2=", "answer": "3", "found": True,
            "tries": 1, "prompt_ids": [1], "completion_ids": [9, 1], "logprobs": [0.0, 0.0], "text": "9",
            "finished": True}
-    store.cache_put(gen.guide_id, gen.key("1+2=", "3"), store.put_json(bad))
+    cache_put(store, gen.guide_id, gen.key("1+2=", "3"), store.put_json(bad))
     assert gen.lookup("1+2=", Problem("1+2=", "3")) is None
 
 
@@ -240,16 +243,16 @@ class StopAt(NoController):
 def finished_run(store_dir):
     """Run 'r': 4 plain GRPO steps (checkpoints 0, 2, 4)."""
     store = open_store(store_dir)
-    Trainer.new(build_recipe(recipe_dict()), store).train()
+    new_trainer(build_recipe(recipe_dict()), store).train()
     return store
 
 
 def test_npo_source_cold_and_warm_cache_train_identically(finished_run):
     store = finished_run
     d = recipe_dict(name="n", npo={"source": "npo", "guide": "r@4", "gate": 0.75})
-    a = Trainer.new(build_recipe(d), store)
+    a = new_trainer(build_recipe(d), store)
     a.train()
-    b = Trainer.new(build_recipe({**d, "name": "n2"}), store)  # same prompts: every guide lookup hits
+    b = new_trainer(build_recipe({**d, "name": "n2"}), store)  # same prompts: every guide lookup hits
     b.train()
     assert sum(m.get("npo/slots", 0) for m in a.history) > 0
     assert all("npo/gated_frac" in m and "npo/hit_rate" in m for m in a.history)
@@ -264,16 +267,16 @@ def test_exgrpo_replays_and_its_buffer_survives_resume(store_dir):
     store = open_store(store_dir)
     d = recipe_dict(name="x", npo={"source": "exgrpo", "replay_ratio": 0.5, "gate": 0.75},
                     train={"steps": 5, "save_every": 2})
-    a = Trainer.new(build_recipe(d), store)
+    a = new_trainer(build_recipe(d), store)
     a.train()
     assert sum(m.get("npo/replay_groups", 0) for m in a.history) > 0
     assert sum(m.get("npo/slots", 0) for m in a.history) > 0 and any("npo/V" in m for m in a.history)
-    b = Trainer.new(build_recipe({**d, "name": "x2"}), store, controller=StopAt(3))
+    b = new_trainer(build_recipe({**d, "name": "x2"}), store, controller=StopAt(3))
     b.train()
     head = store.manifest("x2")
-    assert head.step == 3 and head.state["source"]["replay"] in head.state["objects"]
-    store.gc()  # the buffer objects are reachable from the checkpoint
-    c = Trainer.resume(store, "x2")
+    assert head.step == 3 and head.state.source["replay"] in head.extra_objects
+    gc.collect(store)  # the buffer objects are reachable from the checkpoint
+    c = resume_trainer(store, "x2")
     assert c.source.buffer == b.source.buffer
     c.train()
     assert strip(a.history) == strip(b.history + c.history)
@@ -287,7 +290,7 @@ def test_luffy_teacher_file(store_dir, tmp_path):
     teacher = tmp_path / "teacher.jsonl"
     probs = load_problems(build_recipe({"task": TASK}).task, "train", 0)
     teacher.write_text("".join(json.dumps({"prompt": p.prompt, "completion": p.answer}) + "\n" for p in probs))
-    t = Trainer.new(build_recipe(recipe_dict(name="l", npo={"source": "luffy", "teacher_path": str(teacher)})),
+    t = new_trainer(build_recipe(recipe_dict(name="l", npo={"source": "luffy", "teacher_path": str(teacher)})),
                     store)
     t.train()
     assert all(m["npo/hit_rate"] == 1.0 for m in t.history if m["npo/gated_frac"] > 0)
@@ -299,14 +302,14 @@ def test_luffy_teacher_file(store_dir, tmp_path):
 
 def test_rlep_replays_a_finished_run(finished_run):
     store = finished_run
-    t = Trainer.new(build_recipe(recipe_dict(name="p", npo={"source": "rlep", "replay_from": "r"})), store)
+    t = new_trainer(build_recipe(recipe_dict(name="p", npo={"source": "rlep", "replay_from": "r"})), store)
     t.train()
     assert sum(m.get("npo/slots", 0) for m in t.history) > 0 and "npo/active" in t.history[0]
     assert store.manifest("p").guide == store.resolve("r")
     with pytest.raises(NpoError, match="replay_from"):
         make_source(build_recipe(recipe_dict(npo={"source": "rlep"})), store)
     # LUFFY with a teacher checkpoint instead of a file: its own ids and log-probs, LUFFY shaping
-    t = Trainer.new(build_recipe(recipe_dict(name="lc", npo={"source": "luffy", "guide": "r@4"},
+    t = new_trainer(build_recipe(recipe_dict(name="lc", npo={"source": "luffy", "guide": "r@4"},
                                              train={"steps": 2})), store)
     t.train()
     assert sum(m.get("npo/slots", 0) for m in t.history) > 0 and store.manifest("lc").guide == store.resolve("r@4")
@@ -334,6 +337,6 @@ def test_npo_guide_cli_prefills(finished_run, store_dir):
     assert out.exit_code == 0, out.output
     res = json.loads(out.output)
     assert res["prompts"] == 8 and res["sampled"] == 8 and res["cache_hits"] == 0
-    assert len(finished_run.cache_entries(res["guide"])) == 8
+    assert len(cache_entries(finished_run, res["guide"])) == 8
     out = CliRunner().invoke(app, ["guide", "--guide", "r@4", "--limit", "8", "--store", str(store_dir), "--json"])
     assert json.loads(out.output)["cache_hits"] == 8

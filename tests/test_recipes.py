@@ -68,9 +68,10 @@ def _hf_folder(tmp_path: Path) -> Path:
 
 def test_gpu_recipe_loading_path_on_cpu(tmp_path):
     """qwen-gsm8k.yaml, pointed at local stand-ins: folder model, chat template, JSONL prompts, math verifier."""
+    from npo_cli.batch import format_prompt
+    from npo_cli.branching import new_trainer
     from npo_cli.store import Store
     from npo_cli.tasks import load_problems
-    from npo_cli.trainer import Trainer, format_prompt
 
     folder = _hf_folder(tmp_path)
     data = yaml.safe_load((ROOT / "recipes" / "qwen-gsm8k.yaml").read_text())
@@ -86,7 +87,7 @@ def test_gpu_recipe_loading_path_on_cpu(tmp_path):
     assert len(problems) == 10 and problems[0].answer == "12"
 
     store = Store.open(str(tmp_path / "store"))
-    trainer = Trainer.new(recipe, store)
+    trainer = new_trainer(recipe, store)
     wrapped = format_prompt(recipe, trainer.tokenizer, problems[0])
     assert wrapped.startswith("<|user|>") and wrapped.endswith("<|assistant|>") and "\\boxed{}" in wrapped
     res = trainer.train(progress=False)

@@ -14,7 +14,7 @@ from conftest import dead_lease
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from npo_cli import cli
+from npo_cli import cli, gc
 from npo_cli.errors import NpoError
 from npo_cli.recipe import Recipe, load_recipe, schema_rows
 
@@ -219,7 +219,7 @@ def test_a_first_step_that_fails_leaves_no_run_or_branch(tmp_path, monkeypatch, 
                              "task.verifier=first_step_rewards:bad"], monkeypatch, capsys)
     assert code == 1 and "first_step_rewards:bad" in err and store.branches("t") == heads
     assert run_main(["intervene", "--at", "t@0", "--guide", "t@2", *good], monkeypatch, capsys)[0] == 0
-    assert set(store.branches("t")) == {"main", "npo-0-g2"} and store.verify()["ok"]
+    assert set(store.branches("t")) == {"main", "npo-0-g2"} and gc.verify(store)["ok"]
 
 
 def test_s3_endpoint_lost_mid_run_is_one_line_and_resumes(tmp_path, monkeypatch, capsys):
@@ -265,7 +265,7 @@ def test_s3_endpoint_lost_mid_run_is_one_line_and_resumes(tmp_path, monkeypatch,
         code, _, err = run_main(["run", "--resume", "t", "--force", "--store", "s3://npo-lost/x"], monkeypatch,
                                 capsys)
         assert code == 0, err
-        assert [m.step for m in store.lineage("t")] == [4, 3, 2, 1, 0] and store.verify()["ok"]
+        assert [m.step for m in store.lineage("t")] == [4, 3, 2, 1, 0] and gc.verify(store)["ok"]
     finally:
         again.stop()
 

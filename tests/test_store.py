@@ -19,6 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from npo_cli import gc
 from npo_cli.checkpoint import (
     export,
     import_hf,
@@ -31,7 +32,8 @@ from npo_cli.checkpoint import (
     save_tensors,
 )
 from npo_cli.errors import NpoError
-from npo_cli.store import Manifest, Ref, Store, parse_ref
+from npo_cli.manifest import Event, Manifest, TrainerState
+from npo_cli.store import Ref, Store, parse_ref
 from npo_cli.tiny import char_tokenizer, tiny_config
 
 FORK = mp.get_context("fork")
@@ -163,7 +165,7 @@ def test_checkpoint_round_trip(any_store):
     model(x, labels=x).loss.backward()
     opt.step()
     rng = torch.get_rng_state()
-    state = {"step": 7, "pos": [1, 2], "nested": {"a": None, "b": "x"}}
+    state = {"step": 7, "pos": 12, "nested": {"a": None, "b": "x"}}
     metrics = [{"step": 6, "reward": 0.25}, {"step": 7, "reward": 0.5}]
     cid = save_tiny(any_store, step=7, model=model, optimizer=opt, state=state, state_tensors={"torch_rng": rng},
                     metrics=metrics, summary={"reward": 0.5}, recipe={"name": "r", "seed": 3},
@@ -171,8 +173,8 @@ def test_checkpoint_round_trip(any_store):
     assert any_store.resolve("r") == cid == any_store.resolve("r@7") == any_store.resolve(cid[:8])
 
     loaded, tok, man = load_model(any_store, "r/main@7")
-    assert man.id == cid and man.state == state and man.summary == {"reward": 0.5}
-    assert man.events == [{"kind": "test"}]
+    assert man.id == cid and man.state == TrainerState.model_validate(state) and man.summary == {"reward": 0.5}
+    assert man.events == [Event(kind="test")]
     assert any_store.get_json(man.recipe) == {"name": "r", "seed": 3}
     ref_sd, got_sd = model.state_dict(), loaded.state_dict()
     assert ref_sd.keys() == got_sd.keys()
@@ -191,7 +193,7 @@ def test_checkpoint_round_trip(any_store):
             assert same(b["state"][i][k], v), (i, k)
     assert same(load_state_tensors(any_store, man)["torch_rng"], rng)
     assert load_metrics(any_store, man) == metrics
-    assert any_store.verify()["ok"]
+    assert gc.verify(any_store)["ok"]
 
 
 KERNEL_FLAGS = ("foreach", "fused", "capturable", "differentiable")
@@ -227,7 +229,7 @@ def test_memory_store_round_trip():
     cid = save_tiny(s, step=2)
     model, _, _ = load_model(s, "r@2")
     assert same(model.state_dict()["model.norm.weight"], tiny_model(2).state_dict()["model.norm.weight"])
-    assert s.resolve("r") == cid and s.verify()["ok"]
+    assert s.resolve("r") == cid and gc.verify(s)["ok"]
 
 
 def test_load_model_dtype_and_non_float_state(store):
@@ -380,11 +382,11 @@ def test_crash_sigkill_leaves_valid_store(tmp_path):
         got = load_tensors(store, man.model)
         for k, v in expected_model.state_dict().items():
             assert same(got[k], v), k
-    rep = Store.open(url).verify()
+    rep = gc.verify(Store.open(url))
     assert rep["ok"], rep["problems"]
     assert len(finished) >= 5  # the writer made progress across trials
-    Store.open(url).gc(force=True)  # drops the half-written objects of killed saves
-    assert Store.open(url).verify()["ok"]
+    gc.collect(Store.open(url), force=True)  # drops the half-written objects of killed saves
+    assert gc.verify(Store.open(url))["ok"]
 
 
 def test_a_short_write_is_an_error_not_a_truncated_object(store):
@@ -397,7 +399,7 @@ def test_a_short_write_is_an_error_not_a_truncated_object(store):
                          timeout=60)
     assert out.stdout.startswith(f"NpoError cannot use store {store.url}: file too large; free space (or raise "
                                  "the file-size limit), then resume"), out.stdout + out.stderr
-    assert not store.has(hashlib.sha256(b"x" * 300_000).hexdigest()) and store.verify()["ok"]
+    assert not store.has(hashlib.sha256(b"x" * 300_000).hexdigest()) and gc.verify(store)["ok"]
 
 
 @pytest.mark.parametrize("size", [3000, 3 << 20])  # re-hashed / size-checked
@@ -410,7 +412,7 @@ def test_a_save_rewrites_a_damaged_copy_instead_of_reusing_it(store, size):
     else:
         Path(path).write_bytes(data[: size // 2])  # truncated by an old short write
     assert store.put_parts([data]) == (oid, True)
-    assert store.get_bytes(oid) == data and store.verify()["ok"]
+    assert store.get_bytes(oid) == data and gc.verify(store)["ok"]
     assert store.put_parts([data]) == (oid, False)  # an intact copy is reused
 
 
@@ -419,12 +421,13 @@ def test_gc_drops_guide_cache_entries_whose_object_is_gone(store):
     blamed the guide checkpoint and stayed broken, gc never cleaned them."""
     g = save_tiny(store, step=3)
     entry = store.put_json({"text": "x"})
-    store.cache_put(g, "a" * 64, entry)
+    store.write_ref(f"guides/{g}/{'a' * 64}", entry)
     os.unlink(os.path.join(store.url, "objects", entry[:2], entry[2:]))
-    problems = store.verify()["problems"]
+    problems = gc.verify(store)["problems"]
     assert problems == [(f"missing object {entry[:16]} of guide-cache entry guides/{g}/{'a' * 64} "
                          "(npo gc drops the entry)")]
-    assert store.gc()["stale_cache_entries"] == 1 and store.cache_entries(g) == {} and store.verify()["ok"]
+    assert gc.collect(store)["stale_cache_entries"] == 1 and store.list_refs(f"guides/{g}") == []
+    assert gc.verify(store)["ok"]
 
 
 def test_a_damaged_old_manifest_does_not_hide_newer_steps(store):
@@ -462,7 +465,7 @@ def test_a_save_never_moves_a_branch_that_moved_under_it(store, monkeypatch):
     monkeypatch.setattr(ck, "save_tensors", lambda s, named: moved_meanwhile(s, named, "new"))
     with pytest.raises(NpoError, match="branch r/new is at"):
         save_tiny(store, branch="new", step=0, expect=None)
-    assert store.head("r", "new") == a and store.verify()["ok"]
+    assert store.head("r", "new") == a and gc.verify(store)["ok"]
 
 
 # ------------------------------------------------------------------------------------------ corruption
@@ -478,12 +481,12 @@ def test_flipped_byte_is_reported_and_refused(store):
         b = f.read(1)
         f.seek(5000)
         f.write(bytes([b[0] ^ 0x10]))
-    rep = store.verify()
+    rep = gc.verify(store)
     assert not rep["ok"]
     assert any(oid[:16] in p and "corrupt" in p and "r/main@1" in p for p in rep["problems"])
     with pytest.raises(NpoError, match=f"object {oid[:16]} is corrupt.*r/main@1"):
         load_model(Store.open(store.url), "r")
-    assert store.gc()["objects"] == 0 and store.has(oid)  # gc never deletes reachable objects, even bad ones
+    assert gc.collect(store)["objects"] == 0 and store.has(oid)  # never deletes reachable objects, even bad ones
 
 
 def test_corrupt_chunk_is_refused(store, monkeypatch):
@@ -497,7 +500,7 @@ def test_corrupt_chunk_is_refused(store, monkeypatch):
     data = bytearray(Path(path).read_bytes())
     data[-1] ^= 1
     Path(path).write_bytes(data)
-    assert any(e.chunks[7][:16] in p for p in store.verify()["problems"])
+    assert any(e.chunks[7][:16] in p for p in gc.verify(store)["problems"])
     with pytest.raises(NpoError, match=f"object {e.chunks[7][:16]} is corrupt"):
         load_model(store, "r")
 
@@ -506,7 +509,7 @@ def test_corrupt_manifest_and_missing_object(store):
     cid = save_tiny(store, step=1)
     man = store.manifest(cid)
     os.unlink(os.path.join(store.url, "objects", man.metrics[:2], man.metrics[2:]))
-    rep = store.verify()
+    rep = gc.verify(store)
     assert any("missing object" in p and man.metrics[:16] in p for p in rep["problems"])
     path = os.path.join(store.url, "objects", cid[:2], cid[2:])
     data = bytearray(Path(path).read_bytes())
@@ -515,7 +518,7 @@ def test_corrupt_manifest_and_missing_object(store):
     with pytest.raises(NpoError, match="corrupt"):
         Store.open(store.url).manifest("r")
     with pytest.raises(NpoError, match="damaged store"):  # its reachable set is unknown: delete nothing
-        Store.open(store.url).gc()
+        gc.collect(Store.open(store.url))
 
 
 # ------------------------------------------------------------------------------------------ leases
@@ -565,15 +568,15 @@ def test_lease_blocks_other_writers_and_gc(store):
         with pytest.raises(NpoError, match="still running"):
             store.lease("r", "main", force=True).__enter__()
         with pytest.raises(NpoError, match="being written"):
-            store.gc()
-        assert store.gc(force=True)["objects"] == 0
+            gc.collect(store)
+        assert gc.collect(store, force=True)["objects"] == 0
     finally:
         p.kill()
         p.join()
     # holder dead (same host, pid gone): refused without force, broken with it
     with pytest.raises(NpoError, match="process is gone.*--force"):
         store.lease("r", "main").__enter__()
-    assert store.gc()["objects"] == 0  # a dead lease does not block gc
+    assert gc.collect(store)["objects"] == 0  # a dead lease does not block gc
     with store.lease("r", "main", force=True):
         save_tiny(store, step=1)  # the lease holder may write
         with pytest.raises(NpoError, match="this process already holds it"):
@@ -635,23 +638,22 @@ def test_gc_keeps_reachable_deletes_rest(any_store):
     s.branch("r@0", "guide-src")
     g = save_tiny(s, branch="guide-src", step=30, model=tiny_model(30))
     keep_state, keep_event = s.put_bytes(b"trajectories-1"), s.put_bytes(b"trajectories-2")
-    save_tiny(s, step=10, model=tiny_model(10), guide=g, state={"objects": [keep_state]},
-              events=[{"kind": "guide", "objects": {"traj": keep_event}}])
+    save_tiny(s, step=10, model=tiny_model(10), guide=g, extra_objects=[keep_state, keep_event])
     s.io.remove("runs/r/branches/guide-src")  # the guide stays reachable through the manifest
     orphan = s.put_bytes(b"orphan")
     orphan_ckpt = save_tiny(s, branch="tmp", step=5, model=tiny_model(5))
     s.io.remove("runs/r/branches/tmp")
-    young = s.gc()  # unreachable but just written: a writer may still be on its way to the ref
+    young = gc.collect(s)  # unreachable but just written: a writer may still be on its way to the ref
     assert young["objects"] == 0 and young["recent_objects"] >= 2 and s.has(orphan) and s.has(orphan_ckpt)
-    dry = s.gc(dry_run=True, keep_recent=0)
+    dry = gc.collect(s, dry_run=True, keep_recent=0)
     assert dry["objects"] >= 2 and s.has(orphan)
-    rep = s.gc(keep_recent=0)
+    rep = gc.collect(s, keep_recent=0)
     assert rep["objects"] == dry["objects"] and rep["bytes"] > 0
     assert not s.has(orphan) and not s.has(orphan_ckpt)
     assert s.has(keep_state) and s.has(keep_event) and s.has(g)
     load_model(Store.open(s.url), g)
-    assert s.verify()["ok"]
-    assert s.gc()["objects"] == 0
+    assert gc.verify(s)["ok"]
+    assert gc.collect(s)["objects"] == 0
 
 
 # ------------------------------------------------------------------------------------------ bad input, S3

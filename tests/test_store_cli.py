@@ -107,8 +107,8 @@ def test_ls_shows_eval_only_where_one_ran(tmp_path, capsys, monkeypatch):
 
 def test_ls_eval_column_of_a_trained_run(tmp_path, capsys, monkeypatch):
     # through the trainer: eval at steps 2 and 4, a checkpoint every step
+    from npo_cli.branching import new_trainer
     from npo_cli.recipe import build_recipe
-    from npo_cli.trainer import Trainer
 
     monkeypatch.chdir(tmp_path)  # metrics.jsonl goes under ./runs/
     url = str(tmp_path / "store")
@@ -116,7 +116,7 @@ def test_ls_eval_column_of_a_trained_run(tmp_path, capsys, monkeypatch):
         "name": "t", "model": {"path": "tiny"}, "task": {"arithmetic": {"digits": 1}, "eval_size": 4},
         "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 3},
         "train": {"steps": 4, "save_every": 1, "eval_every": 2}, "logging": {"progress": False}})
-    Trainer.new(recipe, Store.open(url)).train()
+    new_trainer(recipe, Store.open(url)).train()
     from npo_cli import history
 
     reads = []

@@ -106,11 +106,11 @@ def test_file_prompts_hash_split(tmp_path, fmt, where):
 
 
 def test_file_prompts_on_s3_use_the_store_endpoint(s3_url):
-    """NPO_S3_ENDPOINT (set by the fixture; AWS_ENDPOINT_URL unset) reaches prompt files too: before, only
-    the store used it, and s3:// prompt files went to AWS."""
+    """NPO_S3_ENDPOINT (set by the fixture; AWS_ENDPOINT_URL unset) reaches prompt files too, not only the
+    store: s3:// prompt files must not go to AWS."""
     import boto3
 
-    from npo_cli.store import s3_endpoint
+    from npo_cli.objects import s3_endpoint
 
     bucket = s3_url.split("/")[2]
     boto3.client("s3", endpoint_url=s3_endpoint(), region_name="us-east-1").put_object(
@@ -186,9 +186,9 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 def test_chat_prompts_keep_their_turns(tmp_path, fmt):
     """TRL's conversational format: the list goes through the chat template as messages (system turn
     included), its last user turn through task.template; not str(list)."""
+    from npo_cli.batch import format_prompt
     from npo_cli.recipe import build_recipe
     from npo_cli.tiny import char_tokenizer
-    from npo_cli.trainer import format_prompt
 
     rows = [{"prompt": CHAT, "answer": "4"}] + [{"prompt": [{"role": "user", "content": f"{i}+0="}], "answer": i}
                                                 for i in range(40)]

@@ -17,9 +17,13 @@ import torch
 import yaml
 from conftest import copy_store, open_store
 
+from npo_cli.batch import NoController
+from npo_cli.branching import new_trainer, resume_trainer
+from npo_cli.commands import run_recipe
 from npo_cli.errors import NpoError
+from npo_cli.metrics import TIMING_KEYS
 from npo_cli.recipe import build_recipe
-from npo_cli.trainer import TIMING_KEYS, NoController, Trainer, run_recipe
+from npo_cli.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 NPO = str(ROOT / ".venv" / "bin" / "npo")
@@ -74,7 +78,7 @@ def test_grpo_run_end_to_end(store_dir, tmp_path):
     recipe = build_recipe(recipe_dict())
     store = open_store(store_dir)
     t0 = time.perf_counter()
-    res = Trainer.new(recipe, store).train()
+    res = new_trainer(recipe, store).train()
     wall = time.perf_counter() - t0
     assert res["step"] == 30 and res["stopped_by"] is None
     # reward climbs (seed 0 is known to work; the margin is ~3x the noise of a 10-step mean)
@@ -128,14 +132,14 @@ def test_resume_is_bitwise(store_dir):
     logs = {run: Path(f"runs/{run}/main/metrics.jsonl") for run in ("r", "r2")}
     logs["r"].parent.mkdir(parents=True)
     logs["r"].write_text('{"step": 1, "reward": -1}\n{"step": 9, "reward": -1}\n')  # another store's 'r'
-    a = Trainer.new(build_recipe(d), store)
+    a = new_trainer(build_recipe(d), store)
     a.train()
-    b = Trainer.new(build_recipe({**d, "name": "r2"}), store, controller=StopAt(3))
+    b = new_trainer(build_recipe({**d, "name": "r2"}), store, controller=StopAt(3))
     assert b.train()["stopped_by"] == "controller"
     assert store.manifest("r2").step == 3
     with logs["r2"].open("a") as f:  # a killed process logged steps past its last checkpoint (3)
         f.write('{"step": 4, "reward": -1}\n')
-    c = Trainer.resume(store, "r2")
+    c = resume_trainer(store, "r2")
     c.train()
     with pytest.raises(NpoError, match="samples >= 1"):  # 0 is an error, not "the recipe's default"
         c.evaluate(samples=0)
@@ -154,11 +158,11 @@ def test_resume_is_bitwise_with_own_decoding(store_dir):
     d = recipe_dict(rollout={"prompts_per_step": 4, "group_size": 4, "static_cache": True},
                     train={"steps": 4, "save_every": 2, "eval_every": 100})
     store = open_store(store_dir)
-    a = Trainer.new(build_recipe(d), store)
+    a = new_trainer(build_recipe(d), store)
     a.train()
-    b = Trainer.new(build_recipe({**d, "name": "r2"}), store, controller=StopAt(2))
+    b = new_trainer(build_recipe({**d, "name": "r2"}), store, controller=StopAt(2))
     b.train()
-    c = Trainer.resume(store, "r2")
+    c = resume_trainer(store, "r2")
     c.train()
     assert a.backend.own_decoding and c.backend.own_decoding
     assert strip(a.history) == strip(b.history + c.history)
@@ -170,7 +174,7 @@ def train_recording_grads(store, recipes: list[dict]) -> tuple[list[Trainer], li
     """Train each recipe as a new run, keeping the flat gradient at every optimizer step (in run order)."""
     runs, grads = [], []
     for d in recipes:
-        t = Trainer.new(build_recipe(d), store)
+        t = new_trainer(build_recipe(d), store)
         step = t.optimizer.step
 
         def record(*a, _step=step, _t=t, **k):
@@ -202,8 +206,8 @@ def test_mask_truncated_trains_only_finished_completions(store_dir):
     leaves the normaliser; the advantages are still the whole group's."""
     store = open_store(store_dir)
     d = recipe_dict(rollout={"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 2}, grpo={"lr": 1e-3})
-    masked = Trainer.new(build_recipe({**d, "name": "m", "grpo": {**d["grpo"], "mask_truncated": True}}), store)
-    plain = Trainer.new(build_recipe({**d, "name": "p"}), store)
+    masked = new_trainer(build_recipe({**d, "name": "m", "grpo": {**d["grpo"], "mask_truncated": True}}), store)
+    plain = new_trainer(build_recipe({**d, "name": "p"}), store)
     torch.manual_seed(0)
     prompts = ["1+1=", "2+3=", "9+8=", "7+6="]  # 17 and 13 need 3 tokens with EOS: cut at 2
     rows = [ro for g in masked.backend.generate(prompts, 4) for ro in g]
@@ -234,7 +238,7 @@ def test_compiled_training_matches_eager(store_dir):
         assert a["reward"] == b["reward"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6)
     for g_eager, g_comp in zip(grads[:2], grads[2:]):
         assert float((g_eager - g_comp).abs().max()) <= 1e-4 * float(g_eager.abs().max())
-    resumed = Trainer.resume(store, "c1", ["train.steps=3"])
+    resumed = resume_trainer(store, "c1", ["train.steps=3"])
     assert resumed.step_num == 2
     for (name, p), q in zip(resumed.model.named_parameters(), runs[1].model.parameters()):
         assert torch.equal(p, q), name
@@ -244,9 +248,9 @@ def test_out_of_memory_halves_the_micro_batch(store_dir, monkeypatch):
     """A CUDA out-of-memory error in a pass (here injected at its second micro-batch, after one backward
     has accumulated) restarts the pass with half the micro-batch, kept for later steps: the gradients
     equal a run at that size from the start. At one sequence it stops with a one-line error."""
-    from npo_cli import grpo
+    from npo_cli import trainer
 
-    real = grpo.token_logprobs
+    real = trainer.token_logprobs
     calls = {"n": 0, "raised": 0, "always": False}
 
     def flaky(model, ids, *a, **k):
@@ -257,7 +261,7 @@ def test_out_of_memory_halves_the_micro_batch(store_dir, monkeypatch):
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(model, ids, *a, **k)
 
-    monkeypatch.setattr(grpo, "token_logprobs", flaky)
+    monkeypatch.setattr(trainer, "token_logprobs", flaky)
     d = recipe_dict(rollout={"prompts_per_step": 8, "group_size": 4},
                     grpo={"lr": 1e-3, "micro_batch_size": 8}, train={"steps": 2, "save_every": 2, "eval_every": 100})
     store = open_store(store_dir)
@@ -269,7 +273,7 @@ def test_out_of_memory_halves_the_micro_batch(store_dir, monkeypatch):
 
     calls["always"] = True
     with pytest.raises(NpoError, match="out of GPU memory at grpo.micro_batch_size=1; lower"):
-        Trainer.new(build_recipe({**d, "name": "never"}), store).train()
+        new_trainer(build_recipe({**d, "name": "never"}), store).train()
     assert [m.step for m in store.lineage("oom")] == [2, 0]  # the store keeps what it had
 
 
@@ -296,17 +300,17 @@ def test_resume_extends_steps_via_cli_entry(store_dir):
 def test_run_refusals(store_dir):
     store = open_store(store_dir)
     with pytest.raises(NpoError, match="already exists.*--resume"):
-        Trainer.new(build_recipe(recipe_dict(name="base")), store)
+        new_trainer(build_recipe(recipe_dict(name="base")), store)
     with pytest.raises(NpoError, match="branch head"):
-        Trainer.resume(store, "base@0")
+        resume_trainer(store, "base@0")
     with pytest.raises(NpoError, match="no branch"):
-        Trainer.resume(store, "base/nope")
+        resume_trainer(store, "base/nope")
     with pytest.raises(NpoError, match="already at step"):
-        Trainer.resume(store, "base", ["train.steps=0"])
+        resume_trainer(store, "base", ["train.steps=0"])
     with pytest.raises(NpoError, match="drop RECIPE"):
         run_recipe("x.yaml", [], None, "base")
-    with pytest.raises(NpoError, match="needs npo.guide"):  # issue 4: sources exist; a guide is required
-        Trainer.new(build_recipe(recipe_dict(npo={"source": "npo"})), store)
+    with pytest.raises(NpoError, match="needs npo.guide"):  # an NPO source needs its guide
+        new_trainer(build_recipe(recipe_dict(npo={"source": "npo"})), store)
 
 
 def test_sigint_writes_final_checkpoint_and_resumes(store_dir, tmp_path):
@@ -342,7 +346,7 @@ def test_two_new_runs_of_one_name_never_interleave(store_dir):
     first's last checkpoint (ls: 0, 1, 2, 0, 3), whether it was made before or after that ref appeared."""
     d = recipe_dict(rollout={"prompts_per_step": 2, "group_size": 2}, train={"steps": 2, "save_every": 1})
     store = open_store(store_dir)
-    first, second = Trainer.new(build_recipe(d), store), Trainer.new(build_recipe({**d, "seed": 1}), store)
+    first, second = new_trainer(build_recipe(d), store), new_trainer(build_recipe({**d, "seed": 1}), store)
     first.train()
     third = Trainer(build_recipe({**d, "seed": 2}), store)  # Trainer.new's check ran before first's ref existed
     for late in (second, third):
@@ -354,7 +358,7 @@ def test_two_new_runs_of_one_name_never_interleave(store_dir):
 def test_second_run_on_same_branch_is_refused(store_dir):
     store = open_store(store_dir)
     with store.lease("base", "main"), pytest.raises(NpoError, match="base/main"):
-        Trainer.resume(store, "base", ["train.steps=1"]).train()
+        resume_trainer(store, "base", ["train.steps=1"]).train()
 
 
 @pytest.mark.parametrize("static_cache", [False, True], ids=["generate", "own-decoding"])
@@ -362,11 +366,11 @@ def test_rollout_eos_grouping_and_logprobs(base_store, static_cache):
     """Completions stop at (and keep) EOS; groups keep prompt order across generate batches; the stored
     behaviour log-probs equal the policy's log-probs at the sampling temperature. Both HF backends:
     model.generate, and npo's own decoding loop over a static cache (rollout.static_cache)."""
+    from npo_cli.batch import collate
     from npo_cli.checkpoint import load_model
     from npo_cli.grpo import token_logprobs
     from npo_cli.recipe import RolloutConfig
     from npo_cli.rollout import HFBackend
-    from npo_cli.trainer import collate
 
     model, tok, _ = load_model(open_store(base_store), "base@0")
     cfg = RolloutConfig(max_new_tokens=5, temperature=0.7, top_p=0.95, batch_size=3, static_cache=static_cache)
@@ -460,11 +464,11 @@ def test_own_decoding_compiles_into_one_graph(base_store):
     equal the policy's own. Compiled, batches are padded to 64 rows: 4 and 8 rows share one graph."""
     import torch._dynamo
 
+    from npo_cli.batch import collate
     from npo_cli.checkpoint import load_model
     from npo_cli.grpo import token_logprobs
     from npo_cli.recipe import RolloutConfig
     from npo_cli.rollout import HFBackend, _decode_step
-    from npo_cli.trainer import collate
 
     model, tok, _ = load_model(open_store(base_store), "base@0")
     cfg = RolloutConfig(max_new_tokens=6, temperature=0.7, top_p=0.9, batch_size=8, static_cache=True)
@@ -526,15 +530,15 @@ def test_hf_folder_model_and_logging_errors(base_store, tmp_path, monkeypatch):
     store = open_store(tmp_path / "s")
     d = recipe_dict(model={"path": str(folder)}, rollout={"prompts_per_step": 2, "group_size": 2},
                     train={"steps": 2, "save_every": 2, "eval_every": 2})
-    res = Trainer.new(build_recipe(d), store).train()
+    res = new_trainer(build_recipe(d), store).train()
     assert res["step"] == 2 and store.manifest("r@2").step == 2
     try:
         import torch.utils.tensorboard  # noqa: F401
     except ImportError:
         with pytest.raises(NpoError, match="tensorboard is not installed"):
-            Trainer.new(build_recipe({**d, "name": "tb", "logging": {"tensorboard": "tb"}}), store).train()
+            new_trainer(build_recipe({**d, "name": "tb", "logging": {"tensorboard": "tb"}}), store).train()
     with pytest.raises(NpoError, match="model folder not found"):
-        Trainer.new(build_recipe({**d, "name": "m", "model": {"path": str(tmp_path / "nope")}}), store)
+        new_trainer(build_recipe({**d, "name": "m", "model": {"path": str(tmp_path / "nope")}}), store)
 
 
 def test_prompts_the_model_cannot_take_are_one_line_errors(tmp_path):
@@ -564,7 +568,7 @@ def test_prompts_the_model_cannot_take_are_one_line_errors(tmp_path):
     # through a run: the tiny model's context is 256 tokens
     d = recipe_dict(model={"path": "tiny"}, rollout={"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 255})
     with pytest.raises(NpoError, match="with rollout.max_new_tokens=255 it exceeds the model's context of 256"):
-        Trainer.new(build_recipe(d), open_store(tmp_path / "s")).train()
+        new_trainer(build_recipe(d), open_store(tmp_path / "s")).train()
 
 
 def test_a_file_without_held_out_problems_says_there_is_no_eval(tmp_path, capsys):
@@ -573,7 +577,7 @@ def test_a_file_without_held_out_problems_says_there_is_no_eval(tmp_path, capsys
     rows = [{"prompt": f"{i}+0=", "answer": str(i)} for i in range(10) if split_of(f"{i}+0=") == "train"][:3]
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     d = recipe_dict(model={"path": "tiny"}, task={"kind": "file", "train_path": str(tmp_path / "p.jsonl")})
-    t = Trainer.new(build_recipe(d), open_store(tmp_path / "s"))
+    t = new_trainer(build_recipe(d), open_store(tmp_path / "s"))
     assert t.eval_problems == [] and "no held-out problems, so there is no eval; set task.eval_path" in \
         capsys.readouterr().err
 
@@ -626,10 +630,10 @@ def test_resume_refuses_other_training_prompts(tmp_path, monkeypatch):
                            "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 3},
                            "train": {"steps": 1, "save_every": 1, "eval_every": 100}, "logging": {"progress": False}})
     monkeypatch.chdir(tmp_path / "a")
-    Trainer.new(recipe, store).train()
-    assert store.manifest("f").state["train_sha"]
+    new_trainer(recipe, store).train()
+    assert store.manifest("f").state.train_sha
     monkeypatch.chdir(tmp_path / "b")
     with pytest.raises(NpoError, match="training prompts 'train.jsonl' differ from the ones checkpoint"):
-        Trainer.resume(store, "f", ["train.steps=2"])
-    t = Trainer.resume(store, "f", ["train.steps=2", f"task.train_path={tmp_path / 'a' / 'train.jsonl'}"])
+        resume_trainer(store, "f", ["train.steps=2"])
+    t = resume_trainer(store, "f", ["train.steps=2", f"task.train_path={tmp_path / 'a' / 'train.jsonl'}"])
     assert t.train()["step"] == 2

@@ -31,6 +31,16 @@ def test_exact_format_reward():
     assert v("p", "5\nmore", "5", finished=True) == 1.0  # not a single line
 
 
+
+def test_judge_ignores_format_reward():
+    """A well-formed wrong answer earns the format bonus from the reward, never a pass from the judge."""
+    task = TaskConfig(verifier="exact", format_reward=1.0)
+    reward, judge = verifiers.make_verifier(task), verifiers.make_judge(task)
+    assert reward("p", "7", "5", finished=True) == pytest.approx(1.0)  # wrong, but the bonus reaches 1.0
+    assert judge("p", "7", "5", finished=True) < 1.0
+    assert judge("p", "5", "5", finished=True) >= 1.0
+    assert task.format_reward == 1.0  # the recipe's task is left as it was
+
 def test_math_boxed_fraction_vs_decimal():
     v = make(verifier="math")
     assert v("q", "so the answer is \\boxed{1/2}", "0.5") == 1.0

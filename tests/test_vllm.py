@@ -37,8 +37,8 @@ def _recipe(**over):
 @pytest.fixture(scope="module")
 def engine(npo_base_store):
     """(policy, tokenizer, vLLM backend, prompts) from the SFT'd tiny model, fp32."""
+    from npo_cli.backend import make_backend
     from npo_cli.checkpoint import load_model
-    from npo_cli.rollout import make_backend
     from npo_cli.store import Store
     from npo_cli.tasks import load_problems
 
@@ -66,8 +66,8 @@ def engines_built(monkeypatch) -> list:
 
 def _hf_logprobs(model, rows, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(HF log-probs, recorded log-probs, mask) of the rows' completion tokens."""
+    from npo_cli.batch import collate
     from npo_cli.grpo import token_logprobs
-    from npo_cli.trainer import collate
 
     b = collate(rows, 0, "cpu")
     with torch.no_grad():
@@ -107,7 +107,7 @@ def test_logprobs_match_hf_forward(engine):
 def test_top_p_logprobs_are_taken_before_the_cut(engine):
     """With top_p < 1 (at T = 1) the recorded log-prob is still log_softmax(logits) over the whole
     vocabulary, as HF records it and the trainer recomputes; the sampled tokens lie in the nucleus."""
-    from npo_cli.rollout import make_backend
+    from npo_cli.backend import make_backend
 
     model, tok, _, prompts = engine
     top_p = 0.6
@@ -118,7 +118,7 @@ def test_top_p_logprobs_are_taken_before_the_cut(engine):
     lp, old, mask = _hf_logprobs(model, rows, temperature=1.0)
     assert _max_diff(lp, old, mask) <= 1e-4
     # each sampled token is inside the nucleus: the mass of the strictly likelier tokens is < top_p
-    from npo_cli.trainer import collate
+    from npo_cli.batch import collate
 
     b = collate(rows, 0, "cpu")
     C = b["n_completion"]
@@ -141,7 +141,7 @@ def test_guide_shares_the_policy_engine(engine, engines_built):
     swapped in before it samples (log-probs of each equal its own HF forward), no engine is built."""
     import copy
 
-    from npo_cli.rollout import make_backend
+    from npo_cli.backend import make_backend
 
     model, tok, backend, prompts = engine
     guide = copy.deepcopy(model)
@@ -205,9 +205,9 @@ def test_weight_push_changes_generations(engine):
 
 
 def test_quickstart_run_with_vllm(npo_base_store, tmp_path, engines_built):
+    from npo_cli.branching import new_trainer
     from npo_cli.checkpoint import load_metrics
     from npo_cli.store import Store
-    from npo_cli.trainer import Trainer
 
     shutil.copytree(npo_base_store, tmp_path / "store")
     store = Store.open(str(tmp_path / "store"))
@@ -216,7 +216,7 @@ def test_quickstart_run_with_vllm(npo_base_store, tmp_path, engines_built):
                      grpo={"lr": 1e-3, "updates_per_batch": 2},
                      train={"steps": 3, "save_every": 3, "eval_every": 2},
                      logging={"progress": False, "metrics_jsonl": None})
-    trainer = Trainer.new(recipe, store)
+    trainer = new_trainer(recipe, store)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     res = trainer.train(progress=False)
     assert res["step"] == 3 and res["checkpoint"]
@@ -233,15 +233,16 @@ def test_intervene_with_vllm_guide(npo_base_store, tmp_path, engines_built):
     """`npo intervene` on the vLLM backend: the guide samples through the policy's engine, its cached
     trajectories carry the guide's pre-cut log-probs (top_p < 1), equal to an HF forward of the guide,
     and the run goes on sampling after the guide is unloaded."""
+    from npo_cli.branching import new_trainer
     from npo_cli.checkpoint import load_metrics, load_model
-    from npo_cli.intervene import intervene
+    from npo_cli.commands import intervene
+    from npo_cli.guide import cache_entries
     from npo_cli.store import Store
-    from npo_cli.trainer import Trainer
 
     shutil.copytree(npo_base_store, tmp_path / "store")
     store = Store.open(str(tmp_path / "store"))
     rollout = {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4, "top_p": 0.8}
-    Trainer.new(_recipe(name="r", model={"path": "base"}, rollout=rollout, grpo={"lr": 1e-3},
+    new_trainer(_recipe(name="r", model={"path": "base"}, rollout=rollout, grpo={"lr": 1e-3},
                         train={"steps": 4, "save_every": 2, "eval_every": 100},
                         logging={"progress": False, "metrics_jsonl": None}), store).train(progress=False)
     res = intervene(str(tmp_path / "store"), run="r", at=2, guide="4", until=4, progress=False,
@@ -252,7 +253,7 @@ def test_intervene_with_vllm_guide(npo_base_store, tmp_path, engines_built):
     rows = [r for ref in ("r/npo-2-g4@4", "r/npo-2-g4@6") for r in load_metrics(store, store.manifest(ref))]
     assert [(r["step"], "npo/active" in r) for r in rows] == [(3, True), (4, True), (5, False), (6, False)]
     guide = store.resolve("r@4")
-    entries = [store.get_json(oid) for oid in store.cache_entries(guide).values()]
+    entries = [store.get_json(oid) for oid in cache_entries(store, guide).values()]
     found = [e for e in entries if e["found"]]
     assert len(entries) >= 4 and found
     model, _, _ = load_model(store, guide, dtype=torch.float32)

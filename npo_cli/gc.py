@@ -1,0 +1,146 @@
+"""What the store needs, checked (`verify`) and kept (`collect`); everything else is garbage.
+
+Reachability: every branch ref is a root. From a checkpoint, follow the other checkpoints it links
+(`Manifest.links()`: parent and guide, recursively) and keep every object it names (`Manifest.objects()`:
+tensors, recipe, metrics, model config, tokenizer files, extra objects). Named objects are kept as
+leaves: their contents are not parsed, so whoever stores e.g. a replay buffer lists every object it
+needs in the manifest's `extra_objects`. A ref under an owned folder, `<folder>/<owner id>/<key>`, is
+attached to the object <owner>: it and the object it holds are kept while the owner is reachable, and
+collect drops it once the owner is not, or once its own object is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from npo_cli.errors import NpoError
+from npo_cli.lease import holder, lease_state, leases
+from npo_cli.objects import is_oid
+from npo_cli.store import Store
+
+GC_KEEP_RECENT = 3600.0  # seconds: gc keeps unreachable objects this young (their writer may be running)
+OWNED = {"guides": "guide-cache entry"}  # folders of owned refs -> what one is called in messages
+
+
+def _owned(who: str) -> bool:
+    return who.split("/", 1)[0] in OWNED
+
+
+def _what(name: str) -> str:
+    """'guide-cache entry guides/<owner>/<key>' for an owned ref's name."""
+    return f"{OWNED[name.split('/', 1)[0]]} {name}"
+
+
+def reachable(store: Store) -> tuple[dict[str, str], list[str], dict[str, str]]:
+    """(oid -> the checkpoint id or owned ref name that needs it, problems, owned ref name -> oid):
+    everything reachable from the branch refs."""
+    need: dict[str, str] = {}
+    problems: list[str] = []
+    todo: list[tuple[str, str]] = []
+    for run in store.runs():
+        try:
+            todo += [(cid, f"ref {run}/{b}") for b, cid in store.branches(run).items()]
+        except NpoError as e:  # a damaged ref: a problem to report, not a reason to stop looking
+            problems.append(str(e))
+    while todo:
+        cid, via = todo.pop()
+        if cid in need:
+            continue
+        need[cid] = cid
+        try:
+            m = store.manifest(cid)
+        except NpoError as e:
+            problems.append(f"checkpoint {cid[:12]} (from {via}): {e}")
+            continue
+        for oid in m.objects():
+            need.setdefault(oid, cid)
+        label = f"{m.run}/{m.branch}@{m.step}"
+        todo += [(nxt, f"{what} of {label}") for nxt, what in m.links().items()]
+    owned: dict[str, str] = {}
+    for folder in OWNED:
+        for owner in store.list_refs(folder):
+            if owner not in need:
+                continue
+            for key in store.list_refs(f"{folder}/{owner}"):
+                name = f"{folder}/{owner}/{key}"
+                try:
+                    oid = store.read_ref(name)
+                except NpoError:  # holds no object id: it reaches nothing
+                    continue
+                if oid:
+                    owned[name] = oid
+                    need.setdefault(oid, name)
+    return need, problems, owned
+
+
+def verify(store: Store) -> dict:
+    """Re-hash every object and check every reachable manifest's references."""
+    need, problems, _ = reachable(store)
+    present = store.objects()
+    for oid, who in need.items():
+        if oid not in present:
+            problems.append(f"missing object {oid[:16]} of {_what(who)} (npo gc drops the entry)"
+                            if _owned(who) else
+                            f"missing object {oid[:16]} needed by {store.describe(who)}")
+    names = sorted(present)
+    problems += [f"stray file objects/{o[:2]}/{o[2:]} (not an object name)" for o in names if not is_oid(o)]
+    names = [o for o in names if is_oid(o)]
+
+    def bad(oid: str) -> bool:
+        try:
+            return store.hash_object(oid) != oid
+        except FileNotFoundError:  # removed meanwhile (a concurrent gc)
+            return False
+
+    with ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 2))) as ex:  # hashlib drops the GIL
+        for oid, is_bad in zip(names, ex.map(bad, names)):
+            if is_bad:
+                who = need.get(oid)
+                who = ("unreferenced" if who is None else _what(who) if _owned(who)
+                       else f"needed by checkpoint {store.describe(who)}")
+                problems.append(f"corrupt object {oid[:16]}: SHA-256 mismatch ({who})")
+    checkpoints = sum(1 for oid, who in need.items() if oid == who)
+    return {"ok": not problems, "objects": len(present), "checkpoints": checkpoints,
+            "bytes": sum(present.values()), "problems": problems}
+
+
+def collect(store: Store, dry_run: bool = False, force: bool = False,
+            keep_recent: float = GC_KEEP_RECENT) -> dict:
+    """Delete objects no ref reaches and older than keep_recent seconds, and owned refs whose owner or
+    object is gone. Refuses while any lease is live unless force.
+
+    keep_recent protects writers that hold no lease (import, guide-cache fills, a save between its
+    objects and its ref): as in git, young unreachable objects are kept, and a save that reuses an
+    object refreshes its time (local stores; on S3 a reused object that gc deletes in the moment
+    between the save's check and its ref is the remaining race)."""
+    live = [(r, b, i) for r, b, i in leases(store) if lease_state(i) == "live"]
+    if live and not force:
+        r, b, i = live[0]
+        raise NpoError(f"{len(live)} branch(es) are being written ({r}/{b} by {holder(i)}); "
+                       "gc would race them; retry later or pass --force")
+    need, problems, owned = reachable(store)
+    if problems:
+        raise NpoError(f"refusing to gc a damaged store: {problems[0]} (see npo verify)")
+    found = store.io.objects()
+    now = time.time()
+    unreachable = {oid: size for oid, (size, _) in found.items() if oid not in need}
+    doomed = {oid: size for oid, size in unreachable.items() if now - found[oid][1] >= keep_recent}
+    stale = [name for name, oid in owned.items() if oid not in found]  # an owned ref whose object is gone
+    if not dry_run:
+        for oid in doomed:
+            store.delete_object(oid)
+        for name in stale:
+            store.remove_ref(name)
+        for folder in OWNED:  # refs of owners that are gone
+            for owner in store.list_refs(folder):
+                if owner not in need:
+                    for key in store.list_refs(f"{folder}/{owner}"):
+                        store.remove_ref(f"{folder}/{owner}/{key}")
+        # temp files of killed writers; a young one may belong to a writer without a lease (import)
+        store.io.clean_tmp(older_than=min(keep_recent, 0 if force else 3600))
+    total = sum(size for size, _ in found.values())
+    return {"dry_run": dry_run, "objects": len(doomed), "bytes": sum(doomed.values()),
+            "recent_objects": len(unreachable) - len(doomed), "stale_cache_entries": len(stale),
+            "kept_objects": len(found) - len(doomed), "kept_bytes": total - sum(doomed.values())}

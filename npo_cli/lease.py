@@ -1,0 +1,188 @@
+"""Leases: one writer per branch of a run.
+
+A lease is a JSON file `runs/<run>/leases/<branch>.json` in the store (host, pid, since, expiry,
+token), created with an atomic create-if-absent write and renewed in the background while its holder
+runs. It is not a ref (it names no object) and gc ignores it, except that gc refuses to run while any
+lease is live (it would race the writer).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Literal
+
+from npo_cli.errors import NpoError
+from npo_cli.objects import NAME_RE, ObjectStore, check_name, now_iso
+
+_MY_LEASES: dict[tuple[str, str, str], str] = {}  # (store url, run, branch) -> token, held by this process
+DEFAULT_TTL = 600.0  # seconds; the holder renews every ttl/3, so "expired" means the holder stopped
+
+
+def _path(run: str, branch: str) -> str:
+    return f"runs/{run}/leases/{branch}.json"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed but unreaped child is a zombie: gone for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def lease_state(info: dict) -> Literal["live", "dead", "expired"]:
+    """live: a writer may be running. dead: its process on this host is gone. expired: not renewed."""
+    if float(info.get("expiry", 0)) < time.time():
+        return "expired"
+    if info.get("host") == socket.gethostname() and not pid_alive(int(info.get("pid", -1))):
+        return "dead"
+    return "live"
+
+
+def holder(info: dict) -> str:
+    return f"host {info.get('host')} pid {info.get('pid')} since {info.get('since')}"
+
+
+def _fmt_ts(ts) -> str:
+    try:
+        return dt.datetime.fromtimestamp(float(ts), dt.timezone.utc).isoformat(timespec="seconds")
+    except (TypeError, ValueError):
+        return "?"
+
+
+def read_lease(store: ObjectStore, run: str, branch: str) -> dict | None:
+    """The lease record of run/branch, None if it has none."""
+    try:
+        return json.loads(bytes(store.io.read(_path(run, branch))))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {"host": "?", "pid": -1, "since": "?", "expiry": 0, "token": "damaged"}
+
+
+def leases(store: ObjectStore) -> list[tuple[str, str, dict]]:
+    """(run, branch, record) of every lease in the store, live or not."""
+    out = []
+    for run in store.io.listdir("runs"):
+        if not NAME_RE.fullmatch(run):
+            continue
+        for f in store.io.listdir(f"runs/{run}/leases"):
+            if f.endswith(".json"):
+                info = read_lease(store, run, f[:-5])
+                if info:
+                    out.append((run, f[:-5], info))
+    return out
+
+
+def check_writer(store: ObjectStore, run: str, branch: str) -> None:
+    """Refuse a save when another live process holds the branch lease (or ours was lost)."""
+    info = read_lease(store, run, branch)
+    mine = _MY_LEASES.get((store.url, run, branch))
+    if mine is not None and (info is None or info.get("token") != mine):
+        raise NpoError(f"lost the lease on {run}/{branch}" + (f" to {holder(info)}" if info else "")
+                       + "; stopping without writing")
+    if info and mine is None and lease_state(info) == "live":
+        raise NpoError(f"branch {run}/{branch} is being written by {holder(info)}; "
+                       "wait for it to finish or use another branch")
+
+
+class Lease:
+    """One writer per branch. `with Lease(store, run, branch):` acquires, renews in the background,
+    and releases on exit. An expired lease is taken over; a dead one (same host, process gone) or one
+    held on another host is broken only with force; a live process on this host is never overridden."""
+
+    def __init__(self, store: ObjectStore, run: str, branch: str, force: bool = False,
+                 ttl: float | None = None):
+        self.store, self.force = store, force
+        self.run, self.branch = check_name("run", run), check_name("branch", branch)
+        self.ttl = float(ttl or os.environ.get("NPO_LEASE_TTL") or DEFAULT_TTL)
+        self.rel = _path(run, branch)
+        self.token = uuid.uuid4().hex
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "since": self.since,
+                "expiry": time.time() + self.ttl, "token": self.token}
+
+    def _read(self) -> dict | None:
+        return read_lease(self.store, self.run, self.branch)
+
+    def acquire(self) -> Lease:
+        self.since = now_iso()
+        key = (self.store.url, self.run, self.branch)
+        for _ in range(3):
+            data = json.dumps(self._record()).encode()
+            if self.store.io.write(self.rel, [data], exclusive=True):
+                held = self._read()
+                if held and held.get("token") == self.token:  # guards backends without atomic create
+                    _MY_LEASES[key] = self.token
+                    return self
+                continue
+            info = self._read()
+            if info is None:
+                continue  # released meanwhile: try again
+            state = lease_state(info)
+            who = f"branch {self.run}/{self.branch} is leased by {holder(info)}"
+            if info.get("token") == _MY_LEASES.get(key):
+                raise NpoError(f"{who} (this process already holds it)")
+            if state == "live" and info.get("host") == socket.gethostname():
+                raise NpoError(f"{who}, which is still running; stop it first")
+            if state == "live" and not self.force:
+                raise NpoError(f"{who} (expires {_fmt_ts(info.get('expiry'))}); if that process is gone, "
+                               "pass --force to break the lease")
+            if state == "dead" and not self.force:
+                raise NpoError(f"{who}, but that process is gone; pass --force to break the lease")
+            # expired, or dead/remote with force: break it, then race for a fresh exclusive create
+            if self._read() == info:
+                self.store.io.remove(self.rel)
+        raise NpoError(f"could not take the lease on {self.run}/{self.branch} (another writer keeps "
+                       "taking it); retry")
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                info = self._read()
+                if not info or info.get("token") != self.token:
+                    self.lost = True
+                    return
+                self.store.io.write(self.rel, [json.dumps(self._record()).encode()])
+            except Exception:  # noqa: BLE001, S112  a store hiccup (network, full disk): retry at the next tick.
+                continue  # If it outlasts the lease and another writer takes over, the check above sees it.
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        _MY_LEASES.pop((self.store.url, self.run, self.branch), None)
+        info = self._read()
+        if info and info.get("token") == self.token:
+            self.store.io.remove(self.rel)
+
+    def __enter__(self) -> Lease:  # noqa: PYI034  (typing.Self needs Python 3.11)
+        self.acquire()
+        self._thread = threading.Thread(target=self._renew, daemon=True, name=f"lease-{self.run}/{self.branch}")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.release()
+        except Exception:
+            if exc[0] is None:
+                raise
+            # The store failed under the writer (network, disk): the error that stopped it says why;
+            # the lease left behind expires, or --force breaks it.
