@@ -45,27 +45,30 @@ def load_recipe(path: str, overrides: list[str]) -> Recipe:
     return build_recipe(data, list(overrides))
 
 
+def _recipe_or_resume(recipe_path: str | None, resume: str | None, command: str) -> None:
+    if resume and recipe_path:
+        raise NpoError("--resume takes the recipe stored in the checkpoint; drop RECIPE and pass changes with --set")
+    if not resume and not recipe_path:
+        raise NpoError(f"give a recipe file (npo {command} RECIPE) or --resume RUN[/BRANCH]")
+
+
 def run_recipe(recipe_path: str | None, overrides: list[str], store_url: str | None, resume: str | None,
                console=None, progress: bool = True, force: bool = False) -> dict:
-    """`npo run`: a new run from a recipe file, or --resume RUN[/BRANCH] from its head."""
+    """`npo run`: a new run from a recipe file, or --resume RUN[/BRANCH] from its head. An AutoNPO run (a
+    recipe with auto.enabled, or a resume of one) goes on as `npo auto` would."""
     dist.init(console)  # torchrun --nproc-per-node N -m npo_cli run ...: data-parallel (no-op in one process)
+    _recipe_or_resume(recipe_path, resume, "run")
     if resume:
-        if recipe_path:
-            raise NpoError("--resume takes the recipe stored in the checkpoint; drop RECIPE "
-                           "and pass changes with --set")
         store = open_store(store_url, must_exist=True)
-        if auto.is_auto(store, resume):  # an AutoNPO run continues with its controller (and its rollbacks)
-            return auto_run(None, overrides, store_url, resume, console=console, progress=progress, force=force)
+        if auto.is_auto(store, resume):  # it continues with its controller (and its rollbacks)
+            return _drive(store, auto.resume(store, resume, list(overrides), console=console, force=force),
+                          console, progress, force)
         trainer = resume_trainer(store, resume, overrides, console=console)
     else:
-        if not recipe_path:
-            raise NpoError("give a recipe file (npo run RECIPE) or --resume RUN[/BRANCH]")
         recipe = load_recipe(recipe_path, overrides)
-        if recipe.auto.enabled:  # auto.enabled in the recipe: the same as npo auto RECIPE
-            return auto_run(recipe_path, overrides, store_url, None, console=console, progress=progress,
-                            force=force)
-        store = open_store(store_url, recipe)
-        trainer = new_trainer(recipe, store, console=console)
+        if recipe.auto.enabled:
+            return _new_auto(recipe, store_url, console, progress, force)
+        trainer = new_trainer(recipe, open_store(store_url, recipe), console=console)
     res = trainer.train(progress=progress and trainer.recipe.logging.progress, force=force)
     dist.finish()
     return res
@@ -75,19 +78,23 @@ def auto_run(recipe_path: str | None, overrides: list[str], store_url: str | Non
              console=None, progress: bool = True, force: bool = False) -> dict:
     """`npo auto`: a new AutoNPO run from a recipe file, or --resume RUN (its live branch) or RUN/BRANCH."""
     dist.init(console)  # torchrun ... -m npo_cli auto ...: data-parallel (no-op in one process)
+    _recipe_or_resume(recipe_path, resume, "auto")
     if resume:
-        if recipe_path:
-            raise NpoError("--resume takes the recipe stored in the checkpoint; drop RECIPE and pass "
-                           "changes with --set")
         store = open_store(store_url, must_exist=True)
-        trainer = auto.resume(store, resume, list(overrides), console=console, force=force)
-    else:
-        if not recipe_path:
-            raise NpoError("give a recipe file (npo auto RECIPE) or --resume RUN")
-        recipe = load_recipe(recipe_path, list(overrides) + ["auto.enabled=true"])
-        auto.check_new(recipe)
-        store = open_store(store_url, recipe)
-        trainer = new_trainer(recipe, store, auto.AutoTrainer, console=console)
+        return _drive(store, auto.resume(store, resume, list(overrides), console=console, force=force),
+                      console, progress, force)
+    recipe = load_recipe(recipe_path, overrides)
+    recipe = Recipe.model_validate({**recipe.model_dump(), "auto": {**recipe.auto.model_dump(), "enabled": True}})
+    return _new_auto(recipe, store_url, console, progress, force)
+
+
+def _new_auto(recipe: Recipe, store_url: str | None, console, progress: bool, force: bool) -> dict:
+    auto.check_new(recipe)
+    store = open_store(store_url, recipe)
+    return _drive(store, new_trainer(recipe, store, auto.AutoTrainer, console=console), console, progress, force)
+
+
+def _drive(store: Store, trainer: auto.AutoTrainer, console, progress: bool, force: bool) -> dict:
     res = auto.drive(store, trainer, console=console, progress=progress, force=force)
     dist.finish()
     return res

@@ -15,7 +15,6 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor
 
 from npo_cli.errors import NpoError, one_line
 from npo_cli.recipe import RolloutConfig
@@ -61,8 +60,9 @@ def _decode_step(model, cache, ids, position_ids, attention_mask, temperature: f
     return _pick(logits, temperature, top_p, greedy)
 
 
-class _Recorder(LogitsProcessor):
-    """Applies temperature / top-p and records log p(token) of each sampled token, in float32.
+class _Recorder:
+    """A logits processor for HF generate (any callable is one): applies temperature / top-p and records
+    log p(token) of each sampled token, in float32.
 
     The recorded log-prob is log_softmax(logits / T) before the top-p cut, the same quantity the
     trainer computes for pi_theta, so the ratio is exactly 1 for unchanged weights.
@@ -172,7 +172,10 @@ class HFBackend:
             for dst, src in zip(self.model.parameters(), self.policy.parameters()):
                 dst.copy_(src.full_tensor() if hasattr(src, "full_tensor") else src)  # FSDP2: gather
 
-    def _gen_config(self, greedy: bool) -> GenerationConfig:
+    def _gen_config(self, greedy: bool):
+        # transformers is imported where used: commands that only read the store start without it
+        from transformers import GenerationConfig
+
         # Every sampling knob is explicit so a model's own generation_config (top_k=20,
         # repetition_penalty, ...) cannot change the behaviour policy behind our back.
         # Temperature and top-p are applied by _Recorder, so HF's warpers stay off.
