@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from npo_cli.batch import format_prompt
 from npo_cli.checkpoint import DTYPES, load_model, load_tokenizer
 from npo_cli.errors import NpoError
 from npo_cli.model import resolve_device
+from npo_cli.objects import is_oid
 from npo_cli.progress import Progress
 from npo_cli.recipe import build_recipe
 from npo_cli.seeds import data_order, derive_seed, forked_rng
@@ -36,7 +36,6 @@ from npo_cli.tasks import load_problems
 from npo_cli.verifiers import make_judge
 
 CACHE_FORMAT = "npo-guide/1"
-_OID = re.compile(r"[0-9a-f]{64}")
 
 
 # --------------------------------------------------------------------------- the cache: refs guides/<guide>/<key>
@@ -53,7 +52,7 @@ def cache_get(store, guide: str, key: str) -> str | None:
 
 def cache_put(store, guide: str, key: str, oid: str) -> None:
     """Point cache entry `key` of `guide` at object `oid` (write the object first)."""
-    if not all(_OID.fullmatch(x or "") for x in (guide, key, oid)):
+    if not all(is_oid(x) for x in (guide, key, oid)):
         raise NpoError("guide cache names must be 64-hex ids")
     store.write_ref(f"guides/{guide}/{key}", oid)
 
@@ -62,7 +61,7 @@ def cache_entries(store, guide: str) -> dict[str, str]:
     """key -> entry object id, for one guide checkpoint."""
     out = {}
     for k in store.list_refs(f"guides/{guide}"):
-        if _OID.fullmatch(k) and (oid := cache_get(store, guide, k)):
+        if is_oid(k) and (oid := cache_get(store, guide, k)):
             out[k] = oid
     return out
 

@@ -32,7 +32,7 @@ from npo_cli.errors import NpoError
 from npo_cli.guide import GuideGenerator
 from npo_cli.rollout import Rollout
 from npo_cli.seeds import derive_seed
-from npo_cli.tasks import Problem, _read_records
+from npo_cli.tasks import Problem, read_records
 
 GATE_EPS = 1e-9  # p̂ == gate mixes (k/n is not always exact in binary)
 
@@ -260,7 +260,7 @@ def read_teacher(url: str, prompt_field: str = "prompt") -> dict[str, list[dict]
     """prompt -> teacher completions, from a JSONL/Parquet file (any fsspec URL) with `prompt_field` and
     `completion` fields."""
     table: dict[str, list[dict]] = {}
-    for i, row in enumerate(_read_records(url, (prompt_field, "completion")), 1):
+    for i, row in enumerate(read_records(url, (prompt_field, "completion")), 1):
         if not isinstance(row, dict) or row.get(prompt_field) is None or row.get("completion") is None:
             raise NpoError(f"teacher file {url} record {i} needs fields '{prompt_field}' and 'completion'")
         table.setdefault(str(row[prompt_field]), []).append({"completion": str(row["completion"])})

@@ -143,7 +143,7 @@ def _arithmetic(cfg: ArithmeticConfig, split: Split, seed: int, eval_size: int) 
 
 # ---------------------------------------------------------------- files
 
-def _read_records(url: str, fields: tuple[str, str]) -> list[dict]:
+def read_records(url: str, fields: tuple[str, str]) -> list[dict]:
     import fsspec
 
     lower = url.lower().removesuffix(".gz").removesuffix(".bz2").removesuffix(".zst").removesuffix(".xz")
@@ -206,7 +206,7 @@ def _answer_text(value) -> str:
 
 def _problems_from(url: str, task: TaskConfig) -> list[Problem]:
     out = []
-    for i, row in enumerate(_read_records(url, (task.prompt_field, task.answer_field)), 1):
+    for i, row in enumerate(read_records(url, (task.prompt_field, task.answer_field)), 1):
         where = f"prompt file {url} record {i}"
         for name in (task.prompt_field, task.answer_field):
             if not isinstance(row, dict) or name not in row:
