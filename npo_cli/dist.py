@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from typing import NoReturn
 
 import torch
@@ -31,12 +33,25 @@ import torch.distributed as dist
 
 from npo_cli.errors import NpoError
 
+_terminated: list[int] = []  # SIGTERM arrived (torchrun stops the other ranks when one fails)
+
+
+def _note_sigterm(signum, frame) -> None:
+    _terminated.append(signum)
+
 
 def init(console=None) -> None:
     """Join the process group when started by torchrun (WORLD_SIZE > 1); no-op otherwise. `console` (the
-    CLI's) is silenced on every rank but 0, so a command prints its output once."""
+    CLI's) is silenced on every rank but 0, so a command prints its output once.
+
+    When one rank fails, torchrun sends SIGTERM to the others. A rank notes it and stops at its next
+    collective: that collective fails (the failed rank is gone), so the rank says another process stopped,
+    whenever the signal came; if every rank is alive (torchrun itself was stopped), the collective completes
+    and the rank stops with that reason. Training replaces this with its own handler (stop after the step)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _note_sigterm)
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -126,6 +141,8 @@ def gather_json(obj) -> list:
     n = max(int(s.item()) for s in sizes)
     bufs = [torch.zeros(n, dtype=torch.uint8, device=_device()) for _ in range(world())]
     dist.all_gather(bufs, torch.cat([data, data.new_zeros(n - data.numel())]))
+    if _terminated:  # see init: every rank got here, so torchrun itself was told to stop
+        raise NpoError("stopped by SIGTERM (torchrun was stopped)")
     return [json.loads(bytes(b[: int(s.item())].tolist()).decode()) for b, s in zip(bufs, sizes)]
 
 
