@@ -10,10 +10,11 @@ The controller (`AutoController`, the trainer's `controller` seam) watches every
    V(D) = exp(mean per-token KL(pi_t || pi_{t-D})) on the probe's own trajectories (one forward of the
    old checkpoint each, no extra sampling); D* = argmax S = Q/V (`select_delta`, a pure function).
    When S(D*) >= min_score the controller stops the branch (the trainer checkpoints step t: the guide).
-4. the driver (`drive`) makes branch `auto-k` (`rollback`, through `branching.fork_branch`) at t-D*, pre-fills the guide cache (guide = the step-t
-   checkpoint) for the mistakes of the replayed stretch [t-D*, t) (the replay meets exactly those
-   prompts again: the data order is a function of the step; other gated prompts are generated on
-   demand), replays t-D*..t with npo.source=npo, then continues GRPO, and repeats on the next plateau.
+4. the driver (`drive`) makes branch `auto-k` at t-D* (`rollback`, through `branching.fork_branch`),
+   pre-fills the guide cache (guide = the step-t checkpoint) for the mistakes of the replayed stretch
+   [t-D*, t) (the replay meets exactly those prompts again: the data order is a function of the step;
+   other gated prompts are generated on demand), replays t-D*..t with npo.source=npo, then continues
+   GRPO, and repeats on the next plateau.
 5. auto.bootstrap: the run starts as a scout; at step scout_steps it restarts from step 0 on branch
    `auto-boot` with the scout's checkpoint as guide (NPO for steps 0..scout_steps).
 

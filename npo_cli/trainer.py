@@ -78,7 +78,7 @@ def evaluate(model, tokenizer, recipe: Recipe, problems: list, samples: int, see
 
 class Trainer:
     """GRPO on one branch of one run: a new run (init None) or one restored from checkpoint `init` (a resume
-    of its branch, or the fork point of a new branch). npo_cli/app.py builds trainers with their source."""
+    of its branch, or the fork point of a new branch). npo_cli/branching.py builds trainers with their source."""
 
     def __init__(self, recipe: Recipe, store, *, branch: str = "main", init: Manifest | None = None,
                  source=None, controller=None, console=None):
