@@ -272,11 +272,11 @@ def save_checkpoint(store: Store, *, run: str, branch: str, step: int, model, to
     # a checkpoint id is taken as it is (the trainer passes ids); any other ref is resolved
     parent_id = before if parent == "head" else (store.manifest(parent).id if parent else None)
     guide_id = store.manifest(guide).id if guide else None
-    state = _jsonable("state", state.model_dump() if isinstance(state, TrainerState) else state or {})
-    events = _jsonable("events", [e.model_dump() if isinstance(e, Event) else e for e in events or []])
-    _check("state", TrainerState, state)
-    for i, e in enumerate(events):
-        _check(f"events[{i}]", Event, e)
+    # validated (and made JSON) before anything is written
+    state = _valid("state", TrainerState,
+                   _jsonable("state", state.model_dump() if isinstance(state, TrainerState) else state or {}))
+    events = [_valid(f"events[{i}]", Event, e) for i, e in enumerate(
+        _jsonable("events", [e.model_dump() if isinstance(e, Event) else e for e in events or []]))]
     bad = [oid for oid in extra_objects or [] if not is_oid(oid)]
     if bad:
         raise NpoError(f"extra_objects must be object ids, not {bad[0]!r}")
@@ -312,10 +312,10 @@ def save_checkpoint(store: Store, *, run: str, branch: str, step: int, model, to
     return cid
 
 
-def _check(what: str, model: type[BaseModel], value: Any) -> None:
-    """NpoError, before anything is written, for a state or event that would not make a valid manifest."""
+def _valid(what: str, model: type[BaseModel], value: Any) -> Any:
+    """`value` as a `model`; NpoError naming the field when it is not one."""
     try:
-        model.model_validate(value)
+        return model.model_validate(value)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(map(str, err["loc"]))

@@ -33,9 +33,10 @@ def _what(name: str) -> str:
     return f"{OWNED[name.split('/', 1)[0]]} {name}"
 
 
-def reachable(store: Store) -> tuple[dict[str, str], list[str], dict[str, str]]:
-    """(oid -> the checkpoint id or owned ref name that needs it, problems, owned ref name -> oid):
-    everything reachable from the branch refs."""
+def reachable(store: Store) -> tuple[dict[str, str], list[str], dict[str, str | None]]:
+    """(oid -> the checkpoint id or owned ref name that needs it, problems, every owned ref name -> the
+    object it keeps, None when its owner is unreachable or it holds no object id): everything reachable
+    from the branch refs."""
     need: dict[str, str] = {}
     problems: list[str] = []
     todo: list[tuple[str, str]] = []
@@ -58,20 +59,20 @@ def reachable(store: Store) -> tuple[dict[str, str], list[str], dict[str, str]]:
             need.setdefault(oid, cid)
         label = f"{m.run}/{m.branch}@{m.step}"
         todo += [(nxt, f"{what} of {label}") for nxt, what in m.links().items()]
-    owned: dict[str, str] = {}
+    owned: dict[str, str | None] = {}
     for folder in OWNED:
         for owner in store.list_refs(folder):
-            if owner not in need:
-                continue
             for key in store.list_refs(f"{folder}/{owner}"):
                 name = f"{folder}/{owner}/{key}"
+                owned[name] = None
+                if owner not in need:
+                    continue
                 try:
-                    oid = store.read_ref(name)
+                    owned[name] = store.read_ref(name)
                 except NpoError:  # holds no object id: it reaches nothing
                     continue
-                if oid:
-                    owned[name] = oid
-                    need.setdefault(oid, name)
+                if owned[name]:
+                    need.setdefault(owned[name], name)
     return need, problems, owned
 
 
@@ -127,17 +128,13 @@ def collect(store: Store, dry_run: bool = False, force: bool = False,
     now = time.time()
     unreachable = {oid: size for oid, (size, _) in found.items() if oid not in need}
     doomed = {oid: size for oid, size in unreachable.items() if now - found[oid][1] >= keep_recent}
-    stale = [name for name, oid in owned.items() if oid not in found]  # an owned ref whose object is gone
+    stale = [name for name, oid in owned.items() if oid and oid not in found]  # its object is gone
+    orphans = [name for name in owned if name.split("/")[1] not in need]  # its owner is gone
     if not dry_run:
         for oid in doomed:
             store.delete_object(oid)
-        for name in stale:
+        for name in stale + orphans:
             store.remove_ref(name)
-        for folder in OWNED:  # refs of owners that are gone
-            for owner in store.list_refs(folder):
-                if owner not in need:
-                    for key in store.list_refs(f"{folder}/{owner}"):
-                        store.remove_ref(f"{folder}/{owner}/{key}")
         # temp files of killed writers; a young one may belong to a writer without a lease (import)
         store.io.clean_tmp(older_than=min(keep_recent, 0 if force else 3600))
     total = sum(size for size, _ in found.values())
