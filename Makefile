@@ -41,7 +41,7 @@ lint:
 	$(BIN)/ruff check npo_cli tests benchmarks
 
 # Rebuild checkpoints.example/ (run `base`: base/weak, base/moderate; see npo_cli/example.py) from scratch.
-# Deterministic (identical tensors every time); about 3 minutes on one CPU core.
+# Deterministic (identical tensors every time); about 4 minutes on one CPU core.
 example:
 	rm -rf checkpoints.example
 	$(BIN)/python -m npo_cli.example checkpoints.example
@@ -51,11 +51,10 @@ bench:
 	$(BIN)/python benchmarks/bench_all.py --json benchmarks/results/bench.json \
 		--table benchmarks/results/bench_table.txt
 
-# The README's convergence table, with the settings it was made with (benchmarks/results/convergence.json,
-# "meta"); writes benchmarks/results/convergence.{md,json,png} and convergence_compute.png. About 20-30 min.
+# The README's convergence study (benchmarks/results/convergence.{md,json} and four charts): two regimes,
+# NPO / AutoNPO / baselines against GRPO on paired seeds. About 40 minutes on 2 cores.
 bench-convergence:
-	$(BIN)/python benchmarks/convergence.py --recipe recipes/sparse.yaml --steps 300 --eval-every 25 \
-		--seeds 0 1 2 --jobs 2
+	$(BIN)/python benchmarks/convergence.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) checkpoints

@@ -1,39 +1,47 @@
-"""Convergence of every method on the built-in task, N seeds, one store: the project's results table.
+"""The convergence study: NPO, AutoNPO and the baselines against GRPO, where NPO's preconditions hold.
 
-Arms (seed s; T = train steps; one recipe for all):
-  grpo         plain GRPO, run grpo-sS (the baseline; the other arms that need a run branch from it)
-  npo-boot     NPO bootstrapping: `npo intervene --at 0 --guide SCOUT --until WINDOW` on grpo-sS (the
-               scout is grpo-sS's own first SCOUT steps; its cost is counted in the compute columns)
-  npo-plateau  NPO plateau breakthrough: `npo intervene --at A --guide G` on grpo-sS (roll back to A,
-               replay A..G with the G checkpoint as guide, then GRPO to T; the abandoned A..G counts)
-  auto         AutoNPO: `npo auto` (run auto-sS; its live branch; probes, pre-fills and replays count)
-  luffy        LUFFY: run luffy-sS, an external teacher's trajectories (npo.teacher_path: the task's
-               reference answers as completions, a perfect teacher), LUFFY shaping, for all T steps
-  exgrpo       ExGRPO: run exgrpo-sS, replay of its own past successes, for all T steps
-  rlep         RLEP: run rlep-sS, replays the successes of the finished grpo-sS from step 0 (the finished
-               run it needs first is NOT counted in its compute: it is reported separately)
+Two regimes of the built-in task (one store, paired seeds: every arm of seed s shares the GRPO run's seed
+and data order):
+  bootstrap  recipes/sparse.yaml: a sparse start (base/primed, ~5% correct) that GRPO leaves within ~50-100
+             steps: NPO bootstrapping forks at step 0 with a short scout as guide
+  stall      recipes/stall.yaml: GRPO from base/weak is flat for ~200 steps, then takes off; NPO breakthrough
+             rolls back to the stall's start (step 0) and replays it with a post-stall checkpoint as guide
+In both, the GRPO run of a seed is the scout: its checkpoints are the candidate guides.
 
-Results (benchmarks/results/ by default): convergence.md (mean ± std over seeds of the final held-out
-accuracy, steps / optimizer updates / sampled tokens to reach the GRPO baseline's final accuracy of the same
-seed, with replayed steps and guide sampling counted as `npo compare --x updates|tokens` counts them),
-convergence.png (mean curves, `npo compare`'s chart), convergence_compute.png (the same on the tokens
-axis) and convergence.json. Work (store, metrics.jsonl, logs) goes to --out.
+Per regime and seed:
+  grpo    plain GRPO for T steps (it records its verified successes for RLEP)
+  pilot   before any NPO arm: Q, V, S of every candidate guide for the fork point (benchmarks/pilot.py);
+          the guide is argmax S (the paper's rule), chosen per seed
+  npo     `npo intervene --at FORK --guide G* --until G*` on the GRPO run: NPO until the branch reaches the
+          guide's step, GRPO after, to step T
+  auto    `npo auto` with auto.bootstrap: scout length from measured S, then plateau watching
+  luffy / exgrpo / rlep   the baselines, T steps each (LUFFY's teacher: the reference answers; RLEP replays
+          the finished GRPO run's recorded successes, a cost reported apart)
 
-Arms run as separate processes, at most --jobs (2) at a time, one torch thread each; arms already in
-the store are reused (a killed run is resumed), so re-running the command finishes an interrupted one.
+Measures (benchmarks/results/convergence.{md,json} and four charts):
+  steps and total tokens to thresholds on the 25-step moving mean of on-policy accuracy (ExGRPO: of its
+  fresh prompts; its experience prompts were picked because it had solved them) (thresholds at 25 /
+  50 / 75 % of GRPO's mean rise, fixed from the GRPO runs alone); per-seed GRPO / arm ratios, their geometric
+  mean with a 95% bootstrap interval over seeds and a paired sign-flip test; held-out accuracy (task.eval_size
+  problems) at equal total compute (GRPO's T-step tokens of the same seed) with paired Δ and intervals.
+  Total compute counts every sampled token the arm needed: its scout (the GRPO steps up to the last pilot
+  candidate), the pilot's sampling, guide sampling, AutoNPO's probes, pre-fills, replays and abandoned
+  stretches.
 
-    .venv/bin/python benchmarks/convergence.py                      # README table: make bench-convergence
-    .venv/bin/python benchmarks/convergence.py --report-only        # rewrite the report from the store
-    .venv/bin/python benchmarks/convergence.py --quick --out /tmp/c # smoke test: tiny, 1 seed, < 1 min
+    .venv/bin/python benchmarks/convergence.py                 # make bench-convergence (~40 min, 2 cores)
+    .venv/bin/python benchmarks/convergence.py --report-only   # the report again, from the store
+    .venv/bin/python benchmarks/convergence.py --quick         # smoke test: one seed, a few steps
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -48,390 +56,535 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from npo_evidence import base_recipe, branch, fmt, mean_sd, train_run
-
 from npo_cli.errors import NpoError
-from npo_cli.recipe import build_recipe
+from npo_cli.recipe import Recipe, build_recipe, load_recipe
 
-ARMS = ("grpo", "npo-boot", "npo-plateau", "auto", "luffy", "exgrpo", "rlep")
-NAMES = {"grpo": "GRPO", "npo-boot": "NPO bootstrapping", "npo-plateau": "NPO plateau breakthrough",
-         "auto": "AutoNPO", "luffy": "LUFFY", "exgrpo": "ExGRPO", "rlep": "RLEP"}
-NEEDS_GRPO = ("npo-boot", "npo-plateau", "rlep")
-ORDER = ("grpo", "auto", "exgrpo", "rlep", "npo-boot", "luffy", "npo-plateau")  # scheduling: long / unblocking first
-DEFAULTS = {"steps": 300, "eval_every": 25}  # the committed results' settings: ~21 min on 2 cores
-QUICK = {"steps": 8, "eval_every": 2}
-DEFAULT_RECIPES = ("recipes/sparse.yaml", "recipes/quickstart.yaml")
+NAMES = {"grpo": "GRPO", "npo": "NPO", "auto": "AutoNPO", "luffy": "LUFFY", "exgrpo": "ExGRPO", "rlep": "RLEP"}
+TRAIN_ARMS = ("grpo", "npo", "auto", "luffy", "exgrpo", "rlep")
+EVAL_SIZE = 1024  # held-out problems per eval
+WINDOW = 25  # moving mean of on-policy accuracy (steps; --quick: 2)
+FRACTIONS = (0.25, 0.5, 0.75)  # thresholds: shares of GRPO's mean rise
+REGIMES = {
+    "bootstrap": {"recipe": "recipes/sparse.yaml", "sets": [], "T": 150, "fork": 0, "candidates": [25, 50, 75, 100],
+                  "eval_every": 25, "seeds": list(range(8)), "arms": list(TRAIN_ARMS),
+                  "title": "sparse start, GRPO takes off within ~50-100 steps (bootstrapping)"},
+    "stall": {"recipe": "recipes/stall.yaml", "sets": [], "T": 350, "fork": 0, "candidates": [100, 200, 250, 300],
+              "eval_every": 50, "seeds": list(range(5)), "arms": ["grpo", "npo", "auto"],
+              "title": "a ~200-step stall, then take-off (breakthrough: replay the stall with a post-stall guide)"},
+}
+QUICK = {"T": 8, "candidates": [4, 6], "eval_every": 2, "seeds": [0], "window": 2}
 
 
 # --------------------------------------------------------------------------- the plan
 
 
 def make_plan(a, store) -> dict:
-    """Everything a worker needs, written to OUT/plan.json: the recipe (as a dict) and the arms' settings."""
-    sets = [f"train.steps={a.steps}", f"train.eval_every={a.eval_every}", "logging.progress=false",
-            f"logging.metrics_jsonl={Path(a.out).resolve()}/runs/{{run}}/{{branch}}/metrics.jsonl"]
-    if a.eval_size:
-        sets.append(f"task.eval_size={a.eval_size}")
-    if a.quick:
-        sets += ["auto.window=3", "auto.patience=1", "auto.min_gap=0"]
-    r = base_recipe(a.recipe, a.quick, store, sets + a.sets)
-    T = r.train.steps
-    scout = a.scout or max(2, T // 5)
-    window = a.window or scout
-    at = a.at if a.at is not None else T // 4
-    guide = a.guide or T // 2
-    # checkpoints exactly where arms fork or take guides (and AutoNPO's rollback candidates)
-    r = build_recipe(r.model_dump(mode="json"), [f"train.save_every={math.gcd(scout, at, guide, T)}"])
-    return {"recipe": r.model_dump(mode="json"), "T": T, "scout": scout, "window": window, "at": at,
-            "guide": guide, "gate": a.gate, "seeds": a.seeds, "arms": a.arms, "out": str(Path(a.out).resolve()),
-            "store": str(Path(a.out).resolve() / "store"), "teacher": str(Path(a.out).resolve() / "teacher.jsonl"),
-            "quick": a.quick,
-            "recipe_path": os.path.relpath(a.recipe, ROOT) if a.recipe else "inline tiny warm start (--quick)"}
+    """OUT/plan.json: each regime's recipe (a dict), T, fork, candidates, seeds, arms."""
+    out = Path(a.out).resolve()
+    plan = {"out": str(out), "store": str(out / "store"), "quick": a.quick, "regimes": {}}
+    for name in a.regimes:
+        g = {**REGIMES[name], "window": WINDOW}
+        if a.quick:
+            g.update(QUICK)
+        if a.seeds:
+            g["seeds"] = a.seeds
+        T = g["T"]
+        every = math.gcd(*g["candidates"], g["fork"] or T, T)  # a checkpoint at every fork and candidate
+        sets = [*g["sets"], f"model.store={store.url}", f"train.steps={T}", f"train.save_every={every}",
+                f"task.eval_size={EVAL_SIZE}",
+                f"train.eval_every={a.eval_every or g['eval_every']}", "logging.progress=false",
+                f"logging.metrics_jsonl={out}/runs/{{run}}/{{branch}}/metrics.jsonl", *a.sets]
+        if a.quick:
+            sets += ["task.eval_size=16", "rollout.prompts_per_step=4", "rollout.group_size=4",
+                     "auto.window=3", "auto.patience=1", "auto.min_gap=0", "auto.scout_steps=6"]
+        r = load_recipe(str(ROOT / g["recipe"]), sets)
+        plan["regimes"][name] = {**g, "recipe": r.model_dump(mode="json"), "recipe_path": g["recipe"],
+                                 "teacher": str(out / f"teacher-{name}.jsonl")}
+    return plan
 
 
-def write_teacher(plan: dict) -> None:
+def write_teacher(plan: dict, regime: str) -> None:
     """LUFFY's external teacher: every train problem's reference answer as its completion (JSONL)."""
     from npo_cli.tasks import load_problems
 
-    p = Path(plan["teacher"])
+    g = plan["regimes"][regime]
+    p = Path(g["teacher"])
     if p.exists():
         return
-    r = build_recipe(plan["recipe"])
-    seen: dict[str, str] = {}
-    for s in plan["seeds"]:
-        for prob in load_problems(r.task, "train", s):
-            seen.setdefault(prob.prompt, prob.answer)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"prompt": k, "completion": v}) + "\n" for k, v in seen.items()))
-    tmp.rename(p)
+    r = build_recipe(g["recipe"])
+    rows = {prob.prompt: prob.answer for prob in load_problems(r.task, "train", r.seed)}
+    p.with_suffix(".tmp").write_text("".join(json.dumps({"prompt": k, "completion": v}) + "\n"
+                                             for k, v in rows.items()))
+    p.with_suffix(".tmp").rename(p)
 
 
-# --------------------------------------------------------------------------- one arm
+# --------------------------------------------------------------------------- one task
 
 
-def run_arm(plan: dict, arm: str, seed: int) -> None:
+def grpo_run(regime: str, seed: int) -> str:
+    return f"{regime}-grpo-s{seed}"
+
+
+def pilot_path(plan: dict, regime: str, seed: int) -> Path:
+    return Path(plan["out"]) / "pilot" / f"{regime}-s{seed}.json"
+
+
+def finish(store, ref: str, steps: int) -> bool:
+    """True if RUN/BRANCH exists and is complete (resumed first if a killed process left it part-way)."""
+    from npo_cli.branching import resume_trainer
+
+    run, _, branch = ref.partition("/")
+    head = store.head(run, branch or "main") if run in store.runs() else None
+    if head is None:
+        return False
+    if store.manifest(head).step < steps:
+        resume_trainer(store, ref).train(progress=False, force=True)  # this study is its only writer
+    return True
+
+
+def train_run(store, recipe: Recipe, name: str, seed: int, sets: list[str] = ()) -> None:
+    from npo_cli.branching import new_trainer
+
+    if finish(store, name, recipe.train.steps):
+        return
+    r = build_recipe(recipe.model_dump(mode="json"), [f"name={name}", f"seed={seed}", *sets])
+    new_trainer(r, store).train(progress=False)
+
+
+def run_task(plan: dict, regime: str, task: str, seed: int) -> None:
     from npo_cli.store import Store
 
     store = Store.open(plan["store"])
-    recipe = build_recipe(plan["recipe"])
-    T, grpo = plan["T"], f"grpo-s{seed}"
-    extra = [f"npo.gate={plan['gate']}"] if plan["gate"] is not None else []
-    extra.append(f"train.save_every={max(recipe.train.save_every, T // 4)}")  # nothing forks from these runs
-    if arm == "grpo":
-        train_run(store, recipe, grpo, seed)
-    elif arm == "npo-boot":
-        branch(store, grpo, "npo-boot", 0, plan["scout"], plan["window"], plan["gate"])
-    elif arm == "npo-plateau":
-        branch(store, grpo, "npo-plateau", plan["at"], plan["guide"], plan["guide"], plan["gate"])
-    elif arm == "luffy":
-        train_run(store, recipe, f"luffy-s{seed}", seed,
-                  ["npo.source=luffy", f"npo.teacher_path={plan['teacher']}", *extra])
-    elif arm == "exgrpo":
-        train_run(store, recipe, f"exgrpo-s{seed}", seed, ["npo.source=exgrpo", *extra])
-    elif arm == "rlep":
+    g = plan["regimes"][regime]
+    recipe, T, grpo = build_recipe(g["recipe"]), g["T"], grpo_run(regime, seed)
+    if task == "grpo":
+        train_run(store, recipe, grpo, seed, ["train.record_successes=true"])
+    elif task == "pilot":
+        from pilot import pilot
+
+        path = pilot_path(plan, regime, seed)
+        if not path.exists():
+            run_recipe = build_recipe(g["recipe"], [f"seed={seed}"])
+            res = pilot(store, run_recipe, f"{grpo}@{g['fork']}",
+                        {c: f"{grpo}@{c}" for c in g["candidates"]}, seed)
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps(res, indent=1))
+    elif task == "npo":
+        from npo_cli.commands import intervene
+
+        best = json.loads(pilot_path(plan, regime, seed).read_text())["best"]
+        if best is None:
+            raise NpoError(f"the pilot found no candidate guide with a verified trajectory (seed {seed})")
+        if not finish(store, f"{grpo}/npo", T):
+            intervene(store.url, run=grpo, at=g["fork"], guide=str(best["step"]), until=best["step"], gate=None,
+                      branch="npo", overrides=["logging.progress=false", "train.record_successes=false"],
+                      progress=False)
+    elif task == "auto":
+        run_auto(store, plan, regime, recipe, seed)
+    elif task == "luffy":
+        train_run(store, recipe, f"{regime}-luffy-s{seed}", seed,
+                  ["npo.source=luffy", f"npo.teacher_path={g['teacher']}"])
+    elif task == "exgrpo":
+        train_run(store, recipe, f"{regime}-exgrpo-s{seed}", seed, ["npo.source=exgrpo"])
+    elif task == "rlep":
         final = store.resolve(f"{grpo}@{T}")
-        train_run(store, recipe, f"rlep-s{seed}", seed, ["npo.source=rlep", f"npo.replay_from='{final}'", *extra])
-    elif arm == "auto":
-        run_auto(store, plan, recipe, seed)
+        train_run(store, recipe, f"{regime}-rlep-s{seed}", seed, ["npo.source=rlep", f"npo.replay_from='{final}'"])
     else:
-        raise NpoError(f"unknown arm {arm!r}")
+        raise NpoError(f"unknown task {task!r}")
 
 
-def run_auto(store, plan: dict, recipe, seed: int) -> None:
+def run_auto(store, plan: dict, regime: str, recipe: Recipe, seed: int) -> None:
     import yaml
 
-    try:
-        from npo_cli.commands import auto_run
-    except ImportError as e:  # without npo_cli.auto the arm is skipped
-        raise SkipArm(f"npo_cli.auto is not available ({e})") from None
-    run = f"auto-s{seed}"
-    if run in store.runs():
-        from npo_cli.auto import auto_chain
+    from npo_cli.auto import auto_chain
+    from npo_cli.commands import auto_run
 
+    run = f"{regime}-auto-s{seed}"
+    if run in store.runs():
         live = auto_chain(store, run)[-1]
-        if store.manifest(store.head(run, live)).step >= plan["T"]:
-            print(f"  {run}: in the store, reused", flush=True)
-            return
-        auto_run(None, [], store.url, run, progress=False, force=True)
+        if store.manifest(store.head(run, live)).step < recipe.train.steps:
+            auto_run(None, [], store.url, run, progress=False, force=True)
         return
     path = Path(plan["out"]) / "recipes" / f"{run}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    sets = [f"name={run}", f"seed={seed}"] + ([f"npo.gate={plan['gate']}"] if plan["gate"] is not None else [])
-    d = build_recipe(recipe.model_dump(mode="json"), sets).model_dump(mode="json")
-    path.write_text(yaml.safe_dump(d, sort_keys=False))
-    t0 = time.perf_counter()
-    res = auto_run(str(path), [], store.url, None, progress=False)
-    a = res["auto"]
-    print(f"  {run}: {plan['T']} steps in {time.perf_counter() - t0:.0f} s; chain {' -> '.join(a['chain'])}, "
-          f"{a['interventions']} interventions", flush=True)
-
-
-class SkipArm(Exception):
-    """An arm that cannot run here (AutoNPO without npo_cli.auto): reported, not an error."""
-
-
-def worker(out: str, arm: str, seed: int) -> int:
-    plan = json.loads((Path(out) / "plan.json").read_text())
-    torch.set_num_threads(1)
-    os.chdir(plan["out"])
-    try:
-        run_arm(plan, arm, seed)
-    except SkipArm as e:
-        print(f"SKIP: {e}", flush=True)
-        return 3
-    return 0
+    d = build_recipe(recipe.model_dump(mode="json"), [f"name={run}", f"seed={seed}", "auto.bootstrap=true"])
+    path.write_text(yaml.safe_dump(d.model_dump(mode="json"), sort_keys=False))
+    auto_run(str(path), [], store.url, None, progress=False)
 
 
 # --------------------------------------------------------------------------- scheduling
 
 
+def tasks_of(plan: dict) -> list[tuple[str, str, int]]:
+    """Every (regime, task, seed), longest first within a dependency level."""
+    out = []
+    for level in (("grpo", "auto", "luffy", "exgrpo"), ("pilot", "rlep"), ("npo",)):
+        for regime in sorted(plan["regimes"], key=lambda r: -plan["regimes"][r]["T"]):
+            g = plan["regimes"][regime]
+            arms = set(g["arms"]) | ({"pilot"} if "npo" in g["arms"] else set())
+            out += [(regime, t, s) for t in level if t in arms for s in g["seeds"]]
+    return out
+
+
+NEEDS = {"pilot": "grpo", "rlep": "grpo", "npo": "pilot"}
+
+
 def schedule(plan: dict, jobs: int) -> dict[str, dict]:
-    """Run every (arm, seed); GRPO first, the arms that branch from it after. Returns status per task."""
-    tasks = [(arm, s) for arm in ORDER if arm in plan["arms"] for s in plan["seeds"]]
-    tasks.sort(key=lambda t: (t[0] != "grpo", ORDER.index(t[0]), t[1]))
+    """Run every task, at most `jobs` processes at a time, a task after the one it needs."""
     status: dict[str, dict] = {}
     logs = Path(plan["out"]) / "logs"
     logs.mkdir(exist_ok=True)
 
-    def key(arm, s):
-        return f"{arm}:{s}"
+    def key(regime, t, s):
+        return f"{regime}:{t}:{s}"
 
-    def ready(arm, s):
-        if arm in NEEDS_GRPO and "grpo" in plan["arms"]:
-            st = status.get(key("grpo", s), {}).get("state")
-            return "wait" if st in (None, "running") else ("go" if st == "ok" else "blocked")
-        return "go"
-
-    running: dict[str, tuple] = {}
-    pending = list(tasks)
+    pending, running = tasks_of(plan), {}
     while pending or running:
         for t in list(pending):
-            if len(running) >= jobs > 1:
+            if len(running) >= jobs:
                 break
-            r = ready(*t)
-            if r == "wait":
+            need = NEEDS.get(t[1])
+            st = status.get(key(t[0], need, t[2]), {}).get("state") if need else "ok"
+            if st in (None, "running"):
                 continue
             pending.remove(t)
-            if r == "blocked":
-                status[key(*t)] = {"state": "blocked", "note": f"grpo-s{t[1]} failed"}
+            if st != "ok":
+                status[key(*t)] = {"state": "blocked", "note": f"{need} {st}"}
                 continue
-            t0 = time.perf_counter()
-            if jobs <= 1:  # in this process (--quick, --jobs 1)
-                try:
-                    run_arm(plan, *t)
-                    status[key(*t)] = {"state": "ok", "seconds": time.perf_counter() - t0}
-                except SkipArm as e:
-                    status[key(*t)] = {"state": "skipped", "note": str(e)}
-                except Exception as e:  # noqa: BLE001 (an arm's failure is reported, the rest go on)
-                    traceback.print_exc()
-                    status[key(*t)] = {"state": "failed", "note": f"{type(e).__name__}: {e}"[:300]}
-                print(f"[{key(*t)}] {status[key(*t)]['state']}", flush=True)
-                continue
-            log = logs / f"{t[0]}-s{t[1]}.log"
-            f = open(log, "w")  # noqa: SIM115 (closed when the process ends)
-            p = subprocess.Popen([sys.executable, __file__, "--worker", t[0], str(t[1]), "--out", plan["out"]],
-                                 stdout=f, stderr=subprocess.STDOUT, cwd=plan["out"],
+            log = (logs / f"{t[0]}-{t[1]}-s{t[2]}.log").open("w")
+            p = subprocess.Popen([sys.executable, __file__, "--worker", *map(str, t), "--out", plan["out"]],
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=plan["out"],
                                  env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
-            running[key(*t)] = (p, f, t0, log)
+            running[key(*t)] = (p, log, time.perf_counter())
             status[key(*t)] = {"state": "running"}
-            print(f"[{key(*t)}] started (log {log})", flush=True)
-        for k, (p, f, t0, log) in list(running.items()):
-            rc = p.poll()
-            if rc is None:
+        for k, (p, log, t0) in list(running.items()):
+            if p.poll() is None:
                 continue
-            f.close()
+            log.close()
             del running[k]
-            dt = time.perf_counter() - t0
-            tail = log.read_text()[-400:].strip().splitlines()
-            if rc == 0:
-                status[k] = {"state": "ok", "seconds": dt}
-            elif rc == 3:
-                status[k] = {"state": "skipped", "note": tail[-1] if tail else ""}
-            else:
-                status[k] = {"state": "failed", "note": f"exit {rc}: {tail[-1] if tail else ''}"[:300]}
-            print(f"[{k}] {status[k]['state']} in {dt:.0f} s", flush=True)
-        if running:
-            time.sleep(1.0)
+            tail = Path(log.name).read_text()[-300:].strip().splitlines()
+            status[k] = ({"state": "ok", "seconds": time.perf_counter() - t0} if p.returncode == 0 else
+                         {"state": "failed", "note": f"exit {p.returncode}: {tail[-1] if tail else ''}"})
+            print(f"[{k}] {status[k]['state']} in {time.perf_counter() - t0:.0f} s", flush=True)
+        time.sleep(0.5)
     return status
 
 
-# --------------------------------------------------------------------------- the report
+def worker(out: str, regime: str, task: str, seed: int) -> int:
+    plan = json.loads((Path(out) / "plan.json").read_text())
+    torch.set_num_threads(1)
+    os.chdir(plan["out"])
+    try:
+        run_task(plan, regime, task, seed)
+    except Exception:  # noqa: BLE001 (the scheduler reports it; the other tasks go on)
+        traceback.print_exc()
+        return 1
+    return 0
 
 
-def arm_refs(store, plan: dict, arm: str, seed: int) -> str | None:
-    """The ref of an arm's curve, or None if it is not in the store."""
-    grpo = f"grpo-s{seed}"
-    runs = store.runs()
+# --------------------------------------------------------------------------- curves
+
+
+def lineage_rows(store, ref: str) -> list[dict]:
+    """Per-step metrics along ref's lineage, oldest first (a fork's rows: the parent's up to the fork)."""
+    from npo_cli.checkpoint import load_metrics
+
+    return [m for man in reversed(store.lineage(ref)) for m in load_metrics(store, man)]
+
+
+def step_tokens(row: dict, rows_per_step: int) -> float:
+    """Tokens a step sampled: the policy's rollouts plus the guide generator's."""
+    return float(row.get("response_length", 0.0)) * rows_per_step + float(row.get("npo/guide_tokens", 0.0))
+
+
+def arm_curve(store, plan: dict, regime: str, arm: str, seed: int) -> dict | None:
+    """{steps, acc (on-policy), mm (moving mean), tokens (cumulative total compute), evals [(step, acc,
+    tokens)], extra (tokens outside the lineage), ref} or None when the arm is not in the store."""
+    from npo_cli.auto import auto_chain
+
+    g = plan["regimes"][regime]
+    r = build_recipe(g["recipe"])
+    per_step = r.rollout.prompts_per_step * r.rollout.group_size
+    grpo, runs = grpo_run(regime, seed), store.runs()
+    extra_at, extra = None, 0.0
     if arm == "grpo":
-        return grpo if grpo in runs else None
-    if arm in ("npo-boot", "npo-plateau"):
-        return f"{grpo}/{arm}" if grpo in runs and arm in store.branches(grpo) else None
-    run = f"{arm}-s{seed}"
-    if run not in runs:
+        ref = grpo if grpo in runs else None
+    elif arm == "npo":
+        ref = f"{grpo}/npo" if grpo in runs and "npo" in store.branches(grpo) else None
+        if ref:  # the scout (GRPO steps after the fork, up to the last candidate) and the pilot's sampling
+            pil = json.loads(pilot_path(plan, regime, seed).read_text())
+            scout = [m for m in lineage_rows(store, f"{grpo}@{max(g['candidates'])}") if m["step"] > g["fork"]]
+            extra_at, extra = g["fork"], sum(step_tokens(m, per_step) for m in scout) + pil["tokens"]
+    else:
+        run = f"{regime}-{arm}-s{seed}"
+        ref = None if run not in runs else f"{run}/{auto_chain(store, run)[-1]}" if arm == "auto" else run
+    if ref is None:
         return None
-    if arm == "auto":
-        from npo_cli.auto import auto_chain
-
-        return f"{run}/{auto_chain(store, run)[-1]}"
-    return run
-
-
-def analyse(store, plan: dict) -> dict:
-    from npo_cli.compare import _Costs as Costs
-    from npo_cli.compare import build_curve, first_reach
-
-    costs = Costs(store)
-    T, out = plan["T"], {}
-    targets = {}
-    for seed in plan["seeds"]:
-        ref = arm_refs(store, plan, "grpo", seed)
-        if ref:
-            targets[seed] = build_curve(store, ref, "eval/accuracy", "step", costs=costs).points[-1].y
-    for arm in ARMS:
-        if arm not in plan["arms"]:
-            continue
-        rows = {}
-        for seed in plan["seeds"]:
-            ref = arm_refs(store, plan, arm, seed)
-            if ref is None:
-                continue
-            c = {x: build_curve(store, ref, "eval/accuracy", x, costs=costs) for x in ("step", "updates", "tokens")}
-            last = c["step"].points[-1]
-            row = {"ref": ref, "final_step": last.step, "final": last.y, "complete": last.step >= T,
-                   "work": c["tokens"].work, "target": targets.get(seed)}
-            if seed in targets:
-                for x in ("step", "updates", "tokens"):
-                    hit = first_reach(c[x].points, targets[seed])
-                    row[f"{x}_to_target"] = hit.x if hit else None
-            rows[seed] = row
-        out[arm] = {"name": NAMES[arm], "seeds": rows}
-    return {"arms": out, "targets": targets}
+    rows = lineage_rows(store, ref)
+    steps, acc, tokens, cum, evals = [], [], [], 0.0, []
+    for m in rows:
+        cum += step_tokens(m, per_step)
+        total = float(m["auto/compute_tokens"]) if arm == "auto" and "auto/compute_tokens" in m else \
+            cum + (extra if extra_at is not None and m["step"] > extra_at else 0.0)
+        steps.append(int(m["step"]))
+        acc.append(float(m.get("npo/fresh_accuracy", m["accuracy"])))  # ExGRPO: its fresh prompts only
+        tokens.append(total)
+        if "eval/accuracy" in m:
+            evals.append((int(m["step"]), float(m["eval/accuracy"]), total))
+    w = g["window"]
+    mm = [statistics.mean(acc[i + 1 - w : i + 1]) if i + 1 >= w else None for i in range(len(acc))]
+    return {"ref": ref, "steps": steps, "acc": acc, "mm": mm, "tokens": tokens, "evals": evals,
+            "extra": extra}
 
 
-def ratio(arm: dict, base: dict, key: str) -> list[float]:
-    """Per-seed base/arm ratios of a to-target measure (> 1: the arm got there with less)."""
+def reach(c: dict, level: float, after: int) -> tuple[int, float] | None:
+    """(step, total tokens) where the moving mean first reaches level, after step `after`."""
+    for s, m, t in zip(c["steps"], c["mm"], c["tokens"]):
+        if s > after and m is not None and m >= level:
+            return s, t
+    return None
+
+
+def at_compute(c: dict, budget: float) -> tuple[float, float] | None:
+    """(step, held-out accuracy) at the total-compute budget, linear between the two evals around it (the
+    last eval when the arm spent less in all); None when the budget ends before the arm's first eval."""
+    ev = c["evals"]
+    for (s0, a0, t0), (s1, a1, t1) in zip(ev, ev[1:]):
+        if t0 <= budget <= t1:
+            w = (budget - t0) / (t1 - t0) if t1 > t0 else 1.0
+            return s0 + w * (s1 - s0), a0 + w * (a1 - a0)
+    if ev and budget >= ev[-1][2] * (1 - 1e-9):
+        return ev[-1][0], ev[-1][1]
+    if ev and budget >= ev[0][2]:
+        return ev[0][0], ev[0][1]
+    return None
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def boot_ci(xs: list[float], stat, n: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of stat over resampled seeds."""
+    rng = random.Random(seed)
+    vals = sorted(stat([rng.choice(xs) for _ in xs]) for _ in range(n))
+    return vals[int(0.025 * n)], vals[int(0.975 * n) - 1]
+
+
+def sign_flip_p(xs: list[float]) -> float:
+    """Two-sided paired sign-flip test of mean(xs) = 0 (exact over every sign pattern)."""
+    obs = abs(statistics.mean(xs))
+    pats = list(itertools.product((1, -1), repeat=len(xs)))
+    return sum(abs(statistics.mean([s * x for s, x in zip(p, xs)])) >= obs - 1e-12 for p in pats) / len(pats)
+
+
+def geo(xs: list[float]) -> float:
+    return math.exp(statistics.mean(math.log(x) for x in xs))
+
+
+def paired(values: list[float], kind: str) -> dict:
+    """kind ratio: geometric mean with interval and p (on logs); kind diff: mean Δ with interval and p."""
+    if not values:
+        return {"n": 0}
+    if kind == "ratio":
+        logs = [math.log(v) for v in values]
+        lo, hi = boot_ci(values, geo) if len(values) > 1 else (values[0], values[0])
+        return {"n": len(values), "mean": geo(values), "lo": lo, "hi": hi,
+                "p": sign_flip_p(logs) if len(values) > 1 else None, "values": values}
+    lo, hi = boot_ci(values, statistics.mean) if len(values) > 1 else (values[0], values[0])
+    return {"n": len(values), "mean": statistics.mean(values), "lo": lo, "hi": hi,
+            "p": sign_flip_p(values) if len(values) > 1 else None, "values": values}
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def analyse_regime(store, plan: dict, regime: str) -> dict:
+    g = plan["regimes"][regime]
+    fork, _T = g["fork"], g["T"]
+    curves = {arm: {s: c for s in g["seeds"] if (c := arm_curve(store, plan, regime, arm, s))}
+              for arm in g["arms"]}
+    base = curves.get("grpo", {})
+    out = {"pilot": {}, "thresholds": [], "steps": {}, "compute": {}, "final": {}, "at_compute": {},
+           "auto": {}, "grpo_final_mm": None}
+    for s in g["seeds"]:
+        p = pilot_path(plan, regime, s)
+        if p.exists():
+            out["pilot"][s] = json.loads(p.read_text())
+    if not base:
+        return {**out, "curves": curves}
+    start = statistics.mean(statistics.mean(c["acc"][fork : fork + g["window"]]) for c in base.values())
+    end = statistics.mean(c["mm"][-1] for c in base.values())
+    out["thresholds"] = [start + f * (end - start) for f in FRACTIONS]
+    out["start"], out["grpo_final_mm"] = start, end
+    for arm, cs in curves.items():
+        out["steps"][arm], out["compute"][arm] = [], []
+        for level in out["thresholds"]:
+            st, cm, hits = [], [], {}
+            for s, c in cs.items():
+                a, b = reach(c, level, fork), reach(base[s], level, fork) if s in base else None
+                hits[s] = a
+                if a and b:
+                    st.append((b[0] - fork) / (a[0] - fork))
+                    cm.append(b[1] / a[1])
+            out["steps"][arm].append({"level": level, "ratio": paired(st, "ratio"),
+                                      "reached": sum(h is not None for h in hits.values()), "of": len(cs),
+                                      "mean_steps": statistics.mean([h[0] for h in hits.values() if h])
+                                      if any(hits.values()) else None})
+            out["compute"][arm].append({"level": level, "ratio": paired(cm, "ratio")})
+        finals, eq, dfin, deq = [], [], [], []
+        for s, c in cs.items():
+            fin = c["evals"][-1][1] if c["evals"] else None
+            budget = base[s]["tokens"][-1] if s in base else None
+            e = at_compute(c, budget) if budget else None
+            finals.append(fin)
+            eq.append(e[1] if e else None)
+            if s in base and fin is not None and base[s]["evals"]:
+                dfin.append(fin - base[s]["evals"][-1][1])
+                if e:
+                    deq.append(e[1] - base[s]["evals"][-1][1])
+        out["final"][arm] = {"mean": mean_of(finals), "delta": paired(dfin, "diff"),
+                             "total_tokens": mean_of([c["tokens"][-1] for c in cs.values()])}
+        out["at_compute"][arm] = {"mean": mean_of(eq), "delta": paired(deq, "diff"),
+                                  "steps": mean_of([at_compute(c, base[s]["tokens"][-1])[0]
+                                                    for s, c in cs.items() if s in base
+                                                    and at_compute(c, base[s]["tokens"][-1])])}
+    for s in curves.get("auto", {}):
+        out["auto"][s] = auto_decisions(store, f"{regime}-auto-s{s}")
+    return {**out, "curves": curves}
+
+
+def mean_of(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.mean(xs) if xs else None
+
+
+def auto_decisions(store, run: str) -> list[dict]:
+    """AutoNPO's decisions, in order: where, kind, D*, S (and Q, V of the chosen row)."""
+    from npo_cli.auto import auto_events
+
     out = []
-    for seed, r in arm["seeds"].items():
-        b = base["seeds"].get(seed, {}).get(key)
-        if r.get(key) and b:
-            out.append(b / r[key])
+    for where, e in auto_events(store, run):
+        d = {"at": where, "kind": e.kind, "delta": e.delta, "S": e.S, "guide_step": e.guide_step,
+             "reason": e.reason, "confirmed": e.confirmed}
+        for k in ("Q", "V"):
+            if getattr(e, k, None) is not None:
+                d[k] = getattr(e, k)
+        out.append({k: v for k, v in d.items() if v is not None})
     return out
 
 
-def eval_count(plan: dict) -> int:
-    """Held-out problems each arm is evaluated on (task.eval_size is a cap: a small task has fewer)."""
-    from npo_cli.tasks import load_problems
+# --------------------------------------------------------------------------- report
 
-    r = build_recipe(plan["recipe"])
-    return len(load_problems(r.task, "eval", r.seed)[: r.task.eval_size])
+
+def f3(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def ci(r: dict, d: int = 2, unit: str = "") -> str:
+    if not r or not r.get("n"):
+        return "-"
+    p = "" if r.get("p") is None else f", p={r['p']:.3f}"
+    return f"{r['mean']:.{d}f}{unit} [{r['lo']:.{d}f}, {r['hi']:.{d}f}]{p} (n={r['n']})"
 
 
 def report(plan: dict, res: dict, status: dict, meta: dict) -> str:
-    arms = res["arms"]
-    base = arms.get("grpo", {"seeds": {}})
-    n = len(plan["seeds"])
-    n_eval = eval_count(plan)
-    head = (f"Produced by `{meta['command']}` on {meta['machine']} in {meta['wall_min']:.1f} min "
-            f"({meta['date']}).")
-    setup = (f"Recipe: `{meta['recipe']}` with train.steps={plan['T']}, eval every "
-             f"{plan['recipe']['train']['eval_every']} steps on {n_eval} held-out "
-             f"problems; seeds {plan['seeds']}. NPO bootstrapping: scout = GRPO@{plan['scout']}, NPO on steps "
-             f"0..{plan['window']}. NPO plateau: roll back to {plan['at']}, replay to {plan['guide']} with guide "
-             f"GRPO@{plan['guide']}.")
-    legend = ("Target = the GRPO baseline's final held-out accuracy (same seed). *updates* = optimizer steps "
-              "done, replayed steps and the scout/guide stretches an arm needed included; *tokens* = tokens "
-              "sampled (policy rollouts + guide sampling + AutoNPO probes and pre-fills). To-target columns: "
-              "mean ± std over the seeds that reached the target (k/N); speed-up = GRPO's / the arm's, per seed.")
-    cols = ("| method | final held-out acc | Δ vs GRPO | reached | steps to target | updates to target | "
-            "tokens to target | speed-up (updates) | speed-up (tokens) | total updates | total tokens |")
-    L = ["# Convergence on the built-in task", "", head, "", setup, "", legend, "", cols,
-         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for arm in ARMS:
-        if arm not in plan["arms"]:
-            continue
-        a = arms.get(arm)
-        states = {status.get(f"{arm}:{s}", {}).get("state") for s in plan["seeds"]}
-        if not a or not a["seeds"]:
-            note = next((status[k].get("note", "") for k in status if k.startswith(f"{arm}:")
-                         and status[k].get("note")), "not run")
-            L.append(f"| {NAMES[arm]} | {'skipped' if 'skipped' in states else 'missing'}: {note} |" + " |" * 10)
-            continue
-        rs = list(a["seeds"].values())
-        finals = [r["final"] for r in rs]
-        deltas = [r["final"] - base["seeds"][s]["final"] for s, r in a["seeds"].items() if s in base["seeds"]]
-        reached = [r for r in rs if r.get("step_to_target") is not None]
-        incomplete = [r["ref"] for r in rs if not r["complete"]]
-        su = [ratio(a, base, f"{x}_to_target") for x in ("updates", "tokens")]
-        L.append(f"| {NAMES[arm]}{' (incomplete: ' + ', '.join(incomplete) + ')' if incomplete else ''} | "
-                 f"{mean_sd(finals)} | {mean_sd(deltas) if arm != 'grpo' else '-'} | {len(reached)}/{len(rs)} | "
-                 f"{msd([r['step_to_target'] for r in reached])} | "
-                 f"{msd([r['updates_to_target'] for r in reached])} | "
-                 f"{sci([r['tokens_to_target'] for r in reached])} | "
-                 f"{ratios(su[0]) if arm != 'grpo' else '1'} | {ratios(su[1]) if arm != 'grpo' else '1'} | "
-                 f"{msd([r['work']['updates'] for r in rs])} | {sci([r['work']['tokens'] for r in rs])} |")
-    order = sorted((a for a in arms.values() if a["seeds"]),
-                   key=lambda a: -statistics.mean(r["final"] for r in a["seeds"].values()))
-    paper = ("The paper's (Qwen3-VL-8B, 8 benchmarks): AutoNPO 63.15 > NPO early+late 62.84 > NPO early 62.12 > "
-             "RLEP 61.48 > ExGRPO 61.16 > GRPO 60.25 > LUFFY 58.68, and about 2x faster early convergence.")
-    notes = (f"RLEP replays a finished GRPO run ({plan['T']} updates per seed, not counted above). LUFFY's "
-             f"teacher is the task's reference answers (external, free here). With {n} seed(s) and "
-             f"{n_eval} eval problems, differences within about one std are noise.")
-    L += ["", "Ordering by mean final held-out accuracy here: " + " > ".join(a["name"] for a in order) + ".",
-          paper, "", notes, "", "![convergence](convergence.png)", "",
-          "![convergence on the tokens axis](convergence_compute.png)", "",
-          "Per seed (final accuracy / steps to target):", "",
-          "| method | " + " | ".join(f"seed {s}" for s in plan["seeds"]) + " |", "|---|" + "---:|" * n]
-    for arm in ARMS:
-        a = arms.get(arm)
-        if not a or not a["seeds"]:
-            continue
-        cells = [f"{fmt(a['seeds'][s]['final'])} / {msd([a['seeds'][s].get('step_to_target')])}"
-                 if s in a["seeds"] else "-" for s in plan["seeds"]]
-        L.append(f"| {a['name']} | " + " | ".join(cells) + " |")
-    failed = {k: v for k, v in status.items() if v.get("state") in ("failed", "blocked", "skipped")}
-    if failed:
-        L += ["", "Not run: " + "; ".join(f"{k} {v['state']} ({v.get('note', '')})" for k, v in failed.items())]
+    L = ["# Convergence study", "",
+         f"Produced by `{meta['command']}` on {meta['machine']} in {meta['wall_min']:.1f} min ({meta['date']}).",
+         "", ("Paired seeds (every arm shares its GRPO run's seed and data order). Thresholds: 25/50/75 % of "
+         "GRPO's mean rise of the 25-step moving mean of on-policy accuracy. Ratios are GRPO's / the arm's "
+         "(> 1: the arm got there faster), geometric mean over seeds where both reached the threshold, 95% "
+         "bootstrap interval, two-sided paired sign-flip p. Total compute = every sampled token an arm needed "
+         "(scout, pilot, guide sampling, AutoNPO's probes, pre-fills, replays and abandoned stretches). Equal "
+         "compute = an arm's held-out accuracy at the GRPO run's total tokens (same seed), linear between the two "
+         "evals around it. With 5 seeds the exact sign-flip test cannot go below p = 0.0625 (2/32), with 8 below "
+         "0.0078.")]
+    for regime, r in res.items():
+        g = plan["regimes"][regime]
+        n_eval = build_recipe(g["recipe"]).task.eval_size
+        L += ["", f"## {regime}: {g['title']}", "",
+              (f"`{g['recipe_path']}`{' with ' + ', '.join(g['sets']) if g['sets'] else ''}; T={g['T']} steps, "
+              f"fork at step {g['fork']}, candidate guides at steps {g['candidates']}, seeds {g['seeds']}, "
+              f"held-out eval on {n_eval} problems every {g['recipe']['train']['eval_every']} steps.")]
+        L += ["", "### Pilot: Q, V, S of the candidate guides (mean over seeds; D = 0 is the fork's own retry)", "",
+              "| D | Q | V | S | chosen (seeds) |", "|---:|---:|---:|---:|---:|"]
+        pil = r["pilot"]
+        if pil:
+            for d in sorted({row["delta"] for p in pil.values() for row in p["rows"]}):
+                rows = [row for p in pil.values() for row in p["rows"] if row["delta"] == d]
+                chosen = sum(1 for p in pil.values() if p["best"] and p["best"]["delta"] == d)
+                L.append(f"| {d} | {f3(mean_of([x['Q'] for x in rows]))} | {f3(mean_of([x['V'] for x in rows]))} | "
+                         f"{f3(mean_of([x['S'] for x in rows]))} | {chosen}/{len(pil)} |")
+            L.append("")
+            L.append(f"Failing prompts per seed (of {next(iter(pil.values()))['prompts']}): "
+                     + ", ".join(f"s{s} {p['failing']}" for s, p in pil.items()))
+        if r["thresholds"]:
+            L += ["", f"GRPO moving mean: {f3(r['start'])} at the start, {f3(r['grpo_final_mm'])} at T; thresholds "
+                  + ", ".join(f3(x) for x in r["thresholds"]) + ".", "",
+                  "### Steps and total compute to the thresholds (GRPO / arm)", "",
+                  "| arm | threshold | reached | mean steps | steps ratio | total-compute ratio |",
+                  "|---|---:|---:|---:|---:|---:|"]
+            for arm in g["arms"]:
+                for st, cm in zip(r["steps"].get(arm, []), r["compute"].get(arm, [])):
+                    L.append(f"| {NAMES[arm]} | {f3(st['level'])} | {st['reached']}/{st['of']} | "
+                             f"{'-' if st['mean_steps'] is None else round(st['mean_steps'])} | "
+                             f"{ci(st['ratio'], unit='×') if arm != 'grpo' else '1'} | "
+                             f"{ci(cm['ratio'], unit='×') if arm != 'grpo' else '1'} |")
+            L += ["", "### Held-out accuracy: at T, and at equal total compute", "",
+                  ("| arm | at T | Δ vs GRPO at T | total tokens | at GRPO's compute | its step there | "
+                  "Δ vs GRPO at equal compute |"), "|---|---:|---:|---:|---:|---:|---:|"]
+            for arm in g["arms"]:
+                fi, eq = r["final"].get(arm, {}), r["at_compute"].get(arm, {})
+                L.append(f"| {NAMES[arm]} | {f3(fi.get('mean'))} | {ci(fi.get('delta'), 3) if arm != 'grpo' else '-'}"
+                         f" | {fi.get('total_tokens') or 0:.3g} | "
+                         f"{f3(eq.get('mean')) if eq.get('mean') is not None else 'over budget before its first eval'} | "
+                         f"{'-' if eq.get('steps') is None else round(eq['steps'])} | "
+                         f"{ci(eq.get('delta'), 3) if arm != 'grpo' else '-'} |")
+            order = sorted((a for a in g["arms"] if r["at_compute"].get(a, {}).get("mean") is not None),
+                           key=lambda a: -r["at_compute"][a]["mean"])
+            L += ["", "Order at equal compute here: " + " > ".join(NAMES[a] for a in order) + "."]
+        if r["auto"]:
+            L += ["", "### AutoNPO's decisions per seed", ""]
+            for s, ds in r["auto"].items():
+                L.append(f"- seed {s}: " + ("; ".join(
+                    f"{d['at']} {d['kind']}" + (f" D={d['delta']}" if "delta" in d else "")
+                    + (f" S={d['S']:.3f}" if "S" in d else "") + (f" ({d['reason']})" if "reason" in d else "")
+                    for d in ds) or "no decision"))
+        L += ["", f"![{regime} vs steps](convergence_{regime}.png)",
+              f"![{regime} vs total compute](convergence_{regime}_compute.png)"]
+    bad = {k: v for k, v in status.items() if v.get("state") not in ("ok", None)}
+    if bad:
+        L += ["", "Not run: " + "; ".join(f"{k} {v['state']} ({v.get('note', '')})" for k, v in bad.items())]
+    L += ["", ("The paper's order (Qwen3-VL-8B, 8 benchmarks): AutoNPO > NPO > RLEP > ExGRPO > GRPO > LUFFY, and "
+          "about 2x faster early convergence.")]
     return "\n".join(L) + "\n"
 
 
-def ratios(xs: list[float]) -> str:
-    if not xs:
-        return "-"
-    return f"{statistics.mean(xs):.2f}×" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
+def charts(plan: dict, res: dict, results: Path) -> None:
+    """Mean held-out accuracy per arm vs steps and vs total compute, one pair of charts per regime."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-
-def msd(xs: list[float | None]) -> str:
-    """Mean ± std of step counts, no decimals."""
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "-"
-    return f"{statistics.mean(xs):.0f}" + (f" ± {statistics.stdev(xs):.0f}" if len(xs) > 1 else "")
-
-
-def sci(xs: list[float]) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "-"
-    return f"{statistics.mean(xs):.3g}" + (f" ± {statistics.stdev(xs):.2g}" if len(xs) > 1 else "")
-
-
-def plots(store, plan: dict, res: dict, results: Path) -> None:
-    from npo_cli.compare import compare_groups, plot
-
-    groups = []
-    for arm in ARMS:
-        refs = [r["ref"] for r in res["arms"].get(arm, {"seeds": {}})["seeds"].values()]
-        if refs:
-            groups.append((NAMES[arm], refs))
-    if not groups:
-        return
-    target = statistics.mean(res["targets"].values()) if res["targets"] else None
-    n = len(plan["seeds"])
-    for x, name in (("step", "convergence.png"), ("tokens", "convergence_compute.png")):
-        data = compare_groups(store, groups, "eval/accuracy", x, threshold=target)
-        plot(data, str(results / name), bands=len(groups) <= 3,
-             title=f"held-out eval/accuracy vs {x}, mean over {n} seed{'s' if n > 1 else ''} "
-                   f"(threshold: GRPO's final)")
+    for regime, r in res.items():
+        for x, suffix in (("step", ""), ("tokens", "_compute")):
+            fig = Figure(figsize=(8, 5), dpi=110)
+            FigureCanvasAgg(fig)
+            ax = fig.subplots()
+            for i, (arm, cs) in enumerate(r["curves"].items()):
+                if not cs:
+                    continue
+                n = min(len(c["evals"]) for c in cs.values())
+                xs = [statistics.mean(c["evals"][k][0 if x == "step" else 2] for c in cs.values()) for k in range(n)]
+                ys = [statistics.mean(c["evals"][k][1] for c in cs.values()) for k in range(n)]
+                # AutoNPO without an intervention trains exactly as GRPO (same seed and data): dashed, on top
+                ax.plot(xs, ys, marker=".", color=f"C{i}", lw=2 if arm in ("grpo", "npo", "auto") else 1,
+                        ls="--" if arm == "auto" else "-", zorder=3 if arm == "auto" else 2,
+                        label=f"{NAMES[arm]} ({len(cs)} seeds)")
+            ax.set_xlabel("step" if x == "step" else "total sampled tokens (scouts, pilots, guides, probes included)")
+            ax.set_ylabel("held-out accuracy (mean over seeds)")
+            ax.set_title(f"{regime}: {plan['regimes'][regime]['title']}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.savefig(results / f"convergence_{regime}{suffix}.png")
 
 
 # --------------------------------------------------------------------------- main
@@ -439,100 +592,69 @@ def plots(store, plan: dict, res: dict, results: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    ap.add_argument("--recipe", default=None, help=f"default: the first of {', '.join(DEFAULT_RECIPES)}; "
-                    "--quick without it: an inline tiny warm start")
-    ap.add_argument("--example", default=str(ROOT / "checkpoints.example"), help="Store copied into OUT/store.")
-    ap.add_argument("--steps", type=int, default=None, help=f"train.steps T (default {DEFAULTS['steps']})")
-    ap.add_argument("--eval-every", type=int, default=None, help=f"default {DEFAULTS['eval_every']}")
-    ap.add_argument("--eval-size", type=int, default=None, help="task.eval_size (default: the recipe's)")
-    ap.add_argument("--scout", type=int, default=None, help="bootstrapping scout length (default T/5)")
-    ap.add_argument("--window", type=int, default=None, help="bootstrapping NPO window 0..W (default: scout)")
-    ap.add_argument("--at", type=int, default=None, help="plateau rollback step A (default T/4)")
-    ap.add_argument("--guide", type=int, default=None, help="plateau guide step G (default T/2)")
-    ap.add_argument("--gate", type=float, default=None, help="npo.gate for every source (default: the recipe's)")
+    ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: each regime's own")
+    ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="recipe override, every arm")
-    ap.add_argument("--jobs", type=int, default=None, help="arms at once (default 2; --quick: 1, in-process)")
-    ap.add_argument("--out", default=None, help="work folder: store, logs (default out/convergence; "
-                    "--quick: a temp folder)")
-    ap.add_argument("--results", default=None, help="where the report goes (default benchmarks/results; "
-                    "--quick: --out)")
-    ap.add_argument("--quick", action="store_true", help="smoke test: 8 steps of 4x4, 1 seed, in one process")
-    ap.add_argument("--report-only", action="store_true", help="only read the store and write the report")
-    ap.add_argument("--worker", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
+    ap.add_argument("--jobs", type=int, default=2, help="tasks at once (one torch thread each)")
+    ap.add_argument("--out", default=None, help="work folder (default out/convergence; --quick: a temp folder)")
+    ap.add_argument("--results", default=None, help="report folder (default benchmarks/results; --quick: --out)")
+    ap.add_argument("--example", default=str(ROOT / "checkpoints.example"), help="store copied into OUT/store")
+    ap.add_argument("--quick", action="store_true", help="smoke test: one seed, a few steps")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--worker", nargs=3, metavar=("REGIME", "TASK", "SEED"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.worker:
-        return worker(a.out, a.worker[0], int(a.worker[1]))
+        return worker(a.out, a.worker[0], a.worker[1], int(a.worker[2]))
     from npo_cli.store import Store
 
-    t_start = time.perf_counter()
-    cmd = "python benchmarks/convergence.py " + " ".join(sys.argv[1:])
-    d = QUICK if a.quick else DEFAULTS
-    a.steps, a.eval_every = a.steps or d["steps"], a.eval_every or d["eval_every"]
-    a.seeds = a.seeds or ([0] if a.quick else [0, 1, 2])
-    a.jobs = a.jobs or (1 if a.quick else 2)
-    if a.quick and not a.eval_size:
-        a.eval_size = 16
+    t0 = time.perf_counter()
     if a.out is None:
-        if a.quick:
-            import tempfile
+        import tempfile
 
-            a.out = tempfile.mkdtemp(prefix="npo-convergence-")
-        else:
-            a.out = str(ROOT / "out" / "convergence")
-    replot = a.report_only and Path(a.out, "plan.json").exists()  # the plan names the recipe
-    if a.recipe is None and not a.quick and not replot:
-        a.recipe = next((str(ROOT / p) for p in DEFAULT_RECIPES if (ROOT / p).is_file()), None)
-        if a.recipe is None:
-            raise NpoError(f"no recipe: none of {', '.join(DEFAULT_RECIPES)} exists; pass --recipe")
-    if a.recipe:
-        a.recipe = str(Path(a.recipe).resolve())
+        a.out = tempfile.mkdtemp(prefix="npo-convergence-") if a.quick else str(ROOT / "out" / "convergence")
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results = Path(a.results).resolve() if a.results else (out if a.quick else ROOT / "benchmarks" / "results")
     results.mkdir(parents=True, exist_ok=True)
-    sdir = out / "store"
-    if not sdir.exists() and Path(a.example, "runs").is_dir() and not (a.quick and a.recipe is None):
-        shutil.copytree(a.example, sdir)
-    store = Store.open(str(sdir))
+    if not (out / "store").exists():
+        if not Path(a.example, "runs").is_dir():
+            raise NpoError(f"no example store at {a.example}; build it with make example")
+        shutil.copytree(a.example, out / "store")
+    store = Store.open(str(out / "store"))
     os.chdir(out)
-    if replot:
+    if a.report_only:
         plan = json.loads((out / "plan.json").read_text())
         status = json.loads((out / "status.json").read_text()) if (out / "status.json").exists() else {}
     else:
         plan = make_plan(a, store)
-        # runs in the store are reused by name: ones made under other settings would be mixed into the table
-        prev = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}
-        other = [k for k in ("recipe", "T", "scout", "window", "at", "guide", "gate") if k in prev and prev[k] != plan[k]]
-        if other:
-            raise NpoError(f"{out} holds runs made with other settings ({', '.join(other)} differ); "
-                           "pass --out with another folder, or delete it")
+        prev = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else None
+        if prev and any(prev["regimes"].get(k, {}).get("recipe") not in (None, v["recipe"])
+                        for k, v in plan["regimes"].items()):
+            raise NpoError(f"{out} holds runs made with other settings; pass another --out or delete it")
         (out / "plan.json").write_text(json.dumps(plan, indent=1))
-        print(f"convergence: T={plan['T']}, seeds {plan['seeds']}, arms {', '.join(plan['arms'])}, "
-              f"{a.jobs} job(s); store {sdir}", flush=True)
-        if "luffy" in plan["arms"]:
-            write_teacher(plan)
-        status = {} if a.report_only else schedule(plan, a.jobs)
+        for regime, g in plan["regimes"].items():
+            if "luffy" in g["arms"]:
+                write_teacher(plan, regime)
+        status = schedule(plan, a.jobs)
         (out / "status.json").write_text(json.dumps(status, indent=1))
-    res = analyse(store, plan)
-    wall = (time.perf_counter() - t_start) / 60
-    meta = {"command": cmd, "wall_min": wall, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread per arm, "
-                       f"{a.jobs} arm(s) at a time, torch {torch.__version__}",
-            "recipe": plan.get("recipe_path", "?")}
+    res = {regime: analyse_regime(store, plan, regime) for regime in plan["regimes"]}
+    meta = {"command": "python benchmarks/convergence.py " + " ".join(sys.argv[1:]),
+            "wall_min": (time.perf_counter() - t0) / 60, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread per task, "
+                       f"{a.jobs} task(s) at a time, torch {torch.__version__}"}
     text = report(plan, res, status, meta)
     (results / "convergence.md").write_text(text)
-    # the work folder's paths are this machine's: the results name them OUT/...
-    public = json.loads(json.dumps(plan).replace(json.dumps(str(out))[1:-1], "OUT"))
-    (results / "convergence.json").write_text(json.dumps({"plan": public, "status": status, "meta": meta, **res},
-                                                         indent=1, default=str))
-    plots(store, plan, res, results)
+    public = {r: {k: v for k, v in x.items() if k != "curves"} for r, x in res.items()}
+    for r, x in res.items():  # the curves at eval points, enough to redraw the charts
+        public[r]["evals"] = {arm: {s: c["evals"] for s, c in cs.items()} for arm, cs in x["curves"].items()}
+    plan_public = json.loads(json.dumps(plan).replace(str(out), "OUT"))
+    (results / "convergence.json").write_text(json.dumps({"plan": plan_public, "status": status, "meta": meta,
+                                                          "results": public}, indent=1, default=str))
+    charts(plan, res, results)
     print(text)
-    print(f"wrote {results / 'convergence.md'}, convergence.png, convergence_compute.png ({wall:.1f} min)")
-    bad = [k for k, v in status.items() if v.get("state") in ("failed", "blocked")]
-    return 1 if bad else 0
+    return 1 if any(v.get("state") in ("failed", "blocked") for v in status.values()) else 0
 
 
 if __name__ == "__main__":

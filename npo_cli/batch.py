@@ -1,7 +1,8 @@
 """What one step works on: the prompts as the policy sees them, groups of scored rollouts, the padded tensors
 of the update and the learning rate. Also the two seams of the loop and their plain-GRPO defaults: an
-off-policy source (`NoSource`) that may replace slots of the groups, and a controller (`NoController`)
-that may stop the branch; both are handed to the trainer, with `StepContext` as all a source sees of it.
+off-policy source (`NoSource`) that may put prompts in the batch and replace slots of the groups, and a
+controller (`NoController`) that may stop the branch; both are handed to the trainer, with `StepContext`
+as all a source sees of it.
 """
 
 from __future__ import annotations
@@ -113,6 +114,12 @@ class NoSource:
 
     name = "none"
     guide: str | None = None  # checkpoint id of the guide, recorded in manifests when set
+
+    def prompts(self, step: int, problems: list[Problem]) -> list[Problem]:
+        """The step's problems, as many as drawn: the whole batch, before torchrun splits it between the
+        ranks (so a source that puts its own prompts in, like ExGRPO's experience, decides the same on
+        every rank). Plain GRPO keeps the data order's."""
+        return problems
 
     def mix(self, ctx: StepContext, groups: list[Group]) -> list[Group]:
         return groups

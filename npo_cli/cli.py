@@ -445,15 +445,37 @@ def _print_auto_events(events: list[Event]) -> None:
                           f"{e.until} with guide {e.from_branch}@{e.guide_step} ({e.guide[:12]}); "
                           f"guide cache pre-filled for {p.get('found', 0)}/{p.get('prompts', 0)} mistakes",
                           highlight=False, soft_wrap=True)
+        elif e.kind == "auto-scout":
+            x, pr = e.model_extra or {}, e.probe or {}
+            console.print(f"auto-scout at step {e.step}: S = Q/V = {_fmt(x.get('Q'))}/{_fmt(x.get('V'))} = "
+                          f"{_fmt(e.S)} ({pr.get('prompts', 0)} early mistakes x {pr.get('tries', 0)} tries)",
+                          highlight=False, soft_wrap=True)
         elif e.kind == "auto-bootstrap":
-            console.print(f"auto-bootstrap: scout done at step {e.step}; restart from step 0 on {e.branch} "
-                          "with this checkpoint as guide", highlight=False, soft_wrap=True)
+            if e.confirmed is False:
+                text = f"no restart at step {e.step}: {e.reason or ''}"
+            elif e.guide_step is None:  # written before the scout measured S: its stop is the guide
+                text = f"scout done at step {e.step}; restart from step 0 on {e.branch} with this checkpoint as guide"
+            else:
+                guide = f"{e.guide[:12]}" if e.guide else "this checkpoint"
+                text = (f"scout stopped at step {e.step}; restart from step 0 on {e.branch}, NPO to {e.until} with "
+                        f"guide step {e.guide_step} ({guide}, S={_fmt(e.S)})")
+            console.print(f"auto-bootstrap: {text}", highlight=False, soft_wrap=True)
+            if e.candidates:
+                ct = Table("step", "n", "Q", "KL", "V", "S", title="scout checks")
+                for c in e.candidates:
+                    mark = " *" if e.confirmed and c["step"] == e.guide_step else ""
+                    ct.add_row(str(c["step"]) + mark, str(c["n"]), _fmt(c["Q"]), f"{c['kl']:.4f}", f"{c['V']:.3f}",
+                               _fmt(c["S"]))
+                console.print(ct)
         elif e.kind in ("auto", "auto-probe"):
             sig = ", ".join(f"{k} {v:.4f}" for k, v in (e.signals or {}).items() if v is not None)
             verdict = (f"confirmed: roll back D*={e.delta} to step {e.fork_step} ({e.branch})"
                        if e.confirmed else f"not confirmed: {e.reason or ''}")
             pr = e.probe
-            probe = f"; probe {pr['prompts']} x {pr['samples']}, pass {pr['pass']:.3f}" if pr else ""
+            if pr and "solved" in pr:
+                probe = f"; probe {pr['prompts']} x {pr['tries']} tries, solved {pr['solved']:.3f}"
+            else:  # written when Q was a mean pass rate
+                probe = f"; probe {pr['prompts']} x {pr['samples']}, pass {pr['pass']:.3f}" if pr else ""
             console.print(f"auto decision at step {e.step} (pool {e.pool or 0}{probe}): {sig}; {verdict}",
                           highlight=False, soft_wrap=True)
             if e.candidates:
@@ -493,9 +515,13 @@ def auto_cmd(
         console.print(t)
         for row in a["events"]:  # the decisions, each with where it was taken (BRANCH@STEP)
             e = Event.model_validate({k: v for k, v in row.items() if k != "at"})
-            if e.kind in ("auto", "auto-probe", "auto-bootstrap"):
+            if e.kind == "auto-bootstrap":
+                what = (f"no bootstrap ({e.reason or ''})" if e.confirmed is False
+                        else "bootstrap restart from step 0" if e.guide_step is None
+                        else f"bootstrap restart from step 0, guide step {e.guide_step} (S={_fmt(e.S)})")
+                console.print(f"  step {e.step} on {row['at']}: {what}", highlight=False)
+            elif e.kind in ("auto", "auto-probe"):
                 what = (f"D*={e.delta}: {e.branch} from step {e.fork_step}" if e.confirmed
-                        else "bootstrap restart from step 0" if e.kind == "auto-bootstrap"
                         else f"not confirmed ({e.reason or ''})")
                 console.print(f"  step {e.step} on {row['at']}: {what}", highlight=False)
         if res["stopped_by"]:

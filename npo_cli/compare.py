@@ -5,7 +5,7 @@ curve up to the fork point (that part is "inherited"; the chart draws it dashed 
 a dot). The x axis is the step, or the work done so far:
 
   updates  optimizer steps done (a replayed stretch counts twice)
-  samples  completions sampled by the policy (prompts x group size per step; ExGRPO's extra groups too)
+  samples  completions sampled by the policy (prompts x group size per step, every source)
   tokens   tokens sampled: the policy's completions plus guide sampling (npo/guide_tokens) and
            AutoNPO's probes and guide-cache pre-fills (recorded in checkpoint events)
   wall     training wall time (sum of step_time; evals excluded)
@@ -96,6 +96,8 @@ class _Costs:
 
     def step_work(self, m: Manifest, row: dict) -> dict[str, float]:
         prompts, n = self.shape(m)
+        # npo/replay_groups: ExGRPO groups sampled on top of the batch (runs of npo before ExGRPO's
+        # experience took places in the batch; today's npo/replay_prompts are inside prompts_per_step)
         samples = (prompts + float(row.get("npo/replay_groups", 0.0))) * n
         tokens = float(row.get("response_length", 0.0)) * samples + sum(float(row.get(k, 0.0))
                                                                         for k in EXTRA_TOKEN_KEYS)

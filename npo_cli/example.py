@@ -8,17 +8,22 @@ It learns both at once, abruptly, after ~1300 steps; during that onset two snaps
   base/moderate  first snapshot with >= 20% sampled accuracy on 2-digit sums (step 1340: 0.26)
                  -> recipes/quickstart.yaml, recipes/plateau.yaml
   base/weak      first snapshot with >= 4% on 3-digit sums (step 1400: 0.034 over 4 samples)
-                 -> recipes/sparse.yaml
+                 -> recipes/stall.yaml (GRPO from it is flat for ~200 steps, then takes off)
+  base/primed    base/weak after PRIME_STEPS steps of GRPO on 3-digit sums (recipes/stall.yaml's settings,
+                 seed 0): still a sparse start (~5% correct, most groups all-wrong), but one GRPO leaves
+                 within ~50-100 steps -> recipes/sparse.yaml
 
+Later SFT snapshots do not give such a start (one at 6.5% on 3-digit sums stayed flat under GRPO for
+175 steps): the stall is broken by what GRPO itself learns, so the primed start is GRPO's own.
 Snapshots from before the onset (2-digit accuracy stuck near 8% from guessing the magnitude) do not
 improve under GRPO at all; snapshots from inside it do, which is why the thresholds are met there.
 Accuracy is sampled at temperature 1 on the regime's held-out split. Each checkpoint stores its
 regime's recipe, so `npo eval base/weak` scores 3-digit sums. No optimizer state (GRPO starts its
-own), so the store stays ~8.6 MB.
+own), so the store stays ~13 MB.
 
 Deterministic: fixed seeds, one thread, a fixed data order, evals with fixed sampling seeds. Two
 builds give identical tensors, metrics and recipes; checkpoint ids differ only by the save time.
-Wall time: ~3 minutes on one core.
+Wall time: ~4 minutes on one core.
 """
 
 from __future__ import annotations
@@ -38,12 +43,13 @@ from npo_cli.rollout import HFBackend
 from npo_cli.store import Store
 from npo_cli.tasks import load_problems
 from npo_cli.tiny import char_tokenizer, tiny_config
-from npo_cli.trainer import evaluate
+from npo_cli.trainer import Trainer, evaluate
 from npo_cli.verifiers import make_verifier
 
 SEED = 0
 SFT_TASK = {"digits": 2, "hard_digits": 3, "hard_fraction": 0.5}
 BATCH, LR, MAX_STEPS, EVAL_EVERY = 64, 1e-3, 4000, 20
+PRIME_STEPS = 175  # GRPO steps from base/weak to base/primed
 # branch -> (task.arithmetic of the regime that starts from it, sampled accuracy that picks it, held-out
 # problems it is measured on: 512 keep a 4% target clear of the ~1% before the onset)
 TARGETS = {
@@ -143,7 +149,33 @@ def build(out: str) -> dict[str, tuple[int, str]]:
                 raise NpoError(f"SFT did not reach every target in {MAX_STEPS} steps (got {sorted(picked)})")
     for name, (_, cid) in picked.items():
         store.branch(cid, name, run="base")
+    picked["primed"] = prime(store, picked["weak"])  # its checkpoint moves branch base/primed
     return picked
+
+
+def prime(store: Store, weak: tuple[int, str]) -> tuple[int, str]:
+    """base/weak plus PRIME_STEPS GRPO steps on 3-digit sums (seed 0), saved on base's `primed` lineage
+    (weights only, like the SFT snapshots). Deterministic: one thread, seeded sampling and data order."""
+    step0, weak_id = weak
+    recipe = build_recipe({"name": "base", "seed": SEED, "model": {"path": weak_id},
+                           "task": {"arithmetic": TARGETS["weak"][0]},
+                           "rollout": {"prompts_per_step": 16, "group_size": 8, "max_new_tokens": 8,
+                                       "temperature": 1.0},
+                           "grpo": {"lr": 2.0e-4}, "logging": {"progress": False, "metrics_jsonl": None}})
+    trainer = Trainer(recipe, store)
+    t0 = time.perf_counter()
+    rows = [trainer.step() for _ in range(PRIME_STEPS)]
+    judge = Judge(trainer.model, trainer.tokenizer, recipe, TARGETS["weak"][2])
+    summary = evaluate(trainer.model, trainer.tokenizer, recipe, judge.problems, 4, seed=SEED)
+    summary = {k: v for k, v in summary.items() if k != "eval/time"} | {"eval/step": step0 + PRIME_STEPS}
+    with store.lease("base", "primed"):
+        cid = save_checkpoint(store, run="base", branch="primed", step=step0 + PRIME_STEPS, model=trainer.model,
+                              tokenizer=trainer.tokenizer, recipe=recipe.model_dump(mode="json"), summary=summary,
+                              metrics=rows, parent=weak_id,
+                              state=TrainerState(grpo={"from": weak_id, "steps": PRIME_STEPS}))
+    print(f"step {step0 + PRIME_STEPS}: base/primed = {cid[:12]} (GRPO from base/weak) "
+          f"{ {k: round(v, 3) for k, v in summary.items()} } ({time.perf_counter() - t0:.0f} s)")
+    return step0 + PRIME_STEPS, cid
 
 
 def quick_warm_start(store, run: str = "base", steps: int = 150, task: dict | None = None,

@@ -57,6 +57,9 @@ class TrainerState(BaseModel):
     last_eval: dict[str, float] = Field(default_factory=dict, description="The latest eval's numbers.")
     source: dict[str, Any] = Field(default_factory=dict, description="The off-policy source's JSON state.")
     controller: dict[str, Any] = Field(default_factory=dict, description="The controller's own JSON state.")
+    successes: str | None = Field(
+        None, description="train.record_successes: object holding the verified on-policy successes sampled "
+        "since the parent checkpoint (npo-successes/1), also in `extra_objects`.")
     imported_from: str | None = Field(None, description="The folder `npo import` read.")
 
 
@@ -89,6 +92,9 @@ class Event(BaseModel):
     probe: dict[str, Any] | None = None
     candidates: list[dict[str, Any]] | None = None
     S: float | None = None
+    Q: float | None = Field(None, description="auto-scout: share of the early mistakes the scout solves.")
+    V: float | None = Field(None, description="auto-scout: exp(KL(scout || step-0 policy)).")
+    kl: float | None = None
     prefill: dict[str, Any] | None = None
 
     @model_serializer(mode="wrap")

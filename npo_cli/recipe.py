@@ -174,6 +174,10 @@ class TrainConfig(Section):
         "ddp", description="Under torchrun: ddp (full model per rank, gradients summed) or fsdp (FSDP2: "
         "decoder layers, their gradients and AdamW state sharded). Ignored in a single process."
     )
+    record_successes: bool = Field(
+        False, description="Keep every step's verified on-policy successes (with their behaviour log-probs) in "
+        "the store, stored with each checkpoint, for a later run to replay with npo.source=rlep."
+    )
 
 
 class LoggingConfig(Section):
@@ -190,7 +194,8 @@ class NPOConfig(Section):
     source: Literal["none", "npo", "luffy", "exgrpo", "rlep"] = Field(
         "none", description="Source of off-policy slots: none = plain GRPO; npo = a near-future checkpoint's "
         "verified rollouts (npo.guide); luffy = a teacher's (npo.teacher_path or npo.guide); exgrpo = the run's "
-        "own past successes; rlep = a finished run's successes (npo.replay_from)."
+        "own past successes; rlep = the successes a finished run recorded while training (npo.replay_from, "
+        "trained with train.record_successes)."
     )
     guide: str | None = Field(None, description="Guide checkpoint ref (source=npo) or teacher (luffy).")
     start: int = Field(0, ge=0, description="First step with mixing on.")
@@ -204,13 +209,17 @@ class NPOConfig(Section):
     guide_clip_high: float = Field(1.0, ge=0, description="Upper clip of the guide slot when guide_clip=wide.")
     luffy_gamma: float = Field(0.1, gt=0, description="LUFFY policy shaping f(p) = p / (p + gamma).")
     teacher_path: str | None = Field(None, description="luffy: JSONL of teacher completions (prompt, completion).")
-    replay_from: str | None = Field(None, description="rlep: ref of the finished run whose successes are replayed.")
+    replay_from: str | None = Field(
+        None, description="rlep: the checkpoint (RUN, RUN/BRANCH, RUN@STEP or id) whose lineage's recorded "
+        "successes (train.record_successes) are replayed, with their recorded behaviour log-probs."
+    )
     guide_round: int = Field(
         4, ge=1, description="Guide samples per prompt per generate call, until max_tries (ours)."
     )
     replay_ratio: float = Field(
-        0.25, ge=0.0, le=4.0, description="exgrpo: experience prompts per step, as a share of "
-        "rollout.prompts_per_step (added to the batch, each with fresh rollouts + one replayed success)."
+        0.5, ge=0.0, le=1.0, description="exgrpo: share of rollout.prompts_per_step given to experience "
+        "prompts (ExGRPO's rho): sampled like the fresh ones, with a stored success in a wrong slot when "
+        "gated; the fresh prompts they displace are skipped, so a step samples as many rollouts as GRPO."
     )
     replay_capacity: int = Field(2048, ge=1, description="exgrpo: prompts kept in the replay buffer (oldest go).")
     replay_per_prompt: int = Field(4, ge=1, description="exgrpo: successes kept per prompt (newest).")
@@ -245,6 +254,11 @@ class AutoConfig(Section):
         0.1, ge=-1.0, le=1.0, description="Warning needs the entropy EMA to fall by at least this share of its "
         "level over the window (fitted slope x window / level)."
     )
+    min_rise: float = Field(
+        0.05, description="Warning needs the reward EMA to have risen by at least this (reward units) above its "
+        "lowest value since the run's start or the last replay's start (counted once the EMA spans 1/ema_alpha "
+        "steps): a plateau follows progress; a sparse start, where reward has not moved, is auto.bootstrap's case."
+    )
     patience: int = Field(5, ge=1, description="Consecutive warned steps before the confirming probe.")
     min_gap: int = Field(
         30, ge=0, description="Steps after a replay ends (or a probe that did not confirm) before the next warning."
@@ -252,8 +266,14 @@ class AutoConfig(Section):
     pool_size: int = Field(
         512, ge=1, description="Mistake pool B: most recent all-wrong prompts kept, each with the step it failed at."
     )
-    probe_size: int = Field(64, ge=1, description="Pool prompts in the confirming probe (spread over candidates).")
-    probe_samples: int = Field(4, ge=1, description="Completions per probe prompt (current policy).")
+    probe_size: int = Field(
+        64, ge=1, description="Prompts in a probe: pool prompts in the confirming probe (spread over candidates); "
+        "early mistakes in a bootstrap scout's checks."
+    )
+    probe_samples: int = Field(
+        4, ge=1, description="Of the npo.max_tries completions sampled per probe prompt, the first this many "
+        "enter the KL forwards for V (bounds their cost)."
+    )
     deltas: list[int] | None = Field(
         None, description="Candidate rollback distances; None: every saved step within delta_max."
     )
@@ -263,17 +283,27 @@ class AutoConfig(Section):
         "or every mistake made since t-delta (stretch) (ours)."
     )
     min_score: float = Field(
-        0.05, ge=0.0, description="Confirmation: intervene only when the best S = Q/V reaches this."
+        0.25, ge=0.0, description="Confirmation: intervene only when the best S = Q/V reaches this, on NPO's scale "
+        "(Q solved within npo.max_tries, V = exp KL); set from measured S of guides that did and did not help."
     )
     max_interventions: int = Field(2, ge=0, description="Plateau interventions (rollback + replay) at most.")
     gate: float | None = Field(
         None, ge=0.0, le=1.0, description="npo.gate during replays (None: the recipe's npo.gate)."
     )
     bootstrap: bool = Field(
-        False, description="Early bootstrapping: a scout to scout_steps, then restart from step 0 with the "
-        "scout's checkpoint as guide (NPO for steps 0..scout_steps)."
+        False, description="Early bootstrapping: the run starts as a scout; at every saved step L (and at "
+        "scout_steps) it measures S(L) = Q/V of its policy as a guide for the step-0 policy (Q: share of the early "
+        "mistakes, those of its first train.save_every steps (up to probe_size), solved within npo.max_tries; "
+        "V = exp KL(pi_L || pi_0)); when it stops (scout_patience, scout_steps) it restarts from step 0 with the "
+        "argmax-S checkpoint L* as guide (NPO for steps 0..L*). No early mistake, or none solved by the longest "
+        "scout: no restart, the scout goes on as the run."
     )
-    scout_steps: int = Field(20, ge=1, description="Length of the bootstrapping scout (steps).")
+    scout_patience: int = Field(
+        2, ge=1, description="The scout stops once S has stayed below its best (with Q > 0) for this many checks."
+    )
+    scout_steps: int = Field(
+        100, ge=1, description="Longest bootstrapping scout (steps); it stops here at the latest."
+    )
 
 
 class Recipe(Section):

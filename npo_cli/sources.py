@@ -1,8 +1,9 @@
 """Sources of off-policy slots (`npo.source`): the NPO guide and the baselines, one slot machinery.
 
 Every source works the same way on the groups of a step (`mix`): a group whose on-policy accuracy
-p̂(x) <= npo.gate, for which the source has a verified-correct trajectory, gets that trajectory in its
-last slot (`put_slot`); the trainer then computes advantages over the mixed group, and the loss uses
+p̂(x) <= npo.gate, for which the source has a verified-correct trajectory, gets that trajectory in
+place of its last wrong sample (`put_slot`; a correct sample is never displaced, and a group without a
+wrong one gets none); the trainer then computes advantages over the mixed group, and the loss uses
 the trajectory's stored behaviour log-probs as the ratio's denominator (grpo.OffPolicy, chosen by
 npo.guide_clip / npo.importance_sampling; LUFFY shaping for source=luffy). Sources differ only in
 where trajectories come from:
@@ -10,9 +11,10 @@ where trajectories come from:
   npo     the guide checkpoint (a later checkpoint of the same run), via guide.GuideGenerator
   luffy   an external teacher: a JSONL of completions (npo.teacher_path) or a teacher checkpoint
   exgrpo  the run's own past verified successes (a replay buffer kept in the store), medium-difficulty
-          prompts first; experience prompts are added to the batch with fresh rollouts
-  rlep    the successes of a finished run (npo.replay_from): its final checkpoint's verified samples,
-          collected with the guide generator (cached; `npo guide --guide RUN` collects them up front)
+          prompts first; experience prompts take a share (npo.replay_ratio) of the batch's prompts
+          (`prompts`), so the step samples as many rollouts as plain GRPO
+  rlep    the verified successes a finished run recorded while it trained (npo.replay_from, recorded
+          with train.record_successes), with their recorded behaviour log-probs; nothing is sampled
 
 Slots are mixed only for npo.start <= step < npo.until. Metrics (prefix npo/, whatever the source):
 gated_frac, hit_rate, Q (fraction of failing prompts, p̂ = 0, with a trajectory; absent when none
@@ -27,7 +29,7 @@ import math
 import random
 
 from npo_cli import dist
-from npo_cli.batch import Group, NoSource, StepContext, score_group
+from npo_cli.batch import Group, NoSource, StepContext
 from npo_cli.errors import NpoError
 from npo_cli.guide import GuideGenerator
 from npo_cli.rollout import Rollout
@@ -42,13 +44,19 @@ def gated(accuracy: float, gate: float) -> bool:
 
 
 def put_slot(ctx: StepContext, group: Group, ro: Rollout) -> bool:
-    """Replace the last slot of `group` with off-policy rollout `ro`, if the verifier accepts it."""
+    """Put off-policy rollout `ro` in place of the last wrong on-policy sample of `group`, if the verifier
+    accepts it. A correct sample is never displaced (the slot adds a success, it does not swap one), so a
+    group without a wrong sample (an all-correct group under npo.gate=1.0) is left as it is."""
     p = group.problem
+    wrong = [i for i, ok in enumerate(group.correct) if not ok and group.rollouts[i].source == "policy"]
+    if not wrong:
+        return False  # every sample is right: nothing to replace
     if ctx.judge(p.prompt, ro.text, p.answer) < 1.0:
         return False  # a wrong answer never enters a group
-    group.rollouts[-1] = ro
-    group.rewards[-1] = float(ctx.reward_fn(p.prompt, ro.text, p.answer, finished=ro.finished))
-    group.correct[-1] = True
+    i = wrong[-1]
+    group.rollouts[i] = ro
+    group.rewards[i] = float(ctx.reward_fn(p.prompt, ro.text, p.answer, finished=ro.finished))
+    group.correct[i] = True
     group.info["offpolicy_slot"] = ro.source
     return True
 
@@ -70,7 +78,7 @@ class SlotSource(NoSource):
 
     def trajectories(self, ctx: StepContext, groups: list[Group]) -> list[Rollout | None]:
         """One off-policy trajectory (or None) per group; sources that mix through the base `mix` define it
-        (ExGRPO adds replayed groups instead and overrides `mix`)."""
+        (ExGRPO overrides `mix`: its trajectories come with the experience prompts it put in the batch)."""
         raise TypeError(f"{type(self).__name__} uses SlotSource.mix but defines no trajectories()")
 
     def mix(self, ctx: StepContext, groups: list[Group]) -> list[Group]:
@@ -146,7 +154,7 @@ def slot_rollout(group: Group, entry: dict, name: str) -> Rollout:
 
 
 class GuideSource(SlotSource):
-    """Trajectories of one checkpoint through the guide generator (npo, rlep, luffy with a checkpoint)."""
+    """Trajectories of one checkpoint through the guide generator (npo, luffy with a checkpoint)."""
 
     def __init__(self, recipe, store, ref: str):
         super().__init__(recipe, store)
@@ -193,16 +201,51 @@ class NPOSource(GuideSource):
         super().__init__(recipe, store, recipe.npo.guide)
 
 
-class RLEPSource(GuideSource):
-    """RLEP: verified successes of a finished run (npo.replay_from, its final checkpoint), replayed from
-    step 0. They are sampled by that checkpoint with the guide generator and cached under its id."""
+class RLEPSource(SlotSource):
+    """RLEP: the verified successes a finished run recorded while it trained (train.record_successes),
+    replayed from step 0 of this run with their recorded behaviour log-probs; nothing is sampled.
+    npo.replay_from names the checkpoint; the successes of every checkpoint on its lineage count. A gated
+    group whose prompt has some gets one, drawn from (seed, step, prompt): a pure function, so a resume
+    (or another rank) draws the same."""
 
     name = "rlep"
 
     def __init__(self, recipe, store):
         if not recipe.npo.replay_from:
             raise NpoError("npo.source=rlep needs npo.replay_from (the finished run, e.g. RUN or RUN@STEP)")
-        super().__init__(recipe, store, recipe.npo.replay_from)
+        super().__init__(recipe, store)
+        # the manifests' guide link: gc keeps the replayed checkpoint, its lineage and so its successes
+        self.guide = store.resolve(recipe.npo.replay_from)
+        self.table = recorded_successes(store, self.guide)
+        if not self.table:
+            raise NpoError(f"{store.describe(self.guide)} recorded no successes to replay; train the run it "
+                           "replays with train.record_successes=true")
+
+    def trajectories(self, ctx: StepContext, groups: list[Group]) -> list[Rollout | None]:
+        out: list[Rollout | None] = []
+        for g in groups:
+            trajs = self.table.get(g.prompt)
+            if not trajs:
+                out.append(None)
+                continue
+            rng = random.Random(derive_seed(self.recipe.seed, "rlep", ctx.step, g.prompt))
+            t = trajs[rng.randrange(len(trajs))]
+            if t["prompt_ids"] != g.rollouts[0].prompt_ids:
+                raise NpoError(f"{self.store.describe(self.guide)} tokenized prompts differently from the "
+                               "policy; npo.source=rlep needs the same tokenizer")
+            out.append(slot_rollout(g, t, self.name))
+        return out
+
+
+def recorded_successes(store, ref: str) -> dict[str, list[dict]]:
+    """Formatted prompt -> the verified on-policy successes recorded on the lineage of checkpoint `ref`
+    (train.record_successes), oldest first."""
+    table: dict[str, list[dict]] = {}
+    for m in reversed(store.lineage(ref)):
+        if m.state.successes:
+            for t in store.get_json(m.state.successes, "recorded successes")["items"]:
+                table.setdefault(t["prompt"], []).append(t)
+    return table
 
 
 class LuffySource(GuideSource):
@@ -270,15 +313,17 @@ def read_teacher(url: str, prompt_field: str = "prompt") -> dict[str, list[dict]
 
 
 class ExGRPOSource(SlotSource):
-    """ExGRPO: replay of the run's own verified successes, with their behaviour log-probs.
+    """ExGRPO: replay of the run's own verified successes, with their behaviour log-probs, at the rollout
+    budget of plain GRPO.
 
     Every step records the on-policy successes per prompt (newest npo.replay_per_prompt kept; a prompt
-    solved by the whole group is retired) and each prompt's latest accuracy. In the window, about
-    replay_ratio * prompts_per_step buffered prompts, drawn with weight exp(-(acc - 0.5)^2 / 2 sigma^2)
-    (medium difficulty first), get fresh rollouts; if gated, the stored success with the highest mean
-    log-prob (ExGRPO prefers low-entropy trajectories) takes the last slot. These groups are added to
-    the batch. The buffer is saved as JSON objects in the store: append-only segments of trajectories
-    plus an index, all listed in the checkpoint's state (so gc keeps them and resume restores it).
+    solved by the whole group is retired) and each prompt's latest accuracy. In the window, experience
+    prompts take round(replay_ratio * prompts_per_step) places of the step's batch (`prompts`): buffered
+    prompts drawn with weight exp(-(acc - 0.5)^2 / 2 sigma^2) (medium difficulty first), sampled like any
+    other prompt; if gated, the stored success with the highest mean log-prob (ExGRPO prefers low-entropy
+    trajectories) takes a wrong slot. The buffer is saved as JSON objects in the store: append-only
+    segments of trajectories plus an index, all listed in the checkpoint's state (so gc keeps them and
+    resume restores it).
     """
 
     name = "exgrpo"
@@ -288,35 +333,43 @@ class ExGRPOSource(SlotSource):
         super().__init__(recipe, store)
         self.buffer: dict[str, dict] = {}  # formatted prompt -> record; order = least recently updated first
         self.segments: list[str] = []
+        self.chosen: dict[str, dict] = {}  # this step's experience prompts -> the success each replays
+
+    def prompts(self, step: int, problems: list[Problem]) -> list[Problem]:
+        """The batch with its last k fresh problems replaced by k experience prompts (not in the batch). The
+        displaced problems are skipped: the data position still advances by prompts_per_step. torchrun: the
+        buffer is the same on every rank (every rank records every rank's groups, in the global order), and
+        so are the picks; the trainer splits this list between the ranks like any batch."""
+        self.chosen = {}
+        k = round(self.npo.replay_ratio * len(problems))
+        if not (self.active(step) and k > 0 and self.buffer):
+            return problems
+        keys = {p.key for p in problems}
+        in_batch = {p for p, rec in self.buffer.items() if Problem.from_json(rec["problem"]).key in keys}
+        picks = self.pick(k, in_batch, step)
+        # the success each one replays, taken now: recording this step's outcomes updates the records
+        self.chosen = {p: self.best(rec) for p, rec in picks.items()}
+        fresh = problems[: len(problems) - len(picks)]
+        return fresh + [Problem.from_json(rec["problem"]) for rec in picks.values()]
 
     def mix(self, ctx: StepContext, groups: list[Group]) -> list[Group]:
-        """torchrun: the buffer is the same on every rank (every rank records every rank's groups, in the
-        global order), so the picks are too; each rank samples and trains its share of them."""
         self._m = {}
-        step, extra, picks = ctx.step, [], {}
-        k = round(self.npo.replay_ratio * self.recipe.rollout.prompts_per_step)
-        if self.active(step) and k > 0 and self.buffer:
-            batch = [p for part in dist.gather_json([g.prompt for g in groups]) for p in part]
-            picks = self.pick(k, set(batch), step)
-            mine = dict(list(picks.items())[dist.rank() :: dist.world()])  # like the prompts: rank::world
-            if mine:
-                sampled = ctx.backend.generate(list(mine), self.recipe.rollout.group_size)
-                for (prompt, rec), rollouts in zip(mine.items(), sampled):
-                    problem = Problem.from_json(rec["problem"])
-                    extra.append(score_group(problem, prompt, rollouts, ctx.reward_fn, ctx.judge))
-        chosen = {p: self.best(rec) for p, rec in picks.items()}
-        for gs in (groups, extra):  # the batch's groups, then the replayed ones, each in the global order
-            for o in dist.gather_strided([self.outcome(g, step) for g in gs]):
-                self.record(o, step)
-        if self.active(step):
-            def fetch(gs: list[Group]) -> list[Rollout | None]:
-                return [slot_rollout(g, chosen[g.prompt], self.name) if chosen.get(g.prompt) else None
-                        for g in gs]
-
-            self.mix_groups(ctx, extra, fetch)
-            self._m["npo/replay_groups"] = float(len(picks))
+        for o in dist.gather_strided([self.outcome(g, ctx.step) for g in groups]):  # in the global order
+            self.record(o, ctx.step)
+        # the step's `accuracy` counts the experience prompts, chosen because the policy solved them before:
+        # the fresh prompts' own accuracy is the one comparable with plain GRPO's
+        fresh = [g for g in groups if g.prompt not in self.chosen]
+        hits, n = dist.all_sum([sum(sum(g.correct) for g in fresh), sum(len(g.correct) for g in fresh)])
+        if n:
+            self._m["npo/fresh_accuracy"] = hits / n
+        if self.active(ctx.step):
+            replayed = [g for g in groups if g.prompt in self.chosen]  # this rank's share of them
+            self.mix_groups(ctx, replayed, lambda gs: [slot_rollout(g, self.chosen[g.prompt], self.name)
+                                                       for g in gs])
+            self._m["npo/replay_prompts"] = float(len(self.chosen))  # in the batch (old runs: replay_groups)
             self._m["npo/buffer_prompts"] = float(len(self.buffer))
-        return groups + extra
+        self.chosen = {}
+        return groups
 
     def pick(self, k: int, exclude: set[str], step: int) -> dict[str, dict]:
         """k buffered prompts (not in this batch), weighted sampling without replacement (A-ExpJ keys)."""

@@ -2,9 +2,10 @@
 slots -> advantages -> loss -> optimizer -> metrics. `Trainer.train()` wraps it with checkpoints,
 eval, the progress line, the branch lease and Ctrl-C handling.
 
-The trainer is handed its two seams (npo_cli/batch.py), each one call in the loop:
-- `source.mix(ctx, groups)` (in step): an off-policy slot source (NPO guide, LUFFY, replay) may replace
-  slots of the on-policy groups; it sees only a `StepContext`. Plain GRPO's `NoSource` leaves them.
+The trainer is handed its two seams (npo_cli/batch.py), called in the loop:
+- `source.prompts(step, problems)` and `source.mix(ctx, groups)` (in step): an off-policy slot source
+  (NPO guide, LUFFY, replay) may put its own prompts in the batch (ExGRPO's experience) and replace slots
+  of the on-policy groups; it sees only a `StepContext`. Plain GRPO's `NoSource` leaves both alone.
 - `controller.after_step(trainer, metrics)` (in train): a controller (AutoNPO) watches every step and
   may return True to stop the branch after a checkpoint; plain training's `NoController` never does.
 Both keep JSON state (`state_dict` / `load_state_dict`) in every checkpoint; objects they keep in the
@@ -26,7 +27,16 @@ import torch
 
 from npo_cli import dist
 from npo_cli.backend import make_backend
-from npo_cli.batch import NoController, NoSource, StepContext, collate, format_prompt, lr_at, score_group
+from npo_cli.batch import (
+    Group,
+    NoController,
+    NoSource,
+    StepContext,
+    collate,
+    format_prompt,
+    lr_at,
+    score_group,
+)
 from npo_cli.checkpoint import DTYPES, load_model, load_optimizer, load_state_tensors, save_checkpoint
 from npo_cli.errors import NpoError
 from npo_cli.grpo import OffPolicy, compile_layers, group_advantages, grpo_loss, token_logprobs
@@ -42,6 +52,7 @@ from npo_cli.verifiers import make_judge, make_verifier
 
 # loss stats that are totals (summed over micro-batches), not means
 COUNT_KEYS = ("loss", "tokens", "off/rows", "off/tokens")
+SUCCESSES_FORMAT = "npo-successes/1"  # the object train.record_successes stores with each checkpoint
 
 
 def evaluate(model, tokenizer, recipe: Recipe, problems: list, samples: int, seed: int,
@@ -88,6 +99,7 @@ class Trainer:
         self.controller = controller or NoController()
         self.events: list[Event] = []
         self.pending_metrics: list[dict] = []  # steps since the last checkpoint
+        self.successes: list[dict] = []  # train.record_successes: rank 0's, since the last checkpoint
         self.history: list[dict] = []  # every step of this process (for the end summary)
         self.last_eval: dict[str, float] = {}
         self._stop_signal: int | None = None
@@ -268,6 +280,7 @@ class Trainer:
 
         # 1. sample prompts
         problems = self.next_problems(r.rollout.prompts_per_step)
+        problems = self.source.prompts(self.step_num, problems)  # the whole batch: the same on every rank
         problems = problems[dist.rank() :: dist.world()]  # torchrun: this rank's whole groups
         prompts = [format_prompt(r, self.tokenizer, p) for p in problems]
 
@@ -278,6 +291,7 @@ class Trainer:
 
         # 3. verify
         groups = [self.score(p, prompt, rollouts) for p, prompt, rollouts in zip(problems, prompts, sampled)]
+        self._record_successes(groups)
         # TRL's reward_std: the groups' mean (unbiased) std, the spread the advantages divide by
         std_sum = float(torch.tensor([g.rewards for g in groups]).std(-1).sum())
         rsum, csum, cnt, std_sum, n_on = dist.all_sum([
@@ -331,6 +345,19 @@ class Trainer:
 
     def score(self, problem: Problem, prompt: str, rollouts: list[Rollout]):
         return score_group(problem, prompt, rollouts, self.reward_fn, self.judge)
+
+    def _record_successes(self, groups: list[Group]) -> None:
+        """train.record_successes: keep the step's verified on-policy successes, as sampled (before any slot
+        is mixed in), for a later run to replay (npo.source=rlep). The next checkpoint stores them."""
+        if not self.recipe.train.record_successes:
+            return
+        wins = [[{"prompt": g.prompt, "problem": g.problem.to_json(), "prompt_ids": list(ro.prompt_ids),
+                  "completion_ids": list(ro.completion_ids), "logprobs": list(ro.logprobs), "text": ro.text,
+                  "finished": bool(ro.finished), "step": self.step_num}
+                 for ro, ok in zip(g.rollouts, g.correct) if ok and ro.source == "policy"] for g in groups]
+        wins = dist.gather_strided(wins)  # torchrun: every rank's groups, in the global order
+        if dist.is_main():  # only rank 0 writes the store
+            self.successes += [w for group in wins for w in group]
 
     def context(self) -> StepContext:
         """What the off-policy source may use at this step."""
@@ -488,9 +515,14 @@ class Trainer:
         controller = self.controller.state_dict() if main else {}
         # objects the source / controller keep in the store (a replay buffer, a mistake pool): gc keeps them
         extra = [*source.pop("objects", []), *controller.pop("objects", [])]
+        successes = None  # train.record_successes: those since the last checkpoint (a resume starts after it)
+        if main and self.successes:
+            successes = self.store.put_json({"format": SUCCESSES_FORMAT, "items": self.successes})
+            extra.append(successes)
         state = TrainerState(step=self.step_num, epoch=self.epoch, pos=self.pos, train_sha=self.train_sha,
                              samples_seen=self.samples_seen, tokens_generated=self.tokens_generated,
-                             last_eval=self.last_eval, source=source, controller=controller)
+                             last_eval=self.last_eval, source=source, controller=controller,
+                             successes=successes)
         tensors = {}
         for i, t in enumerate(dist.gather_tensor(torch.get_rng_state())):  # torchrun: every rank's stream
             tensors["torch_rng" + (f"_rank{i}" if i else "")] = t
@@ -508,7 +540,7 @@ class Trainer:
                 expect=self.branch_head,
             )
         self.head = self.branch_head = dist.broadcast_json(head)
-        self.pending_metrics, self.events = [], []
+        self.pending_metrics, self.events, self.successes = [], [], []
         return self.head
 
     # ---------------------------------------------------------------- the loop

@@ -1,4 +1,5 @@
-"""Smoke runs of the npo-vs-TRL benchmarks (the timings themselves are reported, not asserted)."""
+"""Smoke runs of the benchmarks (the timings themselves are reported, not asserted) and the convergence
+study's statistics."""
 
 import json
 import os
@@ -52,3 +53,33 @@ def test_decode_bench_small_on_cpu(tmp_path):
     assert res["HF generate, static cache"]["own_decoding"] is False
     assert res["npo decoding"]["own_decoding"] is True and res["npo decoding"]["compile_error"] is None
     assert res["npo_over_hf_static"] > 0
+
+
+def _convergence():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import convergence
+
+    return convergence
+
+
+def test_convergence_statistics():
+    """The study's statistics on hand-checked cases: thresholds on the moving mean, paired tests, intervals."""
+    c = _convergence()
+    assert c.sign_flip_p([1.0, 2.0, 3.0]) == pytest.approx(2 / 8)  # only all-positive / all-negative as extreme
+    assert c.sign_flip_p([1.0, -1.0]) == 1.0
+    lo, hi = c.boot_ci([1.0, 1.0, 1.0], c.statistics.mean)
+    assert lo == hi == 1.0
+    r = c.paired([2.0, 2.0, 2.0, 2.0], "ratio")
+    assert r["mean"] == pytest.approx(2.0) and r["lo"] == pytest.approx(2.0) and r["p"] == pytest.approx(2 / 16)
+    d = c.paired([0.1, -0.1], "diff")
+    assert d["mean"] == pytest.approx(0.0) and d["p"] == 1.0 and d["lo"] < 0 < d["hi"]
+    # a curve: on-policy accuracy 0 for 30 steps, then 1; moving mean (25) crosses 0.5 at step 43
+    acc = [0.0] * 30 + [1.0] * 30
+    mm = [sum(acc[i - 24 : i + 1]) / 25 if i >= 24 else None for i in range(60)]
+    curve = {"steps": list(range(1, 61)), "mm": mm, "tokens": [10.0 * s for s in range(1, 61)],
+             "evals": [(20, 0.1, 200.0), (40, 0.5, 400.0), (60, 0.9, 600.0)]}
+    assert c.reach(curve, 0.5, 0) == (43, 430.0)
+    assert c.reach(curve, 0.5, 50) == (51, 510.0)  # only after the fork
+    assert c.reach(curve, 1.01, 0) is None
+    assert c.at_compute(curve, 500.0) == pytest.approx((50, 0.7)) and c.at_compute(curve, 100.0) is None
+    assert c.at_compute(curve, 900.0) == (60, 0.9) and c.at_compute(curve, 400.0) == pytest.approx((40, 0.5))

@@ -300,9 +300,10 @@ def test_prompts_must_divide_over_ranks(monkeypatch, tmp_path: Path):
 
 def test_exgrpo_two_ranks_equal_one_process(workdir: Path):
     """ExGRPO under torchrun: every rank records every rank's groups (global order), so the replay buffer
-    and its picks are the same everywhere; each rank samples its share of the picks."""
+    and its picks (the batch's last places, before the rank split) are the same everywhere. The successes
+    train.record_successes keeps are gathered on rank 0 in the same global order."""
     recipe = {**RECIPE, "task": {**RECIPE["task"], "verifier": "ddp_reward:any_digit"},
-              "train": {**RECIPE["train"], "steps": 4},
+              "train": {**RECIPE["train"], "steps": 4, "record_successes": True},
               "npo": {"source": "exgrpo", "replay_ratio": 0.5, "gate": 1.0}}
     out = str(workdir / "rollouts")
     _run(_torchrun("worker.py", str(workdir / "dp"), out, "record", json.dumps(recipe), "train"), workdir)
@@ -317,10 +318,13 @@ def test_exgrpo_two_ranks_equal_one_process(workdir: Path):
             for st, man in ((Store.open(str(workdir / "dp")), dp_man), (Store.open(str(workdir / "single")), one_man))]
     assert len(rows[0]) == 4
     for a, b in zip(*rows, strict=True):
-        for k in ("loss", "grad_norm", "npo/replay_groups", "npo/buffer_prompts", "npo/slots", "tokens"):
+        for k in ("loss", "grad_norm", "npo/replay_prompts", "npo/buffer_prompts", "npo/slots", "tokens"):
             assert a.get(k) == pytest.approx(b.get(k), rel=1e-4, abs=1e-6), k
-    assert sum(m.get("npo/replay_groups", 0) for m in rows[0]) >= 2 and sum(m.get("npo/slots", 0) for m in rows[0]) >= 1
+    assert sum(m.get("npo/replay_prompts", 0) for m in rows[0]) >= 2 and sum(m.get("npo/slots", 0) for m in rows[0]) >= 1
     assert dp_man.state.source["replay"] == one_man.state.source["replay"]  # the same buffer object
+    recorded = [[m.state.successes for m in Store.open(str(workdir / d)).lineage(man.id)]
+                for d, man in (("dp", dp_man), ("single", one_man))]
+    assert recorded[0] == recorded[1] and any(recorded[0])  # the same objects: the same successes, in order
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])

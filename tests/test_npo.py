@@ -58,13 +58,13 @@ def group(n_correct: int, n: int = 4) -> Group:
 
 
 def mixed(groups: list[Group]) -> list[bool]:
-    return [g.rollouts[-1].source == "npo" for g in groups]
+    return [any(r.source == "npo" for r in g.rollouts) for g in groups]
 
 
 @pytest.mark.parametrize("gate, expect", [
     (0.5, [True, True, True, False, False]),  # p̂ == gate mixes; above does not
     (0.0, [True, False, False, False, False]),
-    (1.0, [True] * 5),  # everything is gated, even an all-correct group
+    (1.0, [True] * 4 + [False]),  # everything is gated, but an all-correct group has no wrong slot
 ])
 def test_gate_edges(gate, expect):
     src = FixedSource(build_recipe({"npo": {"gate": gate}}))
@@ -82,6 +82,18 @@ def test_gate_exact_fraction_and_one_slot():
     assert g.rollouts[-1].source == "npo" and g.rewards[-1] == 1.0 and g.correct[-1]
     assert sum(r.source != "policy" for r in g.rollouts) == 1
     assert g.info["offpolicy_slot"] == "npo"
+
+
+def test_slot_replaces_the_last_wrong_sample():
+    g = group(2)
+    g.rollouts, g.correct = [g.rollouts[i] for i in (2, 0, 3, 1)], [False, True, False, True]
+    g.rewards = [0.0, 1.0, 0.0, 1.0]
+    before = list(g.rollouts)
+    FixedSource(build_recipe({"npo": {"gate": 0.5}})).mix(context(), [g])
+    assert g.rollouts[2].source == "npo" and g.correct == [False, True, True, True] and g.rewards[2] == 1.0
+    assert [g.rollouts[i] for i in (0, 1, 3)] == [before[i] for i in (0, 1, 3)]  # the last, correct, stays
+    full = group(4)
+    assert not put_slot(context(), full, g.rollouts[2]) and mixed([full]) == [False]  # no wrong sample
 
 
 def test_advantages_over_the_mixed_group_and_metrics():
@@ -241,10 +253,22 @@ class StopAt(NoController):
 
 @pytest.fixture
 def finished_run(store_dir):
-    """Run 'r': 4 plain GRPO steps (checkpoints 0, 2, 4)."""
+    """Run 'r': 4 plain GRPO steps (checkpoints 0, 2, 4) that record their successes."""
     store = open_store(store_dir)
-    new_trainer(build_recipe(recipe_dict()), store).train()
+    new_trainer(build_recipe(recipe_dict(train={"record_successes": True})), store).train()
     return store
+
+
+def stored_successes(store, ref: str) -> list[dict]:
+    """The successes recorded on the lineage of `ref`, as its checkpoints stored them, oldest first."""
+    out = []
+    for m in reversed(store.lineage(ref)):
+        if m.state.successes:
+            assert m.state.successes in m.extra_objects
+            obj = store.get_json(m.state.successes)
+            assert obj["format"] == "npo-successes/1"
+            out += obj["items"]
+    return out
 
 
 def test_npo_source_cold_and_warm_cache_train_identically(finished_run):
@@ -269,7 +293,7 @@ def test_exgrpo_replays_and_its_buffer_survives_resume(store_dir):
                     train={"steps": 5, "save_every": 2})
     a = new_trainer(build_recipe(d), store)
     a.train()
-    assert sum(m.get("npo/replay_groups", 0) for m in a.history) > 0
+    assert sum(m.get("npo/replay_prompts", 0) for m in a.history) > 0
     assert sum(m.get("npo/slots", 0) for m in a.history) > 0 and any("npo/V" in m for m in a.history)
     b = new_trainer(build_recipe({**d, "name": "x2"}), store, controller=StopAt(3))
     b.train()
@@ -300,15 +324,100 @@ def test_luffy_teacher_file(store_dir, tmp_path):
         make_source(build_recipe(recipe_dict(npo={"source": "luffy"})), store)
 
 
-def test_rlep_replays_a_finished_run(finished_run):
-    store = finished_run
-    t = new_trainer(build_recipe(recipe_dict(name="p", npo={"source": "rlep", "replay_from": "r"})), store)
+def test_exgrpo_samples_as_many_rollouts_as_grpo(store_dir):
+    store = open_store(store_dir)
+    t = new_trainer(build_recipe(recipe_dict(name="xb", npo={"source": "exgrpo", "gate": 0.75},
+                                             train={"steps": 5, "save_every": 5})), store)
+    batches = []  # the prompts of each step's rollout
+    real = t.backend.generate
+
+    def generate(prompts, n, greedy=False):
+        if n == 4 and not greedy:  # not the eval's
+            batches.append(list(prompts))
+        return real(prompts, n, greedy)
+
+    t.backend.generate = generate
     t.train()
-    assert sum(m.get("npo/slots", 0) for m in t.history) > 0 and "npo/active" in t.history[0]
+    assert [len(b) for b in batches] == [4] * 5 and t.samples_seen == 5 * 4 * 4
+    assert t.epoch * len(t.train_problems) + t.pos == 5 * 4  # the displaced fresh prompts are skipped
+    replayed = [int(m.get("npo/replay_prompts", 0)) for m in t.history]
+    assert sum(replayed) > 0 and max(replayed) <= 2  # round(0.5 * 4): the default ratio, ExGRPO's rho
+    for i, (batch, k) in enumerate(zip(batches, replayed)):  # experience prompts take the last places
+        assert all(any(p in b for b in batches[:i]) for p in batch[len(batch) - k :])
+    for m, k in zip(t.history, replayed):  # the fresh prompts' accuracy leaves the experience prompts out
+        if k == 0:
+            assert m["npo/fresh_accuracy"] == pytest.approx(m["accuracy"])
+    assert any(m["npo/fresh_accuracy"] != pytest.approx(m["accuracy"]) for m, k in zip(t.history, replayed) if k)
+
+
+def test_record_successes(finished_run):
+    from npo_cli.checkpoint import load_metrics
+
+    store = finished_run
+    lineage = list(reversed(store.lineage("r")))
+    assert [m.step for m in lineage] == [0, 2, 4] and lineage[0].state.successes is None
+    items = stored_successes(store, "r")
+    # every step's verified on-policy successes, as many as its accuracy says
+    acc = [row["accuracy"] for m in lineage for row in load_metrics(store, m)]
+    assert [sum(it["step"] == s for it in items) for s in range(4)] == [round(a * 16) for a in acc] and items
+    judge = make_verifier(build_recipe({"task": TASK}).task)
+    for it in items:
+        assert judge(it["problem"]["prompt"], it["text"], it["problem"]["answer"]) >= 1.0
+        assert len(it["logprobs"]) == len(it["completion_ids"]) > 0 and it["prompt_ids"]
+    # a stop and a resume record the same successes, none lost or twice
+    d = recipe_dict(name="r2", train={"record_successes": True})
+    new_trainer(build_recipe(d), store, controller=StopAt(3)).train()
+    resume_trainer(store, "r2").train()
+    assert [m.step for m in store.lineage("r2")] == [4, 3, 2, 0] and stored_successes(store, "r2") == items
+    gc.collect(store, keep_recent=0)
+    assert all(store.has(m.state.successes) for m in lineage[1:]) and gc.verify(store)["ok"]
+
+
+def test_rlep_replays_recorded_trajectories(finished_run, store_dir):
+    store = finished_run
+    recorded: dict[str, list[dict]] = {}
+    for it in stored_successes(store, "r"):
+        recorded.setdefault(it["prompt"], []).append(it)
+    t = new_trainer(build_recipe(recipe_dict(name="p", npo={"source": "rlep", "replay_from": "r"})), store)
+    slots = []  # (prompt, rollout) of every slot the source filled
+    mix = t.source.mix
+
+    def spy(ctx, groups):
+        out = mix(ctx, groups)
+        slots.extend((g.prompt, ro) for g in out for ro in g.rollouts if ro.source == "rlep")
+        return out
+
+    t.source.mix = spy
+    t.train()
+    assert slots and sum(m["npo/slots"] for m in t.history) == len(slots) and "npo/active" in t.history[0]
+    keys = ("prompt_ids", "completion_ids", "logprobs", "text")
+    for prompt, ro in slots:  # the recorded run's own tokens and behaviour log-probs, nothing sampled
+        assert any([getattr(ro, k) for k in keys] == [it[k] for k in keys] for it in recorded[prompt])
+    assert sum(m["npo/guide_tokens"] for m in t.history) == 0 and any("npo/kl" in m for m in t.history)
     assert store.manifest("p").guide == store.resolve("r")
+    # the replayed run's successes stay while the replaying run links it, even without its own ref
+    r4 = store.resolve("r")
+    (store_dir / "runs" / "r" / "branches" / "main").unlink()
+    gc.collect(store, keep_recent=0)
+    assert gc.verify(store)["ok"]
+    src = make_source(build_recipe(recipe_dict(npo={"source": "rlep", "replay_from": r4})), store)
+    assert src.table == recorded
+    # the slot's prompt must be the policy's own tokens
+    it = next(iter(recorded.values()))[0]
+    other = Rollout(prompt_ids=[1, 2], completion_ids=[3], logprobs=[-1.0], text="x", finished=True)
+    g = Group(problem=Problem.from_json(it["problem"]), prompt=it["prompt"], rollouts=[other], rewards=[0.0],
+              correct=[False])
+    with pytest.raises(NpoError, match="same tokenizer"):
+        src.trajectories(context(), [g])
     with pytest.raises(NpoError, match="replay_from"):
         make_source(build_recipe(recipe_dict(npo={"source": "rlep"})), store)
-    # LUFFY with a teacher checkpoint instead of a file: its own ids and log-probs, LUFFY shaping
+    with pytest.raises(NpoError, match="recorded no successes.*train.record_successes=true"):
+        make_source(build_recipe(recipe_dict(npo={"source": "rlep", "replay_from": "base"})), store)
+
+
+def test_luffy_teacher_checkpoint(finished_run):
+    """LUFFY with a teacher checkpoint instead of a file: its own ids and log-probs, LUFFY shaping."""
+    store = finished_run
     t = new_trainer(build_recipe(recipe_dict(name="lc", npo={"source": "luffy", "guide": "r@4"},
                                              train={"steps": 2})), store)
     t.train()
