@@ -349,7 +349,7 @@ def at_compute(c: dict, budget: float) -> tuple[float, float] | None:
     """(step, held-out accuracy) at the total-compute budget, linear between the two evals around it (the
     last eval when the arm spent less in all); None when the budget ends before the arm's first eval."""
     ev = c["evals"]
-    for (s0, a0, t0), (s1, a1, t1) in zip(ev, ev[1:]):
+    for (s0, a0, t0), (s1, a1, t1) in itertools.pairwise(ev):
         if t0 <= budget <= t1:
             w = (budget - t0) / (t1 - t0) if t1 > t0 else 1.0
             return s0 + w * (s1 - s0), a0 + w * (a1 - a0)
@@ -640,10 +640,12 @@ def main() -> int:
         status = schedule(plan, a.jobs)
         (out / "status.json").write_text(json.dumps(status, indent=1))
     res = {regime: analyse_regime(store, plan, regime) for regime in plan["regimes"]}
-    meta = {"command": "python benchmarks/convergence.py " + " ".join(sys.argv[1:]),
+    meta = {"command": " ".join(["python benchmarks/convergence.py", *sys.argv[1:]]),
             "wall_min": (time.perf_counter() - t0) / 60, "date": time.strftime("%Y-%m-%d %H:%M"),
             "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread per task, "
                        f"{a.jobs} task(s) at a time, torch {torch.__version__}"}
+    if a.report_only and (results / "convergence.json").exists():  # the run's own command, time and machine
+        meta = json.loads((results / "convergence.json").read_text()).get("meta", meta)
     text = report(plan, res, status, meta)
     (results / "convergence.md").write_text(text)
     public = {r: {k: v for k, v in x.items() if k != "curves"} for r, x in res.items()}

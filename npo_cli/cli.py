@@ -446,8 +446,8 @@ def _print_auto_events(events: list[Event]) -> None:
                           f"guide cache pre-filled for {p.get('found', 0)}/{p.get('prompts', 0)} mistakes",
                           highlight=False, soft_wrap=True)
         elif e.kind == "auto-scout":
-            x, pr = e.model_extra or {}, e.probe or {}
-            console.print(f"auto-scout at step {e.step}: S = Q/V = {_fmt(x.get('Q'))}/{_fmt(x.get('V'))} = "
+            pr = e.probe or {}
+            console.print(f"auto-scout at step {e.step}: S = Q/V = {_fmt(e.Q)}/{_fmt(e.V)} = "
                           f"{_fmt(e.S)} ({pr.get('prompts', 0)} early mistakes x {pr.get('tries', 0)} tries)",
                           highlight=False, soft_wrap=True)
         elif e.kind == "auto-bootstrap":

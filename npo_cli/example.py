@@ -22,7 +22,8 @@ regime's recipe, so `npo eval base/weak` scores 3-digit sums. No optimizer state
 own), so the store stays ~13 MB.
 
 Deterministic: fixed seeds, one thread, a fixed data order, evals with fixed sampling seeds. Two
-builds give identical tensors, metrics and recipes; checkpoint ids differ only by the save time.
+builds give identical tensors, metrics (base/primed's step timings aside) and recipes; checkpoint ids
+differ only by the save time.
 Wall time: ~4 minutes on one core.
 """
 
@@ -157,7 +158,8 @@ def prime(store: Store, weak: tuple[int, str]) -> tuple[int, str]:
     """base/weak plus PRIME_STEPS GRPO steps on 3-digit sums (seed 0), saved on base's `primed` lineage
     (weights only, like the SFT snapshots). Deterministic: one thread, seeded sampling and data order."""
     step0, weak_id = weak
-    recipe = build_recipe({"name": "base", "seed": SEED, "model": {"path": weak_id},
+    # the branch name, not the id: the id covers a save time, so the stored recipe would differ per build
+    recipe = build_recipe({"name": "base", "seed": SEED, "model": {"path": "base/weak"},
                            "task": {"arithmetic": TARGETS["weak"][0]},
                            "rollout": {"prompts_per_step": 16, "group_size": 8, "max_new_tokens": 8,
                                        "temperature": 1.0},

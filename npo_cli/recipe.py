@@ -283,8 +283,9 @@ class AutoConfig(Section):
         "or every mistake made since t-delta (stretch) (ours)."
     )
     min_score: float = Field(
-        0.25, ge=0.0, description="Confirmation: intervene only when the best S = Q/V reaches this, on NPO's scale "
-        "(Q solved within npo.max_tries, V = exp KL); set from measured S of guides that did and did not help."
+        0.25, ge=0.0, description="Confirmation: intervene (or restart from a bootstrap scout's guide) only when the "
+        "best S = Q/V reaches this, on NPO's scale (Q solved within npo.max_tries, V = exp KL); set from the stall "
+        "regime's pilot: stalled checkpoints S 0.17-0.18, the policy's own retries 0.19, a guide that helped 0.29."
     )
     max_interventions: int = Field(2, ge=0, description="Plateau interventions (rollback + replay) at most.")
     gate: float | None = Field(

@@ -457,6 +457,7 @@ def test_bootstrap_scout_takes_its_best_check(store_dir, monkeypatch, capsys):
     assert "AutoNPO bootstrap" in out and "main -> auto-boot" in out
     code, out, err = run_main(["show", "a/main@8", "--store", str(store_dir)], monkeypatch, capsys)
     assert code == 0 and "scout checks" in out and "guide step 4" in out and "auto-scout at step 8" in out
+    assert "S = Q/V = -" not in out  # Q and V are printed
 
 
 def test_bootstrap_without_early_mistakes_goes_on(store_dir, monkeypatch, capsys):
