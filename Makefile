@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_INDEX ?=
 TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 
-.PHONY: install test test-heavy test-vllm example bench bench-convergence lint clean
+.PHONY: install test test-heavy test-vllm example bench bench-convergence bench-soak lint clean
 
 install:
 	$(PY) -m venv $(VENV)
@@ -55,6 +55,13 @@ bench:
 # NPO / AutoNPO / baselines against GRPO on paired seeds. About 40 minutes on 2 cores.
 bench-convergence:
 	$(BIN)/python benchmarks/convergence.py
+
+# Kill -9 soak (benchmarks/results/soak.json, soak_s3.json): `npo run` / `npo intervene` killed at random
+# moments and resumed, on a local store and on a moto S3 server; counts invalid stores, resumes that needed
+# --force, and resumed runs that did not end bitwise equal to an uninterrupted one.
+bench-soak:
+	$(BIN)/python benchmarks/soak.py --kills 50
+	$(BIN)/python benchmarks/soak.py --kills 10 --s3
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) checkpoints

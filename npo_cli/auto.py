@@ -51,12 +51,14 @@ from npo_cli.errors import NpoError
 from npo_cli.grpo import token_logprobs
 from npo_cli.guide import GuideGenerator
 from npo_cli.history import ls_data
+from npo_cli.lease import npo_command
 from npo_cli.manifest import Event
 from npo_cli.recipe import Recipe, build_recipe
 from npo_cli.seeds import derive_seed, forked_rng
 from npo_cli.store import Store
 from npo_cli.tasks import Problem
 from npo_cli.trainer import Trainer
+from npo_cli.verifiers import score_batch
 
 DECISION_KINDS = ("auto", "auto-probe", "auto-scout", "auto-bootstrap", "auto-branch")
 
@@ -452,14 +454,14 @@ class AutoController:
         the first probe_samples of each prompt (the KL forwards' rows: their cost is bounded), and the tokens
         sampled (added to the compute spent)."""
         r = trainer.recipe
-        prompts = [format_prompt(r, trainer.tokenizer, Problem.from_json(it)) for it in items]
+        problems = [Problem.from_json(it) for it in items]
+        prompts = [format_prompt(r, trainer.tokenizer, p) for p in problems]
         # the training RNG stream does not see the probe
         with forked_rng(derive_seed(r.seed, trainer.run, tag, trainer.step_num)):
             sampled = trainer.backend.generate(prompts, r.npo.max_tries)
-        solved = {}
-        for it, g in zip(items, sampled):
-            p = Problem.from_json(it)
-            solved[it["prompt"]] = any(trainer.judge(p.prompt, ro.text, p.answer) >= 1.0 for ro in g)
+        oks = iter(score_batch(trainer.judge, [(p.prompt, ro.text, p.answer, None)  # a judge: no format term
+                                               for p, g in zip(problems, sampled) for ro in g]))
+        solved = {it["prompt"]: sum(next(oks) >= 1.0 for _ in g) > 0 for it, g in zip(items, sampled)}
         tokens = sum(len(ro.completion_ids) for g in sampled for ro in g)
         self.compute["probe_tokens"] += tokens
         return solved, [ro for g in sampled for ro in g[: self.cfg.probe_samples]], tokens
@@ -514,11 +516,11 @@ class AutoTrainer(Trainer):
         kw.setdefault("controller", AutoController(recipe.auto, store))
         super().__init__(recipe, store, **kw)
 
-    def score(self, problem, prompt: str, rollouts) -> Group:
-        g = super().score(problem, prompt, rollouts)
-        # before any slot is mixed in: the policy's own failure (None: solved; kept for the global order)
-        self._scored.append(None if any(g.correct) else problem.to_json())
-        return g
+    def score(self, problems, prompts: list[str], sampled) -> list[Group]:
+        groups = super().score(problems, prompts, sampled)
+        # before any slot is mixed in: the policy's own failures (None: solved; kept for the global order)
+        self._scored += [None if any(g.correct) else g.problem.to_json() for g in groups]
+        return groups
 
     def step(self) -> dict[str, float]:
         before, step = self.tokens_generated, self.step_num
@@ -551,7 +553,7 @@ def rollback(store: Store, live: Recipe, from_branch: str, prev: AutoController,
     have = store.branches(run).get(d.branch)
     if have is not None and have != fork.id:  # a branch made by a crashed driver is reused; not another
         raise NpoError(f"branch {run}/{d.branch} already exists and has moved on; resume it with "
-                       f"npo auto --resume {run}/{d.branch}")
+                       + npo_command("auto", "--resume", f"{run}/{d.branch}", store=store.url))
     recipe = npo_recipe(live, guide, d.fork_step, d.until, live.auto.gate)
     guide_step = d.step if d.guide_step is None else d.guide_step  # a plateau's guide: the step it stopped at
     event = Event(kind="auto-branch", k=d.k, branch=d.branch, from_branch=from_branch, fork=fork.id,
@@ -594,7 +596,8 @@ def auto_events(store: Store, run: str) -> list[tuple[str, Event]]:
     """(where, event) of every decision on the auto chain, in order; where is BRANCH@STEP."""
     out = []
     for b in auto_chain(store, run):
-        own = [m for m in store.lineage(f"{run}/{b}") if m.branch == b and m.run == run]
+        readable, _ = store.readable_lineage(f"{run}/{b}")  # a damaged old checkpoint hides only its own events
+        own = [m for m in readable if m.branch == b and m.run == run]
         for m in reversed(own):
             out += [(f"{b}@{m.step}", e) for e in m.events if e.kind in DECISION_KINDS]
     return out
@@ -622,10 +625,11 @@ def resume(store: Store, ref: str, overrides: list[str], console=None, force: bo
     man, stored = head_with_recipe(store, run, branch)
     live = build_recipe(stored, list(overrides))
     if not live.auto.enabled:
-        raise NpoError(f"{run}/{branch} is not an AutoNPO run; continue it with npo run --resume")
+        raise NpoError(f"{run}/{branch} is not an AutoNPO run; continue it with "
+                       + npo_command("run", "--resume", f"{run}/{branch}", store=store.url))
     if man.branch != branch:
         raise NpoError(f"branch {run}/{branch} was made but never trained; resume the run with "
-                       f"npo auto --resume {run}")
+                       + npo_command("auto", "--resume", run, store=store.url))
     if man.state.controller.get("phase") == "decided":  # stopped for a rollback that was not made yet
         prev = AutoController.from_state(live.auto, store, man.state.controller)
         return rollback(store, live, branch, prev, prev.decision.guide or man.id, console, force=force)

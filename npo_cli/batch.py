@@ -18,6 +18,7 @@ from npo_cli.errors import NpoError
 from npo_cli.recipe import Recipe
 from npo_cli.rollout import Rollout
 from npo_cli.tasks import Problem
+from npo_cli.verifiers import Verifier
 
 
 @dataclass
@@ -36,15 +37,21 @@ class Group:
         return sum(self.correct) / len(self.correct)
 
 
-def score_group(problem: Problem, prompt: str, rollouts: list[Rollout], reward_fn: Callable,
-                judge: Callable) -> Group:
-    """The group's rewards (reward_fn, format bonus included) and correctness (judge: correctness alone)."""
-    rewards = [float(reward_fn(problem.prompt, ro.text, problem.answer, finished=ro.finished)) for ro in rollouts]
-    if judge is reward_fn:
-        correct = [x >= 1.0 for x in rewards]
-    else:
-        correct = [judge(problem.prompt, ro.text, problem.answer) >= 1.0 for ro in rollouts]
-    return Group(problem=problem, prompt=prompt, rollouts=rollouts, rewards=rewards, correct=correct)
+def score_groups(problems: list[Problem], prompts: list[str], sampled: list[list[Rollout]], reward_fn: Verifier,
+                 judge: Verifier) -> list[Group]:
+    """Each prompt's group with its rewards (reward_fn, format bonus included) and correctness (judge:
+    correctness alone); all the step's completions are scored in one batch (one trip to the verifier's
+    worker processes)."""
+    calls = [(p.prompt, ro.text, p.answer, ro.finished) for p, rollouts in zip(problems, sampled) for ro in rollouts]
+    rewards = reward_fn.batch(calls)
+    correct = [x >= 1.0 for x in (rewards if judge is reward_fn else judge.batch(calls))]
+    groups, at = [], 0
+    for problem, prompt, rollouts in zip(problems, prompts, sampled):
+        n = len(rollouts)
+        groups.append(Group(problem=problem, prompt=prompt, rollouts=rollouts, rewards=rewards[at : at + n],
+                            correct=correct[at : at + n]))
+        at += n
+    return groups
 
 
 def format_prompt(recipe: Recipe, tokenizer, problem: Problem) -> str:

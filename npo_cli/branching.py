@@ -14,6 +14,7 @@ from contextlib import nullcontext
 
 from npo_cli import dist
 from npo_cli.errors import NpoError
+from npo_cli.lease import npo_command
 from npo_cli.manifest import Event, Manifest
 from npo_cli.recipe import Recipe, build_recipe
 from npo_cli.sources import make_source
@@ -25,7 +26,8 @@ def new_trainer(recipe: Recipe, store: Store, trainer_cls: type[Trainer] = Train
     """A trainer for a new run (refused when a run of that name exists)."""
     if recipe.name in store.runs():
         raise NpoError(f"run '{recipe.name}' already exists in the store; continue it with "
-                       f"--resume {recipe.name} or pick a new name with --set name=...")
+                       f"{npo_command('run', '--resume', recipe.name, store=store.url)} or pick a new name "
+                       "with --set name=...")
     return trainer_cls(recipe, store, source=make_source(recipe, store), **kw)
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
+import shlex
 import sys
 from typing import NoReturn
 
@@ -18,6 +20,7 @@ from rich.tree import Tree
 from npo_cli import __version__, commands, dist
 from npo_cli.errors import NpoError, one_line, os_reason
 from npo_cli.history import human_bytes
+from npo_cli.lease import LeaseHeldElsewhere, npo_command
 from npo_cli.manifest import Event
 from npo_cli.recipe import schema_rows
 
@@ -31,14 +34,33 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-recipe_app = typer.Typer(help="Inspect recipe settings.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Inspect recipe settings.", no_args_is_help=True,
+                         context_settings={"help_option_names": ["-h", "--help"]})
 app.add_typer(recipe_app, name="recipe")
-console = Console(soft_wrap=True)  # a status line stays one line in a log (a pipe is 80 columns wide)
-# with --json, stdout is the JSON alone: status lines and warnings of long commands go to stderr
-json_console = Console(soft_wrap=True, stderr=True)
+# the type column of --help: a flag takes no value, and an argument's name (REF, RECIPE) says what it is;
+# Typer >= 0.2x printed <bool> and <str> there (older Typer has no such method and prints neither)
+if hasattr(typer.core.TyperOption, "display_type_rich"):
+    _option_type = typer.core.TyperOption.display_type_rich
+    typer.core.TyperOption.display_type_rich = lambda self, ctx: (None if self.is_flag
+                                                                   else _option_type(self, ctx))
+    typer.core.TyperArgument.display_type_rich = lambda self, ctx: None
 
-StoreOpt = typer.Option(None, "--store", help="Store URL (default: $NPO_STORE, else ./checkpoints).")
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal wraps at its width; a pipe or a file gets whole lines: no table cell cut at 80 columns, and
+    a status line stays one line in a log."""
+    tty = (sys.stderr if stderr else sys.stdout).isatty()
+    return Console(soft_wrap=True, stderr=stderr, width=None if tty else 100_000)
+
+
+console = _console()
+# with --json, stdout is the JSON alone: status lines and warnings of long commands go to stderr
+json_console = _console(stderr=True)
+
+StoreOpt = typer.Option(None, "--store", metavar="URL",
+                        help="Store URL (default: $NPO_STORE, else ./checkpoints).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
 
 
@@ -70,12 +92,16 @@ def recipe_schema(as_json: bool = JsonOpt):
     console.print(table)
 
 
-RecipeArg = typer.Argument(None, help="Recipe YAML (leave out with --resume).")
-SetOpt = typer.Option([], "--set", help="Override a recipe key: --set train.steps=40 (repeatable).")
-ResumeOpt = typer.Option(None, "--resume", help="Continue RUN or RUN/BRANCH from its head.")
-RefArg = typer.Argument(..., help="Checkpoint: RUN, RUN@STEP, RUN/BRANCH, RUN/BRANCH@STEP or an id prefix.")
-SamplesOpt = typer.Option(None, "--samples", help="Sampled completions per problem (pass@k).")
-TaskSetOpt = typer.Option([], "--task-set", help="Override a task key: --task-set eval_size=64 (repeatable).")
+RecipeArg = typer.Argument(None, metavar="RECIPE", help="Recipe YAML (leave out with --resume).")
+SetOpt = typer.Option([], "--set", metavar="KEY=VALUE",
+                      help="Override a recipe key: --set train.steps=40 (repeatable).")
+ResumeOpt = typer.Option(None, "--resume", metavar="RUN[/BRANCH]",
+                         help="Continue RUN or RUN/BRANCH from its head.")
+RefArg = typer.Argument(..., metavar="REF",
+                        help="Checkpoint: RUN, RUN@STEP, RUN/BRANCH, RUN/BRANCH@STEP or an id prefix.")
+SamplesOpt = typer.Option(None, "--samples", metavar="K", help="Sampled completions per problem (pass@k).")
+TaskSetOpt = typer.Option([], "--task-set", metavar="KEY=VALUE",
+                          help="Override a task key: --task-set eval_size=64 (repeatable).")
 
 
 @app.command("run")
@@ -105,8 +131,9 @@ def run_cmd(
             table.add_row(*row)
         console.print(table)
         if res["stopped_by"]:
-            console.print(f"stopped by {res['stopped_by']} at step {res['step']}; continue with "
-                          f"npo run --resume {res['run']}/{res['branch']}")
+            hint = npo_command("run", "--resume", f"{res['run']}/{res['branch']}", store=res["store"])
+            console.print(f"stopped by {res['stopped_by']} at step {res['step']}; continue with {hint}",
+                          markup=False, highlight=False)
     if res["stopped_by"] in ("SIGINT", "SIGTERM"):
         raise typer.Exit(130)
 
@@ -135,7 +162,8 @@ def eval_cmd(
 
 # ------------------------------------------------------------------ store commands
 
-StoreRefArg = typer.Argument(..., help="Checkpoint: RUN, RUN@STEP, RUN/BRANCH, RUN/BRANCH@STEP or an id prefix.")
+StoreRefArg = typer.Argument(..., metavar="REF",
+                             help="Checkpoint: RUN, RUN@STEP, RUN/BRANCH, RUN/BRANCH@STEP or an id prefix.")
 
 
 def _fmt(v) -> str:
@@ -151,18 +179,39 @@ def _fmt(v) -> str:
 
 @app.command("ls")
 def ls_cmd(
-    run: str | None = typer.Argument(None, help="Only this run."),
+    run: str | None = typer.Argument(None, metavar="RUN", help="Only this run."),
     store: str | None = StoreOpt,
     as_json: bool = JsonOpt,
 ):
-    """Runs, branches (fork point, guide) and checkpoints (step, reward, eval accuracy, size)."""
+    """Runs, branches (fork point, guide, writer lease) and checkpoints (step, reward, eval accuracy, size).
+    Exit 1 after the listing when a checkpoint manifest or a ref is damaged (the listing marks it)."""
     data = commands.ls(store, run)
     if as_json:
         print(json.dumps(data, indent=1))
-        return
-    if not data["runs"]:
+    elif not data["runs"]:
         console.print(f"no runs in {data['store']}")
-        return
+    else:
+        _print_ls(data)
+    # after the listing, which marks each damaged checkpoint and each run it cannot list
+    ids = list(dict.fromkeys(f"{d['id'][:12]} ({d['run']}/{d['branch']})" for d in data["damaged"]))
+    unlisted = [r["run"] for r in data["runs"] if r.get("error")]
+    if ids or unlisted:
+        what = [f"{len(ids)} damaged checkpoint(s): {', '.join(ids)}"] if ids else []
+        what += [f"run(s) that cannot be listed: {', '.join(unlisted)}"] if unlisted else []
+        raise NpoError(f"{'; '.join(what)}; history older than a damaged checkpoint cannot be read through it "
+                       "(npo verify lists every damaged object)")
+
+
+def _lease_text(w: dict) -> str:
+    """A branch's writer lease, as `npo ls` shows it."""
+    if w["state"] == "live":
+        return f"writer: pid {w['pid']} on {w['host']} (live)"
+    if w["state"] == "dead":
+        return f"[red]dead lease (pid {w['pid']} gone)[/]"
+    return f"[yellow]expired lease (pid {w['pid']} on {w['host']})[/]"
+
+
+def _print_ls(data: dict) -> None:
     tree = Tree(f"[bold]{data['store']}")
     for r in data["runs"]:
         rt = tree.add(f"[bold]{r['run']}" + (f"  auto chain: {' -> '.join(r['auto_chain'])} (live)"
@@ -176,7 +225,12 @@ def ls_cmd(
                 extra.append(f"AutoNPO {'#' + str(a['k']) if a['k'] else 'bootstrap'}: D*={a['delta']}, "
                              f"NPO {a['fork_step']}..{a['until']}")
             extra += ["[bold green]live[/]"] if b.get("live") else []
+            extra += [_lease_text(b["writer"])] if b["writer"] else []
+            extra += ["no checkpoint yet"] if b["head"] is None else []
             bt = rt.add(f"[cyan]{b['branch']}[/] " + ", ".join(extra))
+            if b["damaged"]:  # oldest first: what lies behind it is not listed
+                d = b["damaged"]
+                bt.add(f"[red]damaged: {d['id'][:12]} ({escape(d['reason'])}); older history not readable[/]")
             for c in b["checkpoints"]:
                 bt.add(f"step {c['step']:>5}  {c['id'][:12]}  reward {_fmt(c['reward'])}  "
                        f"eval {_fmt(c['eval_accuracy'])}  {human_bytes(c['size'])}")
@@ -185,7 +239,8 @@ def ls_cmd(
 
 @app.command("show")
 def show_cmd(ref: str = StoreRefArg, store: str | None = StoreOpt, as_json: bool = JsonOpt):
-    """One checkpoint: manifest, metrics summary, recipe difference from its parent."""
+    """One checkpoint: manifest, metrics summary since its parent, recipe difference from the checkpoint its
+    branch started from (a run's first branch: its parent), and on a guided branch its NPO figures."""
     d = commands.show(store, ref)
     if as_json:
         print(json.dumps(d, indent=1))
@@ -215,26 +270,40 @@ def show_cmd(ref: str = StoreRefArg, store: str | None = StoreOpt, as_json: bool
         for k, s in cols.items():
             mt.add_row(k, *(_fmt(s[x]) for x in ("first", "last", "mean", "min", "max")))
         console.print(mt)
+    npo = d["npo_metrics"]
+    if npo:
+        since = d["recipe_base"]["ref"] if d["recipe_base"] and d["recipe_base"]["fork"] else "its start"
+        nt = Table("metric", "first", "last", "mean", "min", "max",
+                   title=f"NPO figures over the branch's {npo['steps']} NPO steps since {since}")
+        for k, s in npo["columns"].items():
+            nt.add_row(k, *(_fmt(s[x]) for x in ("first", "last", "mean", "min", "max")))
+        console.print(nt)
+    base = d["recipe_base"]
+    base = f"{base['ref']} (the {'checkpoint the branch started from' if base['fork'] else 'parent'})" if base else ""
     if d["recipe_diff"]:
-        rt = Table("recipe key", "parent", "this", title="recipe difference from the parent")
+        rt = Table("recipe key", "before", "this", title=f"recipe difference from {base}")
         for row in d["recipe_diff"]:
             rt.add_row(row["key"], json.dumps(row["parent"]), json.dumps(row["this"]))
         console.print(rt)
     else:
-        console.print(f"recipe: {d['recipe_diff_note'] or 'same as the parent'}")
+        console.print(f"recipe: {d['recipe_diff_note'] or 'same as ' + base}", highlight=False)
+    if d["damaged"]:
+        dm = d["damaged"]
+        console.print(f"[red]damaged history: checkpoint {dm['id'][:12]} (parent of {dm['parent_of']}): "
+                      f"{escape(dm['reason'])}[/]", highlight=False)
 
 
 @app.command("rewind")
 def rewind_cmd(
     ref: str = StoreRefArg,
-    branch: str | None = typer.Option(None, "--branch", help="New branch name (default rewind-STEP)."),
+    branch: str | None = typer.Option(None, "--branch", metavar="NAME",
+                                      help="New branch name (default rewind-STEP)."),
     store: str | None = StoreOpt,
 ):
     """A new branch at REF (one ref written, no tensor copied), to continue training from there."""
     run, name, step, cid = commands.rewind(store, ref, branch)
-    opt = f" --store {store}" if store else ""
     print(f"branch {run}/{name} -> step {step} ({cid[:12]})")
-    print(f"continue it with: npo run --resume {run}/{name}{opt}")
+    print(f"continue it with: {npo_command('run', '--resume', f'{run}/{name}', store=store)}")
 
 
 @app.command("verify")
@@ -258,8 +327,9 @@ def gc_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Only report what would be deleted."),
     force: bool = typer.Option(False, "--force", help="Run even while a branch lease is live."),
     keep_recent: float = typer.Option(
-        3600.0, "--keep-recent", min=0, help="Keep unreachable objects younger than this many seconds: a writer "
-        "without a lease (import, guide) may not have written what reaches them yet. 0: delete them all now."),
+        3600.0, "--keep-recent", min=0, metavar="SECONDS", help="Keep unreachable objects younger than this: "
+        "a writer without a lease (import, guide) may not have written what reaches them yet. 0: delete them "
+        "all now."),
     store: str | None = StoreOpt,
     as_json: bool = JsonOpt,
 ):
@@ -267,11 +337,16 @@ def gc_cmd(
     rep = commands.gc_store(store, dry_run=dry_run, force=force, keep_recent=keep_recent)
     if as_json:
         print(json.dumps(rep, indent=1))
-        return
-    verb = "would delete" if dry_run else "deleted"
-    recent = f", {rep['recent_objects']} of them unreachable but recent" if rep["recent_objects"] else ""
-    print(f"{verb} {rep['objects']} unreachable objects ({human_bytes(rep['bytes'])}); "
-          f"kept {rep['kept_objects']} ({human_bytes(rep['kept_bytes'])}{recent})")
+    else:
+        verb = "would delete" if dry_run else "deleted"
+        recent = f", {rep['recent_objects']} of them unreachable but recent" if rep["recent_objects"] else ""
+        strays = f"; left {rep['stray_files']} stray files (see npo verify)" if rep["stray_files"] else ""
+        print(f"{verb} {rep['objects']} unreachable objects ({human_bytes(rep['bytes'])}); "
+              f"kept {rep['kept_objects']} ({human_bytes(rep['kept_bytes'])}{recent}){strays}")
+    if rep["failed"]:
+        sys.stderr.write(f"error: could not delete {len(rep['failed'])} unreachable objects ({rep['failed'][0]}); "
+                         "fix that and run npo gc again\n")
+        raise typer.Exit(1)
 
 
 @contextlib.contextmanager
@@ -292,8 +367,9 @@ def _no_hf_progress():
 @app.command("export")
 def export_cmd(
     ref: str = StoreRefArg,
-    out_dir: str = typer.Argument(..., help="New folder for the Hugging Face model."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (the run's model.dtype), float32, bfloat16 or float16."),
+    out_dir: str = typer.Argument(..., metavar="DIR", help="New folder for the Hugging Face model."),
+    dtype: str = typer.Option("auto", "--dtype", metavar="DTYPE",
+                              help="auto (the run's model.dtype), float32, bfloat16 or float16."),
     store: str | None = StoreOpt,
 ):
     """Write a checkpoint as a plain Hugging Face model folder (from_pretrained loads it)."""
@@ -304,8 +380,9 @@ def export_cmd(
 
 @app.command("import")
 def import_cmd(
-    hf_dir: str = typer.Argument(..., help="Hugging Face model folder (config.json, weights, tokenizer)."),
-    run: str = typer.Option(..., "--run", help="Name of the new run."),
+    hf_dir: str = typer.Argument(..., metavar="DIR",
+                                 help="Hugging Face model folder (config.json, weights, tokenizer)."),
+    run: str = typer.Option(..., "--run", metavar="NAME", help="Name of the new run."),
     store: str | None = StoreOpt,
 ):
     """Make a step-0 checkpoint on RUN/main from a Hugging Face model folder."""
@@ -320,13 +397,19 @@ def import_cmd(
 @app.command("intervene")
 def intervene_cmd(
     # help text is Rich markup: \\[ prints a literal [ ("[/BRANCH]" read as a closing tag crashed --help)
-    at: str = typer.Option(..., "--at", help="Fork step A (the branch starts at RUN@A), or RUN\\[/BRANCH]@A "
-                           "(the same as --run RUN, which torchrun mistakes for its own --run-path)."),
-    guide: str = typer.Option(..., "--guide", help="Guide: a later step G of the run, or any checkpoint ref."),
-    run: str | None = typer.Option(None, "--run", help="RUN or RUN/BRANCH (optional when the store has one run)."),
-    until: int | None = typer.Option(None, "--until", help="NPO stops at this step (default: the guide's step)."),
-    gate: float | None = typer.Option(None, "--gate", help="Mix when on-policy group accuracy <= gate (0..1)."),
-    branch: str | None = typer.Option(None, "--branch", help="Branch name (default npo-A-gG)."),
+    at: str = typer.Option(..., "--at", metavar="[RUN@]STEP", help="Fork step A (the branch starts at RUN@A), "
+                           "or RUN\\[/BRANCH]@A (the same as --run RUN, which torchrun mistakes for its own "
+                           "--run-path)."),
+    guide: str = typer.Option(..., "--guide", metavar="STEP|REF",
+                              help="Guide: a later step G of the run, or any checkpoint ref."),
+    run: str | None = typer.Option(None, "--run", metavar="RUN[/BRANCH]",
+                                   help="RUN or RUN/BRANCH (optional when the store has one run)."),
+    until: int | None = typer.Option(None, "--until", metavar="STEP",
+                                     help="NPO stops at this step (default: the guide's step)."),
+    gate: float | None = typer.Option(None, "--gate", metavar="ACC", help="Mix when on-policy group accuracy "
+                                      "<= ACC (0..1; default: the recipe's npo.gate)."),
+    branch: str | None = typer.Option(None, "--branch", metavar="NAME",
+                                      help="Branch name (default npo-A-gG)."),
     sets: list[str] = SetOpt,
     allow_any_guide: bool = typer.Option(False, "--allow-any-guide", help="Allow a guide from another lineage."),
     force: bool = typer.Option(False, "--force", help="Break a dead or expired lease on the new branch (an "
@@ -355,18 +438,23 @@ def intervene_cmd(
         t.add_row(*row)
     console.print(t)
     if res["stopped_by"]:
-        console.print(f"stopped by {res['stopped_by']}; continue with npo run --resume {p['run']}/{p['branch']}")
+        hint = npo_command("run", "--resume", f"{p['run']}/{p['branch']}", store=res["store"])
+        console.print(f"stopped by {res['stopped_by']}; continue with {hint}", markup=False, highlight=False)
     if res["stopped_by"] in ("SIGINT", "SIGTERM"):
         raise typer.Exit(130)
 
 
 @app.command("guide")
 def guide_cmd(
-    guide: str = typer.Option(..., "--guide", help="Guide checkpoint (any ref), e.g. RUN@400."),
-    prompts: str | None = typer.Option(None, "--prompts", help="JSONL/Parquet prompt file (fsspec URL)."),
-    split: str = typer.Option("train", "--split", help="Task split when --prompts is not given: train or eval."),
-    limit: int | None = typer.Option(None, "--limit", help="At most N prompts."),
-    from_step: int = typer.Option(0, "--from-step", help="Train split: start at the prompts of this step."),
+    guide: str = typer.Option(..., "--guide", metavar="REF",
+                              help="Guide checkpoint (any ref), e.g. RUN@400."),
+    prompts: str | None = typer.Option(None, "--prompts", metavar="FILE",
+                                       help="JSONL/Parquet prompt file (fsspec URL)."),
+    split: str = typer.Option("train", "--split", metavar="SPLIT",
+                              help="Task split when --prompts is not given: train or eval."),
+    limit: int | None = typer.Option(None, "--limit", metavar="N", help="At most N prompts."),
+    from_step: int = typer.Option(0, "--from-step", metavar="STEP",
+                                  help="Train split: start at the prompts of this step."),
     sets: list[str] = SetOpt,
     store: str | None = StoreOpt,
     as_json: bool = JsonOpt,
@@ -385,29 +473,31 @@ def guide_cmd(
 # ------------------------------------------------------------------ compare
 
 
-CompareRefsArg = typer.Argument(..., help="Branches or checkpoints (RUN, RUN/BRANCH, RUN@STEP, id). A glob "
-                                "averages its matches: 'grpo-s*' matches runs (their main branch), "
-                                "'grpo-s*/npo-boot' RUN/BRANCH ('*' never crosses '/'). LABEL=REF names a curve.")
+CompareRefsArg = typer.Argument(..., metavar="REF", help="A branch or checkpoint (RUN, RUN/BRANCH, RUN@STEP, "
+                                "id); LABEL=REF names its curve. A glob averages its matches: 'grpo-s*' (runs' "
+                                "main branches), 'grpo-s*/npo-boot' ('*' never crosses '/').")
 
 
 @app.command("compare")
 def compare_cmd(
     refs: list[str] = CompareRefsArg,
-    metric: str = typer.Option("eval/accuracy", "--metric", help="Per-step metric to plot."),
-    x: str = typer.Option("step", "--x", help="x axis: step; or work so far, replays and guides included: updates, "
-                           "samples, tokens (policy + guide) or wall."),
-    plot: str | None = typer.Option(None, "--plot", help="Write the chart to this PNG file."),
-    threshold: float | None = typer.Option(None, "--threshold",
-                                           help="Steps-to-threshold target (default: the first curve's final value)."),
+    metric: str = typer.Option("eval/accuracy", "--metric", metavar="NAME", help="Per-step metric to plot."),
+    x: str = typer.Option("step", "--x", metavar="AXIS", help="step, or the work so far (guides and replays "
+                          "included): updates, samples, tokens or wall."),
+    plot: str | None = typer.Option(None, "--plot", metavar="PNG", help="Write the chart to this PNG file."),
+    threshold: float | None = typer.Option(None, "--threshold", metavar="VALUE",
+                                           help="Target of the steps-to columns (default: the first curve's final)."),
     store: str | None = StoreOpt,
     as_json: bool = JsonOpt,
 ):
-    """Curves of several branches on one chart (a branch continues its parent's up to the fork), finals,
-    and steps to a threshold. A glob's row is over its members (say, seeds) at the steps all of them have:
-    the mean, ± the sample standard deviation over members (the chart's band); if members end at different
-    steps (a seed crashed), the final value and the work columns are all at the last step they share, and a
-    note says so. Its steps to the threshold are where the mean curve first reaches it, not a mean of each
-    member's."""
+    """Branches' curves on one chart, their final values, and the steps to a threshold.
+
+    A branch continues its parent's curve up to the fork. A glob's row is over its members (say, seeds) at the
+    steps all of them have: the mean, ± the sample standard deviation over members (the chart's band); if
+    members end at different steps (a seed crashed), the final value and the work columns are all at the last
+    step they share, and a note says so. Its steps to the threshold are where the mean curve first reaches it,
+    not a mean of each member's. A damaged checkpoint leaves out only what needs it (named under the table);
+    exit 1 only when nothing could be compared."""
     data = commands.compare_curves(store, refs, metric, x, threshold, plot)
     if as_json:
         print(json.dumps(data, indent=1))
@@ -429,6 +519,9 @@ def compare_cmd(
     for c in data["curves"]:
         if c["note"]:
             console.print(f"{c['label']}: {c['note']}")
+    for u in data["unreadable"]:  # exit 0 all the same: what could be compared was
+        ref = f" ({u['ref']})" if u["ref"] != u["label"] else ""
+        console.print(f"not compared: {u['label']}{ref}: {u['error']}", markup=False, highlight=False)
     if plot:
         console.print(f"chart: {plot}")
 
@@ -492,8 +585,8 @@ def auto_cmd(
     recipe: str | None = RecipeArg,
     sets: list[str] = SetOpt,
     store: str | None = StoreOpt,
-    resume: str | None = typer.Option(None, "--resume", help="Continue an AutoNPO run: RUN (its live branch) "
-                                      "or RUN/BRANCH."),
+    resume: str | None = typer.Option(None, "--resume", metavar="RUN[/BRANCH]",
+                                      help="Continue an AutoNPO run: RUN (its live branch) or RUN/BRANCH."),
     force: bool = typer.Option(False, "--force", help="Break a dead or expired lease on the branch."),
     as_json: bool = JsonOpt,
 ):
@@ -525,10 +618,17 @@ def auto_cmd(
                         else f"not confirmed ({e.reason or ''})")
                 console.print(f"  step {e.step} on {row['at']}: {what}", highlight=False)
         if res["stopped_by"]:
-            console.print(f"stopped by {res['stopped_by']} at step {res['step']}; continue with "
-                          f"npo auto --resume {res['run']}")
+            hint = npo_command("auto", "--resume", res["run"], store=res["store"])
+            console.print(f"stopped by {res['stopped_by']} at step {res['step']}; continue with {hint}",
+                          markup=False, highlight=False)
     if res["stopped_by"] in ("SIGINT", "SIGTERM"):
         raise typer.Exit(130)
+
+
+# Rich help keeps a docstring's line breaks (ragged at 80 columns, in `npo --help`'s list too): one line a paragraph
+for _info in (*app.registered_commands, *recipe_app.registered_commands):
+    _doc = _info.help or inspect.getdoc(_info.callback) or ""
+    _info.help = "\n\n".join(" ".join(p.split()) for p in _doc.split("\n\n"))
 
 
 DATA_PARALLEL = ("run", "intervene", "auto")  # under torchrun every rank runs these; other commands run on rank 0
@@ -583,6 +683,8 @@ def _main(rank: int | None = None):
             sys.exit(e.exit_code)
         ctx = getattr(e, "ctx", None)
         fail(f"error: {msg.rstrip('.')}." + (f" Try '{ctx.command_path} --help'." if ctx else ""), e.exit_code)
+    except LeaseHeldElsewhere as e:  # the command as given, with the flag that breaks the lease
+        fail(f"error: {who}{e}: {shlex.join(['npo', *sys.argv[1:], '--force'])}")
     except NpoError as e:
         fail(f"error: {who}{e}")
     except KeyboardInterrupt:
@@ -592,10 +694,12 @@ def _main(rank: int | None = None):
             raise
         if isinstance(e, OSError) and e.filename:  # the OS refused a path the user named: not a bug
             fail(f"error: {who}cannot use {e.filename}: {os_reason(e)}; check the path and its permissions")
-        if _unreachable(e):
-            fail(f"error: {who}{one_line(e)}; check NPO_S3_ENDPOINT / AWS_ENDPOINT_URL and the network, "
-                 "then resume (--resume, with --force for the lease a stopped run left)")
-        if rank is not None and _lost_peer(e):  # not this rank's fault: the other's error says what went wrong
+        if _unreachable(e):  # a writer it stopped left its lease, which a resume on this host takes over
+            url, run, branch = getattr(e, "npo_writing", (None, None, None))
+            then = (f"continue with {npo_command('run', '--resume', f'{run}/{branch}', store=url)}" if run
+                    else "run the command again")
+            fail(f"error: {who}{one_line(e)}; check NPO_S3_ENDPOINT / AWS_ENDPOINT_URL and the network, then {then}")
+        if rank is not None and (_lost_peer(e) or dist.terminated()):  # not this rank's fault: the other's says
             fail(f"error: {who}a collective failed: another process of this torchrun stopped or hung (its error "
                  "says why)")
         msg = str(e).splitlines()[0] if str(e) else ""

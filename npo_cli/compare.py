@@ -21,6 +21,10 @@ one curve: the mean over members at the steps all of them have, with a ±1 std b
 members end at different steps (a seed crashed), every column, final value and work alike, is taken at the
 last step they share, and the curve says so in its note. A group's steps to the threshold are where the
 mean curve first reaches it. `LABEL=REF` names a curve. No torch here.
+
+A damaged checkpoint manifest leaves out only what needs it: with x = step a curve whose older history cannot
+be read is drawn from what can (its note says so); a curve with nothing readable, or any damaged history
+on a work axis (the work so far would be wrong), goes to `unreadable`. Nothing readable at all is an error.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 from npo_cli.errors import NpoError
 from npo_cli.manifest import Manifest
 from npo_cli.recipe import RolloutConfig
-from npo_cli.store import Store
+from npo_cli.store import Damaged, Store
 
 X_KINDS = ("step", "updates", "samples", "tokens", "wall")
 WORK = ("updates", "samples", "tokens", "wall")
@@ -144,7 +148,11 @@ def build_curve(store: Store, ref: str, metric: str, x: str = "step", label: str
     if x not in X_KINDS:
         raise NpoError(f"--x must be one of {', '.join(X_KINDS)}, not {x!r}")
     costs = costs or _Costs(store)
-    lin = list(reversed(store.lineage(ref)))  # oldest first
+    lin, damage = store.readable_lineage(ref)
+    if damage and (not lin or x != "step"):  # work along the lineage is unknown without all of it
+        raise damage
+    note = f"only what is readable is drawn: {damage}" if damage else None
+    lin.reverse()  # oldest first
     head = lin[-1]
     own_start = len(lin)
     while own_start > 0 and (lin[own_start - 1].run, lin[own_start - 1].branch) == (head.run, head.branch):
@@ -158,7 +166,13 @@ def build_curve(store: Store, ref: str, metric: str, x: str = "step", label: str
     for i, m in enumerate(lin):
         before = dict(cum)
         if m.guide:
-            for g in _guide_closure(store, m.guide, m.run, counted):
+            try:
+                closure = _guide_closure(store, m.guide, m.run, counted)
+            except Damaged as e:
+                if x != "step":
+                    raise
+                closure, note = [], note or f"work leaves out a guide's history: {e}"
+            for g in closure:
                 for k, v in costs.total(g).items():
                     cum[k] += v
         if i == own_start and i > 0:
@@ -177,13 +191,15 @@ def build_curve(store: Store, ref: str, metric: str, x: str = "step", label: str
                 points.append(Point(step=step, x=float(step) if x == "step" else cum[x], y=float(v),
                                     inherited=i < own_start))
                 work_at[step] = dict(cum)
+    if not points and damage:
+        raise damage
     if not points:
         keys = sorted({k for m in lin for r in costs.rows(m) for k, v in r.items()
                        if isinstance(v, (int, float)) and k != "step"})
         hint = f"; metrics there: {', '.join(keys[:25])}" if keys else " (no metrics stored)"
         raise NpoError(f"{ref} has no '{metric}' values along its lineage{hint}")
     return Curve(label=label or ref, refs=[ref], ids=[head.id], points=points, fork=fork, work=dict(cum),
-                 work_at=work_at)
+                 work_at=work_at, note=note)
 
 
 def expand(store: Store, pattern: str) -> list[str]:
@@ -209,7 +225,7 @@ def average(curves: list[Curve], label: str) -> Curve:
     at the last of those steps when members end at different steps."""
     if len(curves) == 1:
         c = curves[0]
-        return Curve(label=label, refs=c.refs, ids=c.ids, points=c.points, fork=c.fork, work=c.work)
+        return Curve(label=label, refs=c.refs, ids=c.ids, points=c.points, fork=c.fork, work=c.work, note=c.note)
     by_step = [{p.step: p for p in c.points} for c in curves]
     steps = sorted(set.intersection(*(set(d) for d in by_step)))
     if not steps:
@@ -225,12 +241,13 @@ def average(curves: list[Curve], label: str) -> Curve:
         fork = {k: statistics.mean(c.fork[k] for c in curves) for k in ("step", "x", "x_resume")}
         ys = [c.fork["y"] for c in curves if c.fork["y"] is not None]
         fork["y"] = statistics.mean(ys) if len(ys) == len(curves) else None
-    ends, note = sorted({c.points[-1].step for c in curves}), None
+    ends, notes = sorted({c.points[-1].step for c in curves}), [f"{c.refs[0]}: {c.note}" for c in curves if c.note]
     works = [c.work for c in curves]
     if ends != [steps[-1]]:  # e.g. a seed that crashed: all columns at the step every member reached
         works = [c.work_at[steps[-1]] for c in curves]
-        note = (f"members end at steps {', '.join(map(str, ends))}: final value and work are at step "
-                f"{steps[-1]}, the last step they share")
+        notes.append(f"members end at steps {', '.join(map(str, ends))}: final value and work are at step "
+                     f"{steps[-1]}, the last step they share")
+    note = "; ".join(notes) or None
     work = {k: statistics.mean(w.get(k, 0.0) for w in works) for k in WORK}
     return Curve(label=label, refs=[r for c in curves for r in c.refs], ids=[i for c in curves for i in c.ids],
                  points=pts, fork=fork, work=work, note=note)
@@ -262,8 +279,20 @@ def compare_groups(store: Store, groups: list[tuple[str, list[str]]], metric: st
     if x not in X_KINDS:
         raise NpoError(f"--x must be one of {', '.join(X_KINDS)}, not {x!r}")
     costs = _Costs(store)
-    curves = [average([build_curve(store, r, metric, x, costs=costs) for r in members], label)
-              for label, members in groups]
+    curves, unreadable = [], []
+    for label, members in groups:
+        built = []
+        for r in members:
+            try:
+                built.append(build_curve(store, r, metric, x, costs=costs))
+            except Damaged as e:  # a damaged checkpoint leaves out what needs it; the other curves go on
+                why = str(e) + ("; the work along it cannot be counted (--x step draws what is readable)"
+                                if x != "step" and e.child else "")
+                unreadable.append({"label": label, "ref": r, "id": e.id, "error": why})
+        if built:
+            curves.append(average(built, label))
+    if not curves:
+        raise NpoError("nothing to compare: " + "; ".join(f"{u['ref']}: {u['error']}" for u in unreadable))
     if threshold is None:
         threshold = curves[0].points[-1].y
     rows = []
@@ -277,7 +306,7 @@ def compare_groups(store: Store, groups: list[tuple[str, list[str]]], metric: st
             "work": c.work, "note": c.note,
         })
     return {"store": store.url, "metric": metric, "x": x, "x_label": X_LABELS[x], "threshold": threshold,
-            "curves": rows}
+            "curves": rows, "unreadable": unreadable}
 
 
 # --------------------------------------------------------------------------- the chart
@@ -292,7 +321,8 @@ def plot(data: dict[str, Any], path: str, title: str | None = None, bands: bool 
     fig = Figure(figsize=(8.5, 5.2), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    lines = []
+    lines, drawn = [], set()  # drawn: the marks the footnote explains (only those that show)
+    solid = {(p["x"], p["y"]) for c in data["curves"] for p in c["points"] if not p["inherited"]}
     n = len(data["curves"])
     for i, c in enumerate(data["curves"]):
         color, z = f"C{i % 10}", 2 + (n - i) / (n + 1)
@@ -302,14 +332,19 @@ def plot(data: dict[str, Any], path: str, title: str | None = None, bands: bool 
         f = c["fork"]
         if inh:
             ax.plot([p["x"] for p in inh], [p["y"] for p in inh], color=color, lw=1.0, ls="--", alpha=0.8, zorder=z)
+            if len(inh) > 1 and not all((p["x"], p["y"]) in solid for p in inh):  # not hidden under the parent's
+                drawn.add("dashed")
         xs, ys = [p["x"] for p in own], [p["y"] for p in own]
         if f and f.get("y") is not None:
             if f["x_resume"] != f["x"]:  # work the branch paid for its guide (rolled-back steps)
                 ax.plot([f["x"], f["x_resume"]], [f["y"], f["y"]], color=color, lw=1.0, ls=":", alpha=0.8)
+                drawn.add("dotted")
             ax.plot([f["x"]], [f["y"]], "o", color=color, ms=6, mec="black", mew=0.8, zorder=4)
+            drawn.add("dot")
             xs, ys = [f["x_resume"], *xs], [f["y"], *ys]
         elif f and xs:  # no value at the fork (e.g. a fork at step 0, before any eval): a hollow dot
             ax.plot([xs[0]], [ys[0]], "o", mfc="white", mec=color, ms=6, mew=1.5, zorder=4)
+            drawn.add("hollow")
         label = c["label"] + (f" (fork @{f['step']:g})" if f else "")
         (line,) = ax.plot(xs, ys, color=color, lw=2.0, label=label, marker="." if len(xs) < 30 else None, zorder=z)
         lines.append(line)
@@ -325,9 +360,13 @@ def plot(data: dict[str, Any], path: str, title: str | None = None, bands: bool 
     ax.set_ylabel(data["metric"])
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    note = "dashed: inherited from the parent up to the fork (dot; hollow: first value after a fork with none)"
+    marks = {"dashed": "dashed: the parent's curve up to the fork", "dot": "dot: the fork",
+             "hollow": "hollow dot: the first value after a fork that has none",
+             "dotted": "dotted: the work that made the guide, added at the fork"}
+    notes = [text for mark, text in marks.items() if mark in drawn]
     if any(c["members"] > 1 for c in data["curves"]):
-        note += "; band: ±1 std over members" if bands else "; curves: means over members"
-    fig.text(0.01, 0.005, note, fontsize=7, color="0.4")
+        notes.append("band: ±1 std over members" if bands else "curves: means over members")
+    if notes:
+        fig.text(0.01, 0.005, "; ".join(notes), fontsize=7, color="0.4")
     fig.savefig(path, bbox_inches="tight")
     return lines

@@ -40,6 +40,12 @@ def _note_sigterm(signum, frame) -> None:
     _terminated.append(signum)
 
 
+def terminated() -> bool:
+    """torchrun sent this rank SIGTERM (before training, whose handler takes over): a rank that then fails
+    failed because another process of the torchrun stopped, whichever error its collective met first."""
+    return bool(_terminated)
+
+
 def init(console=None) -> None:
     """Join the process group when started by torchrun (WORLD_SIZE > 1); no-op otherwise. `console` (the
     CLI's) is silenced on every rank but 0, so a command prints its output once.

@@ -7,6 +7,10 @@ leaves: their contents are not parsed, so whoever stores e.g. a replay buffer li
 needs in the manifest's `extra_objects`. A ref under an owned folder, `<folder>/<owner id>/<key>`, is
 attached to the object <owner>: it and the object it holds are kept while the owner is reachable, and
 collect drops it once the owner is not, or once its own object is gone.
+
+gc deletes only objects (files objects/ab/<62 hex digits> whose full name is their SHA-256), and only in
+a store that has its npo-store.json (npo_cli/objects.py: `claim`); other files there are strays, which
+verify lists and gc leaves alone.
 """
 
 from __future__ import annotations
@@ -15,9 +19,8 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from npo_cli.errors import NpoError
-from npo_cli.lease import holder, lease_state, leases
-from npo_cli.objects import is_oid
+from npo_cli.errors import NpoError, os_reason
+from npo_cli.lease import holder, lease_state, leases, npo_command
 from npo_cli.store import Store
 
 GC_KEEP_RECENT = 3600.0  # seconds: gc keeps unreachable objects this young (their writer may be running)
@@ -79,15 +82,15 @@ def reachable(store: Store) -> tuple[dict[str, str], list[str], dict[str, str | 
 def verify(store: Store) -> dict:
     """Re-hash every object and check every reachable manifest's references."""
     need, problems, _ = reachable(store)
-    present = store.objects()
+    found, strays = store.scan()
+    present = {oid: size for oid, (size, _) in found.items()}
     for oid, who in need.items():
         if oid not in present:
             problems.append(f"missing object {oid[:16]} of {_what(who)} (npo gc drops the entry)"
                             if _owned(who) else
                             f"missing object {oid[:16]} needed by {store.describe(who)}")
+    problems += [f"stray file {path} (not an object name; npo gc leaves it)" for path in strays]
     names = sorted(present)
-    problems += [f"stray file objects/{o[:2]}/{o[2:]} (not an object name)" for o in names if not is_oid(o)]
-    names = [o for o in names if is_oid(o)]
 
     def bad(oid: str) -> bool:
         try:
@@ -115,29 +118,43 @@ def collect(store: Store, dry_run: bool = False, force: bool = False,
     keep_recent protects writers that hold no lease (import, guide-cache fills, a save between its
     objects and its ref): as in git, young unreachable objects are kept, and a save that reuses an
     object refreshes its time (local stores; on S3 a reused object that gc deletes in the moment
-    between the save's check and its ref is the remaining race)."""
+    between the save's check and its ref is the remaining race).
+
+    The report counts what this call deleted: an object already gone (a concurrent gc) is not counted, and
+    one it could not delete is listed under "failed" ("objects/ab/cd…: reason")."""
+    if not dry_run:
+        store.claim()  # an npo store (marked now if it is an unmarked one of npo's), or NpoError
     live = [(r, b, i) for r, b, i in leases(store) if lease_state(i) == "live"]
     if live and not force:
         r, b, i = live[0]
         raise NpoError(f"{len(live)} branch(es) are being written ({r}/{b} by {holder(i)}); "
-                       "gc would race them; retry later or pass --force")
+                       "gc would race them; retry when they have finished, or break in with "
+                       + npo_command("gc", "--force", store=store.url))
     need, problems, owned = reachable(store)
     if problems:
         raise NpoError(f"refusing to gc a damaged store: {problems[0]} (see npo verify)")
-    found = store.io.objects()
+    found, strays = store.scan()
     now = time.time()
     unreachable = {oid: size for oid, (size, _) in found.items() if oid not in need}
     doomed = {oid: size for oid, size in unreachable.items() if now - found[oid][1] >= keep_recent}
     stale = [name for name, oid in owned.items() if oid and oid not in found]  # its object is gone
     orphans = [name for name in owned if name.split("/")[1] not in need]  # its owner is gone
+    deleted: dict[str, int] = dict(doomed) if dry_run else {}
+    failed: dict[str, str] = {}  # oid -> why it could not be deleted
     if not dry_run:
-        for oid in doomed:
-            store.delete_object(oid)
-        for name in stale + orphans:
+        for oid, size in doomed.items():
+            try:
+                if store.delete_object(oid):  # False: already gone (a concurrent gc), not ours to count
+                    deleted[oid] = size
+            except OSError as e:  # e.g. a read-only folder: the others still go, and the report says so
+                failed[oid] = os_reason(e)
+        stale = [name for name in stale if store.remove_ref(name)]
+        for name in orphans:
             store.remove_ref(name)
         # temp files of killed writers; a young one may belong to a writer without a lease (import)
         store.io.clean_tmp(older_than=min(keep_recent, 0 if force else 3600))
-    total = sum(size for size, _ in found.values())
-    return {"dry_run": dry_run, "objects": len(doomed), "bytes": sum(doomed.values()),
+    kept = {oid: size for oid, (size, _) in found.items() if oid not in doomed or oid in failed}
+    return {"dry_run": dry_run, "objects": len(deleted), "bytes": sum(deleted.values()),
+            "failed": [f"objects/{oid[:2]}/{oid[2:]}: {why}" for oid, why in failed.items()],
             "recent_objects": len(unreachable) - len(doomed), "stale_cache_entries": len(stale),
-            "kept_objects": len(found) - len(doomed), "kept_bytes": total - sum(doomed.values())}
+            "kept_objects": len(kept), "kept_bytes": sum(kept.values()), "stray_files": len(strays)}

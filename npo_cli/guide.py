@@ -33,7 +33,7 @@ from npo_cli.progress import Progress
 from npo_cli.recipe import build_recipe
 from npo_cli.seeds import data_order, derive_seed, forked_rng
 from npo_cli.tasks import load_problems
-from npo_cli.verifiers import make_judge
+from npo_cli.verifiers import make_judge, score_batch
 
 CACHE_FORMAT = "npo-guide/1"
 
@@ -209,11 +209,14 @@ class GuideGenerator:
             while left:
                 k = min(self.round, self.max_tries - tries[left[0]])  # every prompt left has the same tries
                 groups = backend.generate([items[i][0] for i in left], k)
+                # the round's completions judged in one batch (one trip to the verifier's worker processes)
+                oks = iter(score_batch(self.judge, [(items[i][1].prompt, ro.text, items[i][1].answer, None)
+                                                    for i, rollouts in zip(left, groups) for ro in rollouts]))
                 still = []
                 for i, rollouts in zip(left, groups):
                     for j, ro in enumerate(rollouts):
                         tokens[i] += len(ro.completion_ids)
-                        if found[i] is None and self.correct(ro.text, items[i][1]):
+                        if next(oks) >= 1.0 and found[i] is None:
                             found[i] = (ro, tries[i] + j + 1)
                     tries[i] += k
                     if found[i] is None and tries[i] < self.max_tries:

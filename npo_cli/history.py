@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from npo_cli.errors import NpoError
+from npo_cli.lease import lease_state
 from npo_cli.manifest import EVAL_STEP, Manifest
 from npo_cli.recipe import recipe_diff
-from npo_cli.store import Store
+from npo_cli.store import Damaged, Store
 
 REWARD_KEY, EVAL_KEY = "reward", "eval/accuracy"  # the summary keys `npo ls` shows
 
@@ -48,11 +49,27 @@ def _eval_step(store: Store, m: Manifest) -> int | None:
         return None
     if EVAL_STEP in m.summary:
         return int(m.summary[EVAL_STEP])
-    for a in store.lineage(m.id):
+    for a in store.readable_lineage(m.id)[0]:
         row = next((r for r in reversed(_metrics(store, a)) if EVAL_KEY in r), None)
         if row is not None:
             return row.get("step")
     return None
+
+
+def branch_walk(store: Store, head: str, run: str, branch: str) -> tuple[list[Manifest], Manifest | None,
+                                                                           Damaged | None]:
+    """The checkpoints written on run/branch walking back from `head` (newest first); the first ancestor that
+    is not one of them, its fork point (None for a run's first branch); and the damaged manifest that ended
+    the walk before the branch's start, if one did."""
+    own: list[Manifest] = []
+    try:
+        for m in store.walk(head):
+            if (m.run, m.branch) != (run, branch):
+                return own, m, None
+            own.append(m)
+    except Damaged as e:
+        return own, None, e
+    return own, None, None
 
 
 def _entry(store: Store, m: Manifest) -> dict[str, Any]:
@@ -62,47 +79,56 @@ def _entry(store: Store, m: Manifest) -> dict[str, Any]:
 
 
 def ls_data(store: Store, run: str | None = None) -> dict[str, Any]:
-    """Runs -> branches (fork point, guide) -> the checkpoints written on each branch, oldest first.
+    """Runs -> branches (fork point, guide, writer) -> the checkpoints written on each branch, oldest first;
+    `damaged`: every branch whose walk back stopped at a manifest that cannot be read.
 
     A branch lists the checkpoints saved on it (run and branch match, walking back from its head); the
-    first ancestor that is not is its fork point (none for a run's first branch)."""
+    first ancestor that is not is its fork point (none for a run's first branch). A damaged manifest on the
+    way is the branch's `damaged` entry: what is older cannot be reached through it."""
     runs = store.runs()
     if run is not None:
         if run not in runs:
             raise NpoError(f"unknown run {run!r} in {store.url} (runs: {', '.join(runs) or 'none'})")
         runs = [run]
+    writers = {(r, b): _writer(info) for r, b, info in store.leases()}
     out = []
     for r in runs:
         try:
-            out.append(_ls_run(store, r))
-        except NpoError as e:  # a damaged ref or manifest: this run says so, the others still list
+            out.append(_ls_run(store, r, writers))
+        except NpoError as e:  # a damaged ref: this run says so, the others still list
             out.append({"run": r, "branches": [], "auto_chain": [], "error": str(e)})
-    return {"store": store.url, "runs": out}
+    damaged = [{"run": r["run"], "branch": b["branch"], **b["damaged"]}
+               for r in out for b in r["branches"] if b["damaged"]]
+    return {"store": store.url, "runs": out, "damaged": damaged}
 
 
-def _ls_run(store: Store, r: str) -> dict[str, Any]:
+def _writer(info: dict) -> dict[str, Any]:
+    """A branch lease as `npo ls` shows it: live (a writer may be running), dead (its process is gone) or
+    expired (not renewed)."""
+    return {"state": lease_state(info), **{k: info.get(k) for k in ("host", "pid", "since")}}
+
+
+def _ls_run(store: Store, r: str, writers: dict[tuple[str, str], dict]) -> dict[str, Any]:
     """One run of `ls_data`."""
     branches = store.branches(r)
     rows, is_auto = [], False
     for b in sorted(branches, key=lambda x: (x != "main", x)):
-        own: list[Manifest] = []
-        fork = None
-        for m in store.lineage(branches[b]):
-            if m.run == r and m.branch == b:
-                own.append(m)
-            else:
-                fork = m
-                break
+        own, fork, damage = branch_walk(store, branches[b], r, b)
         guide = next((m.guide for m in own if m.guide), None)
         rows.append({
             "branch": b, "head": branches[b],
             "fork": {"id": fork.id, "ref": short_ref(store, fork.id, r), "step": fork.step} if fork else None,
             "guide": {"id": guide, "ref": short_ref(store, guide, r)} if guide else None,
             "checkpoints": [_entry(store, m) for m in reversed(own)],
+            "damaged": damage.to_json() if damage else None,
             "auto": _auto_branch(own),
+            "writer": writers.get((r, b)),
         })
         if b == "main":
             is_auto = any(m.state.controller.get("auto") for m in own)
+    # a lease on a branch without a ref yet: a writer making it, or one that stopped before its first save
+    rows += [{"branch": b, "head": None, "fork": None, "guide": None, "checkpoints": [], "damaged": None,
+              "auto": None, "writer": w} for (wr, b), w in sorted(writers.items()) if wr == r and b not in branches]
     chain = _auto_chain(rows) if is_auto else []
     for row in rows:
         row["live"] = bool(chain) and row["branch"] == chain[-1]
@@ -139,21 +165,28 @@ def _numeric_summary(metrics: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def show_data(store: Store, ref: str) -> dict[str, Any]:
-    """One checkpoint: manifest, metrics summary since its parent, recipe difference from its parent."""
+    """One checkpoint: manifest, metrics summary since its parent, recipe difference. A branch's recipe
+    difference and its NPO figures belong to every checkpoint on it: the difference is against the checkpoint
+    the branch started from (a run's first branch: the parent), the npo/* figures are over the branch's steps."""
     m = store.manifest(ref)
     label = f"checkpoint {m.run}/{m.branch}@{m.step}"
     metrics = _metrics(store, m)
+    own, fork, damage = branch_walk(store, m.id, m.run, m.branch)
+    base = fork or (own[1] if len(own) > 1 else None)
     diff: list[dict] | None = None
     diff_note = None
-    if m.parent is None:
-        diff_note = "no parent"
+    if base is None:
+        diff_note = f"parent {m.parent[:12]} is damaged" if damage else "no parent"
+    elif m.recipe is None or base.recipe is None:
+        diff_note = "recipe not stored"
     else:
-        p = store.manifest(m.parent)
-        if m.recipe is None or p.recipe is None:
-            diff_note = "recipe not stored"
-        else:
-            a, b = store.get_json(p.recipe, label), store.get_json(m.recipe, label)
-            diff = [{"key": k, "parent": va, "this": vb} for k, va, vb in recipe_diff(a, b)]
+        a, b = store.get_json(base.recipe, label), store.get_json(m.recipe, label)
+        diff = [{"key": k, "parent": va, "this": vb} for k, va, vb in recipe_diff(a, b)]
+    npo = None
+    if m.guide:  # NPO's figures stop at npo.until, while later checkpoints of the branch keep its guide
+        rows = [{k: v for k, v in r.items() if k.startswith("npo/")} for a in reversed(own) for r in _metrics(store, a)]
+        rows = [r for r in rows if r]
+        npo = {"steps": len(rows), "columns": _numeric_summary(rows)} if rows else None
     return {
         "id": m.id, "ref": f"{m.run}/{m.branch}@{m.step}",
         "parent": {"id": m.parent, "ref": short_ref(store, m.parent, m.run)} if m.parent else None,
@@ -162,7 +195,11 @@ def show_data(store: Store, ref: str) -> dict[str, Any]:
         "tensors": {"model": len(m.model), "optimizer": len(m.optimizer), "state": len(m.state_tensors)},
         "summary": m.summary, "eval_step": _eval_step(store, m),
         "metrics": {"steps": len(metrics), "columns": _numeric_summary(metrics)},
+        "recipe_base": {"id": base.id, "ref": short_ref(store, base.id, m.run), "fork": base is fork}
+        if base else None,
         "recipe_diff": diff, "recipe_diff_note": diff_note,
+        "npo_metrics": npo,
+        "damaged": damage.to_json() if damage else None,
         "manifest": m.model_dump(mode="json", by_alias=True),
     }
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from npo_cli import dist
 from npo_cli.branching import fork_branch, npo_recipe
 from npo_cli.errors import NpoError
+from npo_cli.lease import npo_command
 from npo_cli.manifest import Event
 from npo_cli.objects import check_name
 from npo_cli.recipe import Recipe, build_recipe
@@ -72,8 +73,9 @@ def plan(store: Store, *, run: str | None, at: int, guide: str, until: int | Non
     run_name = run.split("/", 1)[0]
     fork = store.manifest(store.resolve(f"{run}@{at}"))
     g = store.manifest(store.resolve(f"{run}@{guide}" if guide.isdigit() else guide))
-    same_lineage = any(m.id == fork.id for m in store.lineage(g.id))
-    at_or_before = any(m.id == g.id for m in store.lineage(fork.id))  # the fork itself or an ancestor
+    # walked lazily: a damaged manifest older than the fork is never reached
+    same_lineage = any(m.id == fork.id for m in store.walk(g.id))
+    at_or_before = not same_lineage and any(m.id == g.id for m in store.walk(fork.id))  # an ancestor of the fork
     if at_or_before or (same_lineage and g.step <= at):
         raise NpoError(f"the guide ({g.run}/{g.branch}@{g.step}) must come after --at {at}: "
                        "NPO learns from a near-future checkpoint of the same run")
@@ -102,7 +104,8 @@ def plan(store: Store, *, run: str | None, at: int, guide: str, until: int | Non
         raise NpoError(f"--at {at} is at or past the run's train.steps={total}; extend with --set train.steps=N")
     if name in store.branches(run_name):
         raise NpoError(f"branch {run_name}/{name} already exists; continue it with "
-                       f"npo run --resume {run_name}/{name}, or pick another name with --branch")
+                       f"{npo_command('run', '--resume', f'{run_name}/{name}', store=store.url)}, "
+                       "or pick another name with --branch")
     return Plan(run=run_name, branch=name, fork=fork.id, at=at, guide=g.id, guide_ref=f"{g.run}/{g.branch}@{g.step}",
                 guide_step=g.step, until=until, steps=total, gate=recipe.npo.gate, same_lineage=same_lineage,
                 recipe=recipe)

@@ -1,16 +1,20 @@
 """Leases: one writer per branch of a run.
 
-A lease is a JSON file `runs/<run>/leases/<branch>.json` in the store (host, pid, since, expiry,
+A lease is a JSON file `runs/<run>/leases/<branch>.json` in the store (host, pid, pid_ns, since, expiry,
 token), created with an atomic create-if-absent write and renewed in the background while its holder
 runs. It is not a ref (it names no object) and gc ignores it, except that gc refuses to run while any
-lease is live (it would race the writer).
+lease is live (it would race the writer). A lease whose holder is provably gone (this host and pid
+namespace, and its pid is absent or now names a process started after the lease) is taken over like an
+expired one; one held on another host is broken only with --force.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
+import shlex
 import socket
 import threading
 import time
@@ -22,6 +26,31 @@ from npo_cli.objects import NAME_RE, ObjectStore, check_name, now_iso
 
 _MY_LEASES: dict[tuple[str, str, str], str] = {}  # (store url, run, branch) -> token, held by this process
 DEFAULT_TTL = 600.0  # seconds; the holder renews every ttl/3, so "expired" means the holder stopped
+PID_REUSE_SLACK = 3.0  # seconds: `since` is whole seconds and /proc's boot time too; a holder starts before it
+
+
+class LeaseHeldElsewhere(NpoError):
+    """A live-looking lease held on another host: only --force breaks it (the CLI prints the command)."""
+
+
+def npo_command(*args: str, store: str | None) -> str:
+    """`npo ARGS --store STORE` quoted for a shell, to print as a hint that works as printed from this working
+    directory; --store is left out only for ./checkpoints while $NPO_STORE is unset (what npo opens then)."""
+    if store and not (store == os.path.abspath("checkpoints") and not os.environ.get("NPO_STORE")):
+        args = (*args, "--store", store)
+    return shlex.join(["npo", *args])
+
+
+def _pid_namespace() -> str:
+    """This kernel boot and pid namespace: where a lease's pid means a process (containers share hostnames)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f"{f.read().strip()} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+PID_NS = _pid_namespace()
 
 
 def _path(run: str, branch: str) -> str:
@@ -42,11 +71,41 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def _started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch; None where /proc cannot say)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[-1].split()[19])  # field 22, starttime: clock ticks after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _on_this_host(info: dict) -> bool:
+    """Whether the lease's pid names a process we can see (a lease written before pid_ns counts by host)."""
+    return info.get("host") == socket.gethostname() and info.get("pid_ns", PID_NS) == PID_NS
+
+
+def _holder_gone(info: dict) -> bool:
+    """The holder on this host has exited: its pid is absent, or a process started after the lease reuses it."""
+    pid = int(info.get("pid", -1))
+    if not pid_alive(pid):
+        return True
+    try:
+        since = dt.datetime.fromisoformat(str(info.get("since"))).timestamp()
+    except ValueError:
+        return False
+    started = _started(pid)
+    return started is not None and started > since + PID_REUSE_SLACK
+
+
 def lease_state(info: dict) -> Literal["live", "dead", "expired"]:
     """live: a writer may be running. dead: its process on this host is gone. expired: not renewed."""
     if float(info.get("expiry", 0)) < time.time():
         return "expired"
-    if info.get("host") == socket.gethostname() and not pid_alive(int(info.get("pid", -1))):
+    if _on_this_host(info) and _holder_gone(info):
         return "dead"
     return "live"
 
@@ -86,13 +145,17 @@ def leases(store: ObjectStore) -> list[tuple[str, str, dict]]:
     return out
 
 
+def _lost(run: str, branch: str, info: dict | None) -> NpoError:
+    return NpoError(f"lost the lease on {run}/{branch}" + (f" to {holder(info)}" if info else "")
+                    + "; stopping without writing")
+
+
 def check_writer(store: ObjectStore, run: str, branch: str) -> None:
     """Refuse a save when another live process holds the branch lease (or ours was lost)."""
     info = read_lease(store, run, branch)
     mine = _MY_LEASES.get((store.url, run, branch))
     if mine is not None and (info is None or info.get("token") != mine):
-        raise NpoError(f"lost the lease on {run}/{branch}" + (f" to {holder(info)}" if info else "")
-                       + "; stopping without writing")
+        raise _lost(run, branch, info)
     if info and mine is None and lease_state(info) == "live":
         raise NpoError(f"branch {run}/{branch} is being written by {holder(info)}; "
                        "wait for it to finish or use another branch")
@@ -100,8 +163,8 @@ def check_writer(store: ObjectStore, run: str, branch: str) -> None:
 
 class Lease:
     """One writer per branch. `with Lease(store, run, branch):` acquires, renews in the background,
-    and releases on exit. An expired lease is taken over; a dead one (same host, process gone) or one
-    held on another host is broken only with force; a live process on this host is never overridden."""
+    and releases on exit. An expired or dead lease (this host, its process gone) is taken over; one held
+    on another host is broken only with force; a live process on this host is never overridden."""
 
     def __init__(self, store: ObjectStore, run: str, branch: str, force: bool = False,
                  ttl: float | None = None):
@@ -115,7 +178,7 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "since": self.since,
+        return {"host": socket.gethostname(), "pid": os.getpid(), "pid_ns": PID_NS, "since": self.since,
                 "expiry": time.time() + self.ttl, "token": self.token}
 
     def _read(self) -> dict | None:
@@ -139,18 +202,24 @@ class Lease:
             who = f"branch {self.run}/{self.branch} is leased by {holder(info)}"
             if info.get("token") == _MY_LEASES.get(key):
                 raise NpoError(f"{who} (this process already holds it)")
-            if state == "live" and info.get("host") == socket.gethostname():
+            if state == "live" and _on_this_host(info):
                 raise NpoError(f"{who}, which is still running; stop it first")
             if state == "live" and not self.force:
-                raise NpoError(f"{who} (expires {_fmt_ts(info.get('expiry'))}); if that process is gone, "
-                               "pass --force to break the lease")
-            if state == "dead" and not self.force:
-                raise NpoError(f"{who}, but that process is gone; pass --force to break the lease")
-            # expired, or dead/remote with force: break it, then race for a fresh exclusive create
+                raise LeaseHeldElsewhere(f"{who} (expires {_fmt_ts(info.get('expiry'))}); if that process "
+                                         "is gone, break the lease with --force")
+            # expired, dead (its process is gone), or elsewhere with force: break it, then race for a fresh
+            # exclusive create
             if self._read() == info:
                 self.store.io.remove(self.rel)
         raise NpoError(f"could not take the lease on {self.run}/{self.branch} (another writer keeps "
                        "taking it); retry")
+
+    def check(self) -> None:
+        """Raise unless the store still holds this lease (a writer paused past its lease lost it)."""
+        info = self._read()
+        if self.lost or not info or info.get("token") != self.token:
+            self.lost = True
+            raise _lost(self.run, self.branch, info)
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
@@ -179,6 +248,10 @@ class Lease:
         return self
 
     def __exit__(self, *exc) -> None:
+        if exc[1] is not None and not hasattr(exc[1], "npo_writing"):
+            # the branch this error stopped writing, for the CLI's resume hint (a store that went away)
+            with contextlib.suppress(AttributeError):
+                exc[1].npo_writing = (self.store.url, self.run, self.branch)
         try:
             self.release()
         except Exception:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 from pathlib import Path
 
 from npo_cli.errors import NpoError
+from npo_cli.lease import Lease
 from npo_cli.recipe import Recipe
 
 # keys of per-step metrics that depend on wall-clock time (everything else is deterministic on CPU)
@@ -20,22 +24,36 @@ def _row_step(line: str) -> int:
         return -1
 
 
+def store_tag(url: str) -> str:
+    """A short, stable, readable name of a store for local paths: its last path part and a hash of its
+    resolved URL, so that runs of one name in two stores keep apart."""
+    if "://" not in url:
+        url = os.path.realpath(url)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", url.rstrip("/").rsplit("/", 1)[-1]).strip("._") or "store"
+    return f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
+
+
 class MetricSinks:
-    """metrics.jsonl, TensorBoard, W&B. A relative metrics_jsonl lives under ./runs/RUN/BRANCH/ (like an
-    output_dir); {run} and {branch} in the path are filled in.
+    """metrics.jsonl, TensorBoard, W&B, written under the branch lease. A relative metrics_jsonl lives
+    under ./runs/STORE/RUN/BRANCH/ (STORE: `store_tag`); {store}, {run} and {branch} in the path are
+    filled in.
 
     metrics.jsonl keeps the rows of steps (first, start] (this branch's steps before the resume) and the
-    run appends to them: a new run or branch starts the file afresh (another store's run of the same name
-    wrote there before), and a resume drops the rows a stopped process logged after its last checkpoint."""
+    run appends to them: a new run or branch starts the file afresh, and a resume drops the rows a stopped
+    process logged after its last checkpoint. Each row is written only while the lease is still ours: a
+    writer paused past its lease must not append steps after those of the process that took over."""
 
-    def __init__(self, recipe: Recipe, run: str, branch: str, first: int = 0, start: int = 0):
-        lg = recipe.logging
+    def __init__(self, recipe: Recipe, lease: Lease, first: int = 0, start: int = 0):
+        lg, run, branch = recipe.logging, lease.run, lease.branch
+        self.lease = lease
         self.jsonl_path = None
         self._f = self._tb = self._wandb = None
         if lg.metrics_jsonl:
-            p = Path(lg.metrics_jsonl.replace("{run}", run).replace("{branch}", branch)).expanduser()
+            tag = store_tag(lease.store.url)
+            p = Path(lg.metrics_jsonl.replace("{store}", tag).replace("{run}", run)
+                     .replace("{branch}", branch)).expanduser()
             if not p.is_absolute():
-                p = Path("runs") / run / branch / p
+                p = Path("runs") / tag / run / branch / p
             p.parent.mkdir(parents=True, exist_ok=True)
             self.jsonl_path = str(p)
             kept = [line for line in (p.read_text().splitlines() if p.is_file() else [])
@@ -59,6 +77,7 @@ class MetricSinks:
                                      resume="allow")
 
     def write(self, m: dict) -> None:
+        self.lease.check()
         if self._f:
             self._f.write(json.dumps(m) + "\n")
             self._f.flush()

@@ -1,14 +1,17 @@
 """The object store: immutable content-addressed objects plus small mutable named refs, like git.
 
+    npo-store.json     the marker: {"format": 1}, written with the store's first write; npo writes and
+                       deletes only under a root that has it (see `ObjectStore.claim`)
     objects/ab/cdef…   an object; its name is the SHA-256 of its bytes
     <ref name>         a ref: a file holding one object id and a newline; names are '/'-separated
                        path components (letters, digits, '.', '_', '-'), outside objects/ and tmp/
     tmp/               local temp files, renamed into place when complete
 
 The root is any fsspec URL: a path, file://, s3://bucket/prefix, memory://. Two small file layers
-below (`_LocalFS`, `_RemoteFS`) give both the same methods. Every single write is atomic: temp file +
-rename on a local disk, one PUT on S3 (objects above 100 MB go up as one multipart upload, which S3
-also makes visible only when it completes). We do not fsync: the store survives a killed process (the
+below (`_LocalFS`, `_RemoteFS`) give both the same methods; the store reaches them through `_Claimed`,
+so nothing is written or deleted before `ObjectStore.claim` has checked the root. Every single write is
+atomic: temp file + rename on a local disk, one PUT on S3 (objects above 100 MB go up as one multipart
+upload, which S3 also makes visible only when it completes). We do not fsync: the store survives a killed process (the
 page cache survives it) but not necessarily a power cut.
 
 This module knows nothing of what objects hold or what refs mean (npo_cli/store.py: checkpoints and
@@ -24,6 +27,7 @@ import json
 import mmap
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -35,6 +39,8 @@ OID_RE = re.compile(r"[0-9a-f]{64}")  # an object id
 HEX_RE = re.compile(r"[0-9a-f]{6,64}")  # an object id or a prefix of one
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # one path component of a ref name
 _RESERVED = ("objects", "tmp")  # top-level folders that hold no refs
+MARKER = "npo-store.json"  # at the root of every store: {"format": STORE_FORMAT}
+STORE_FORMAT = 1  # the layout this npo reads and writes; a store with a larger format is refused
 _REHASH_UP_TO = 1 << 20  # bytes: an existing object this small is re-hashed before a save reuses it
 _FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a write error that more room fixes
 _S = TypeVar("_S", bound="ObjectStore")
@@ -56,6 +62,13 @@ def check_name(kind: str, name: str) -> str:
 
 def _valid_name(name: str) -> bool:
     return NAME_RE.fullmatch(name) is not None and ".." not in name
+
+
+def oid_at(path: str) -> str | None:
+    """The object id a file under objects/ holds: 'ab/cdef…' (2 + 62 hex digits) -> 'abcdef…'; None for any
+    other name (not an object: npo neither wrote it nor deletes it)."""
+    folder, _, name = path.partition("/")
+    return folder + name if len(folder) == 2 and is_oid(folder + name) else None
 
 
 def now_iso() -> str:
@@ -159,19 +172,25 @@ class _LocalFS:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    def remove(self, rel: str) -> None:
+    def remove(self, rel: str) -> bool:
+        """True if this call removed the file; False if it was not there."""
         try:
             os.unlink(self._p(rel))
+            return True
         except FileNotFoundError:
-            pass
+            return False
 
     def objects(self) -> dict[str, tuple[int, float]]:
-        out = {}
-        for d in self.listdir("objects"):
-            with os.scandir(self._p(f"objects/{d}")) as it:
-                for e in it:
-                    st = e.stat()
-                    out[d + e.name] = (st.st_size, st.st_mtime)
+        """Every file under objects/, at any depth: its path there ('ab/cdef…') -> (size, mtime)."""
+        base, out = self._p("objects"), {}
+        for top, _, files in os.walk(base):
+            rel = os.path.relpath(top, base).replace(os.sep, "/")
+            for f in files:
+                try:
+                    st = os.stat(os.path.join(top, f), follow_symlinks=False)
+                except FileNotFoundError:  # removed meanwhile (a concurrent gc)
+                    continue
+                out[f if rel == "." else f"{rel}/{f}"] = (st.st_size, st.st_mtime)
         return out
 
     def clean_tmp(self, older_than: float) -> int:
@@ -197,7 +216,7 @@ class _RemoteFS:
         self.s3 = "s3" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
 
     def _p(self, rel: str) -> str:
-        return f"{self.root}/{rel}"
+        return f"{self.root}/{rel}" if rel else self.root
 
     def write(self, rel: str, parts: Iterable, exclusive: bool = False) -> bool:
         data = b"".join(parts)  # one copy (memoryviews are joined directly)
@@ -248,11 +267,15 @@ class _RemoteFS:
         except FileNotFoundError:
             return []
 
-    def remove(self, rel: str) -> None:
+    def remove(self, rel: str) -> bool:
+        """True if this call removed the file; False if it was not there."""
+        if self.size(rel) is None:  # S3 answers a DELETE of a missing key with success
+            return False
         try:
             self.fs.rm_file(self._p(rel))
+            return True
         except FileNotFoundError:
-            pass
+            return False
 
     def objects(self) -> dict[str, tuple[int, float]]:
         base = self._p("objects").split("://", 1)[-1].strip("/")
@@ -263,14 +286,37 @@ class _RemoteFS:
         out = {}
         for path, info in found.items():
             rel = path.split("://", 1)[-1].strip("/")[len(base):].strip("/")
-            if "/" in rel:
+            if rel:
                 when = info.get("LastModified") or info.get("created") or 0  # S3 / memory
                 when = when.timestamp() if isinstance(when, dt.datetime) else float(when)
-                out[rel.replace("/", "")] = (int(info.get("size") or 0), when)
+                out[rel] = (int(info.get("size") or 0), when)
         return out
 
     def clean_tmp(self, older_than: float) -> int:
         return 0  # remote writes never leave temp files
+
+
+class _Claimed:
+    """A file layer whose writes and deletes wait for `claim` (ObjectStore.claim): npo writes into, and
+    deletes from, only a root that is an npo store. Everything else goes straight to the layer."""
+
+    def __init__(self, layer, claim):
+        self.layer, self._claim = layer, claim
+
+    def __getattr__(self, name: str):
+        return getattr(self.layer, name)
+
+    def write(self, rel: str, parts: Iterable, exclusive: bool = False) -> bool:
+        self._claim()
+        return self.layer.write(rel, parts, exclusive)
+
+    def remove(self, rel: str) -> bool:
+        self._claim()
+        return self.layer.remove(rel)
+
+    def clean_tmp(self, older_than: float) -> int:
+        self._claim()
+        return self.layer.clean_tmp(older_than)
 
 
 # ------------------------------------------------------------------------------------------ S3
@@ -319,8 +365,11 @@ def _s3_fs(url: str):
 class ObjectStore:
     """Objects and refs under one root. Open with `ObjectStore.open(url)` (or a subclass's `open`)."""
 
+    ref_folders: tuple[str, ...] = ()  # the top-level folders of refs a store of this kind writes
+
     def __init__(self, url: str, io):
-        self.url, self.io = url, io
+        self.url, self.io = url, _Claimed(io, self.claim)
+        self._claimed, self._claim_lock = False, threading.Lock()
 
     @classmethod
     def open(cls: type[_S], url: str | None = None, must_exist: bool = False) -> _S:  # noqa: PYI019  (Self: 3.11)
@@ -335,19 +384,76 @@ class ObjectStore:
                 raise NpoError(f"store path {root} is a file, not a directory")
             if must_exist and not os.path.isdir(root):
                 raise NpoError(f"no store at {root}; check --store / $NPO_STORE")
-            return cls(root, _LocalFS(root))
-        if url.startswith("s3://"):
-            return cls(url.rstrip("/"), _RemoteFS(_s3_fs(url), url.rstrip("/")))
-        import fsspec
+            store = cls(root, _LocalFS(root))
+        elif url.startswith("s3://"):
+            store = cls(url.rstrip("/"), _RemoteFS(_s3_fs(url), url.rstrip("/")))
+        else:
+            import fsspec
 
-        try:
-            fs, root = fsspec.core.url_to_fs(url)
-        except (ImportError, ValueError) as e:
-            raise NpoError(f"cannot open store {url!r}: {one_line(e)}") from None
-        return cls(url.rstrip("/"), _RemoteFS(fs, root))
+            try:
+                fs, root = fsspec.core.url_to_fs(url)
+            except (ImportError, ValueError) as e:
+                raise NpoError(f"cannot open store {url!r}: {one_line(e)}") from None
+            store = cls(url.rstrip("/"), _RemoteFS(fs, root))
+        if store._marker() is None and (name := store._foreign(deep=False)):  # cheap: one read, one listing
+            raise store._not_a_store(name)
+        return store
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+    # ---------------------------------------------------------------- the marker
+
+    def claim(self) -> None:
+        """Make sure this root is an npo store before the first write or delete (the file layer calls it).
+        A root with npo-store.json is one (unless its format is newer: refused). An empty or new root
+        becomes one: the marker is its first file. A root a store made before the marker existed is
+        adopted (marked) when everything in it is npo's: only npo's top-level folders, and under
+        objects/ only object names. Anything else is refused, and nothing is written or deleted there."""
+        if self._claimed:
+            return
+        with self._claim_lock:
+            if not self._claimed and self._marker() is None:
+                if name := self._foreign(deep=True):
+                    raise self._not_a_store(name)
+                data = json.dumps({"format": STORE_FORMAT}).encode() + b"\n"
+                if not self.io.layer.write(MARKER, [data], exclusive=True):
+                    self._marker()  # another writer marked it meanwhile: check what it wrote
+            self._claimed = True
+
+    def _marker(self) -> int | None:
+        """The store format npo-store.json records; None if there is none. NpoError if it is damaged or
+        newer than this npo."""
+        try:
+            raw = bytes(self.io.read(MARKER))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            fmt = json.loads(raw).get("format")
+        except (ValueError, AttributeError):
+            fmt = None
+        if type(fmt) is not int or fmt < 1:
+            raise NpoError(f"store {self.url}: {MARKER} is damaged (it should hold {{\"format\": {STORE_FORMAT}}}); "
+                           "restore it")
+        if fmt > STORE_FORMAT:
+            raise NpoError(f"store {self.url} has format {fmt}, made by a newer npo (this one knows format "
+                           f"{STORE_FORMAT}); upgrade npo to use it")
+        return fmt
+
+    def _foreign(self, deep: bool) -> str | None:
+        """For a root without the marker: the first thing in it that npo did not write, or None (an empty
+        root, or a store from before the marker). deep: also every name under objects/ (a full listing)."""
+        ours = {MARKER, *_RESERVED, *self.ref_folders}
+        top = [n for n in self.io.listdir("") if n not in ours]
+        if top:
+            return top[0]
+        return next(iter(self.scan()[1]), None) if deep else None
+
+    def _not_a_store(self, name: str) -> NpoError:
+        fix = (f"if it is a store from an older npo, move {name} out of it; else pick" if name.startswith("objects/")
+               else "pick an empty folder or")
+        return NpoError(f"{self.url} is not an npo store (no {MARKER}, and npo did not write {name}); {fix} "
+                        "another store with --store")
 
     # ---------------------------------------------------------------- objects
 
@@ -403,9 +509,22 @@ class ObjectStore:
         except ValueError:
             raise NpoError(f"object {oid[:16]} is not JSON{_ctx(context)}") from None
 
+    def scan(self) -> tuple[dict[str, tuple[int, float]], list[str]]:
+        """What is under objects/: (oid -> (size, mtime) of every object, the paths of the other files,
+        e.g. 'objects/ab/x~': strays, which npo never deletes)."""
+        found: dict[str, tuple[int, float]] = {}
+        strays = []
+        for path, info in self.io.objects().items():
+            oid = oid_at(path)
+            if oid:
+                found[oid] = info
+            else:
+                strays.append(f"objects/{path}")
+        return found, sorted(strays)
+
     def objects(self) -> dict[str, int]:
         """Every object in the store: oid -> size in bytes."""
-        return {oid: size for oid, (size, _) in self.io.objects().items()}
+        return {oid: size for oid, (size, _) in self.scan()[0].items()}
 
     def hash_object(self, oid: str) -> str:
         h = hashlib.sha256()
@@ -413,9 +532,11 @@ class ObjectStore:
             h.update(b)
         return h.hexdigest()
 
-    def delete_object(self, oid: str) -> None:
-        """Remove an object (gc's job: whatever still names it breaks)."""
-        self.io.remove(self._opath(oid))
+    def delete_object(self, oid: str) -> bool:
+        """Remove an object (gc's job: whatever still names it breaks). True if this call removed it."""
+        if not is_oid(oid):
+            raise NpoError(f"invalid object id {oid!r}")
+        return self.io.remove(self._opath(oid))
 
     # ---------------------------------------------------------------- refs
 
@@ -450,9 +571,9 @@ class ObjectStore:
             raise NpoError(f"invalid object id {oid!r} for ref {name}")
         return self.io.write(self._ref_path(name), [f"{oid}\n".encode()], exclusive=create)
 
-    def remove_ref(self, name: str) -> None:
-        """Remove ref `name` (nothing if it is absent); the objects it reached are left to gc."""
-        self.io.remove(self._ref_path(name))
+    def remove_ref(self, name: str) -> bool:
+        """Remove ref `name` (nothing if it is absent; then False); the objects it reached are left to gc."""
+        return self.io.remove(self._ref_path(name))
 
     def list_refs(self, prefix: str) -> list[str]:
         """The names directly under folder `prefix` (refs, or folders of refs), sorted; [] if none.

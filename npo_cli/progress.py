@@ -6,6 +6,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.progress import Progress as RichProgress
 
 
+def step_info(m: dict, status: str = "") -> str:
+    """A training step's progress line after `step N/T`: reward, accuracy, speed, the eval when one ran; in an
+    NPO window the share of groups at or below the gate and the guide's hit rate on those; status: AutoNPO's
+    phase."""
+    info = (f"reward {m['reward']:.3f}  acc {m['accuracy']:.3f}  {m['tokens_per_s']:.0f} tok/s  "
+            f"{m['step_time']:.2f} s/step")
+    if "eval/accuracy" in m:
+        info += f"  eval {m['eval/accuracy']:.3f}"
+    if "npo/gated_frac" in m:
+        info += f"  npo gated {m['npo/gated_frac']:.2f} hit {m['npo/hit_rate']:.2f}"
+    return info + (f"  {status}" if status else "")
+
+
 class Progress:
     """`update(done, info)` as work completes; nothing at all when disabled or without a console."""
 

@@ -7,17 +7,19 @@ reproduced and two checkpoints' settings can be diffed. Unknown keys are errors.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from npo_cli.errors import NpoError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `true` is not 1 and "1e-4" is not a number (an int still fills a float); no inf or nan
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -80,7 +82,14 @@ class TaskConfig(Section):
     verifier: str = Field(
         "exact", description="'exact', 'math' (math-verify on the final/boxed answer) or 'module:function'."
     )
-    verifier_timeout: float = Field(5.0, gt=0, description="Seconds per math-verify call before it scores 0.")
+    verifier_timeout: float = Field(
+        5.0, gt=0, description="Seconds per `math` or module:function verifier call before it scores 0 and "
+        "counts as failed."
+    )
+    verifier_max_failures: float = Field(
+        0.1, ge=0, le=1, description="Share of verifier calls that may fail (raise or time out; each scores 0) "
+        "before the run stops; judged over at least 20 calls. 0: the first failure stops it."
+    )
     format_reward: float = Field(0.0, description="Added when the completion ends with EOS in the expected format.")
 
     @model_validator(mode="after")
@@ -164,11 +173,19 @@ class GRPOConfig(Section):
         "log-prob (dynamic shapes; the first step pays the compile). Sampling uses its own uncompiled copy."
     )
 
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_from_list(cls, v):
+        return tuple(v) if isinstance(v, list) else v  # YAML and JSON give a list; strict wants the tuple
+
 
 class TrainConfig(Section):
     steps: int = Field(200, ge=0, description="Total optimizer steps of the run.")
     save_every: int = Field(25, ge=1, description="Checkpoint every N steps (and at the end).")
-    eval_every: int = Field(50, ge=1, description="Held-out eval every N steps (and at the end).")
+    eval_every: int = Field(
+        50, ge=0, description="Held-out eval every N steps (and at the end). 0 = no eval while training, not even "
+        "at the end (npo eval measures any checkpoint)."
+    )
     eval_samples: int = Field(1, ge=1, description="Sampled completions per eval problem (pass@k).")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Under torchrun: ddp (full model per rank, gradients summed) or fsdp (FSDP2: "
@@ -184,7 +201,9 @@ class LoggingConfig(Section):
     progress: bool = Field(True, description="Rich progress bar.")
     metrics_jsonl: str | None = Field(
         "metrics.jsonl", description="Local file streaming per-step metrics (a relative path: under "
-        "./runs/RUN/BRANCH/). A new run or branch starts it afresh; a resume keeps the steps before it."
+        "./runs/STORE/RUN/BRANCH/, STORE being the store folder's name and a hash of its URL; {store}, {run} "
+        "and {branch} are filled in). A new run or branch starts it afresh; a resume keeps the steps before it; "
+        "only the branch's lease holder writes it."
     )
     tensorboard: str | None = Field(None, description="TensorBoard log dir (needs tensorboard installed).")
     wandb: str | None = Field(None, description="W&B project (needs wandb installed).")
@@ -326,7 +345,71 @@ def _one_line(err: ValidationError) -> str:
     where = ".".join(str(p) for p in first["loc"]) or "recipe"
     if first["type"] == "extra_forbidden":
         return f"unknown recipe key '{where}'"
-    return f"recipe key '{where}': {first['msg'].removeprefix('Value error, ')}"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    wanted = {"int_type": "a whole number", "float_type": "a number", "bool_type": "true or false"}.get(first["type"])
+    if wanted and isinstance(got, str) and got.strip().lower().lstrip("+-") in ("inf", "infinity", "nan"):
+        msg += f", got {got[:40]!r}; write a finite number"
+    elif wanted and isinstance(got, str):  # "1e-4" in quotes, "true", "many"
+        msg += f", got the text {got[:40]!r}; write {wanted} without quotes"
+    elif (wanted or first["type"] == "finite_number") and isinstance(got, bool | int | float):
+        msg += f", got {json.dumps(got) if isinstance(got, bool) else got}"
+    return f"recipe key '{where}': {msg}"
+
+
+class _Refused(yaml.YAMLError):
+    """YAML that parses but that a recipe may not hold; the message says what to fix."""
+
+
+_MAX_VALUES = 10_000  # a recipe holds ~100; aliases expanding past this are an alias bomb
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-4 as a number (YAML 1.1 wants 1.0e-4, else it is text), refuses a key set
+    twice in one mapping (YAML keeps the last, silently) and aliases that recurse or expand past _MAX_VALUES."""
+
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
+        lines: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in lines:
+                    raise _Refused(f"key {key.value[:40]!r} is set twice (line {lines[key.tag, key.value]}, "
+                                   f"then line {line}); keep one")
+                lines[key.tag, key.value] = line
+        return node
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node, set(), {})
+        return node
+
+
+_RecipeLoader.add_implicit_resolver(  # 1e-4, 2E5, 1.0e4: YAML 1.2 floats that YAML 1.1 leaves as text
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _expanded_size(node: yaml.Node, open_: set[int], sizes: dict[int, int]) -> int:
+    """Values under `node` with every alias expanded; refuses a node inside itself (a recursive alias)."""
+    if isinstance(node, yaml.ScalarNode):
+        return 1
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise _Refused(f"the anchor at line {node.start_mark.line + 1} is used inside itself (a recursive "
+                       "alias); write the value out")
+    open_.add(id(node))
+    kids = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+    size = 1 + sum(_expanded_size(k, open_, sizes) for k in kids)
+    open_.discard(id(node))
+    if size > _MAX_VALUES:
+        raise _Refused(f"its aliases expand to more than {_MAX_VALUES} values (line {node.start_mark.line + 1}); "
+                       "write the values out")
+    sizes[id(node)] = size
+    return size
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -338,8 +421,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not all(path):
         raise NpoError(f"--set key '{key}' is not a dotted recipe path like train.steps")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = yaml.load(raw, Loader=_RecipeLoader) if raw.strip() else ""
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return path, value
 
@@ -380,20 +463,62 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def read_recipe(path: str | Path) -> dict:
+    """The recipe file as a dict, its relative local paths made absolute (see _resolve_paths)."""
     p = Path(path)
+    if p.is_dir():
+        raise NpoError(f"recipe {path} is a folder; give a recipe file (YAML), e.g. recipes/quickstart.yaml")
     if not p.is_file():
         raise NpoError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text())
+        raw = p.read_bytes()
+    except OSError as e:
+        raise NpoError(f"cannot read recipe {path} ({e.strerror or type(e).__name__}); make it a readable file") \
+            from None
+    try:
+        if b"\0" in raw:
+            raise ValueError
+        text = raw.decode("utf-8")
+    except ValueError:
+        raise NpoError(f"recipe {path} is not text (binary, or not UTF-8); give a YAML recipe file") from None
+    try:
+        data = yaml.load(text, Loader=_RecipeLoader)
+    except _Refused as e:
+        raise NpoError(f"recipe {path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise NpoError(f"recipe {path} is not valid YAML{where}") from None
-    if data is None:
-        data = {}
+    except RecursionError:
+        raise NpoError(f"recipe {path} is nested too deeply; a recipe has sections of settings") from None
+    if data is None:  # an empty or comment-only file would train a run named 'run' on every default
+        raise NpoError(f"recipe {path} is empty; write its settings (`npo recipe schema` lists them)")
     if not isinstance(data, dict):
         raise NpoError(f"recipe {path} must be a YAML mapping of sections, got {type(data).__name__}")
+    _resolve_paths(data, p.absolute().parent)
     return data
+
+
+def _resolve_paths(data: dict, folder: Path) -> None:
+    """Relative local paths in a recipe file name files beside it, wherever npo runs: they become absolute
+    (the stored recipe then reads the same files on resume and eval). URLs (s3://, memory://) stay as they
+    are; so does a model.path that is 'tiny' or a store ref (RUN/BRANCH) unless that folder is beside the
+    recipe, the rule npo_cli/model.py follows."""
+    def local(value: Any, is_model: bool = False) -> Any:
+        if not isinstance(value, str) or not value or "://" in value or Path(value).expanduser().is_absolute():
+            return value
+        beside = folder / value
+        looks_like_ref = value.count("/") <= 1 and not value.startswith(".")
+        if is_model and (value == "tiny" or (looks_like_ref and not beside.is_dir())):
+            return value
+        return str(beside.resolve())
+
+    if "store" in data:
+        data["store"] = local(data["store"])
+    for section, key in (("model", "store"), ("model", "path"), ("task", "train_path"), ("task", "eval_path"),
+                         ("npo", "teacher_path")):
+        node = data.get(section)
+        if isinstance(node, dict) and key in node:
+            node[key] = local(node[key], is_model=(section, key) == ("model", "path"))
 
 
 def recipe_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -2,6 +2,10 @@
 
 Layout under the store root (any fsspec URL: a path, file://, s3://bucket/prefix, memory://):
 
+    npo-store.json                   the marker, {"format": 1}, written with a new store's first write:
+                                     npo writes and deletes only under a root that has it. A store made
+                                     before the marker gets it at its next write if it holds only these
+                                     folders, and only object names under objects/ (npo_cli/objects.py)
     objects/ab/cdef…                 immutable; the name is the SHA-256 of the bytes. Tensors, JSON,
                                      and checkpoint manifests (npo_cli/manifest.py)
     runs/<run>/branches/<branch>     a ref: one line holding a checkpoint id (this module)
@@ -79,8 +83,24 @@ def parse_ref(text: str) -> Ref:
 
 # ------------------------------------------------------------------------------------------ store
 
+class Damaged(NpoError):
+    """A checkpoint manifest that cannot be read (corrupt, missing, invalid). Damage stays local: a walk
+    back along the parents stops there, and what is newer stays usable."""
+
+    def __init__(self, cid: str, reason: str, child: Manifest | None = None):
+        self.id, self.reason, self.child = cid, reason, child
+        of = f" (parent of {child.run}/{child.branch}@{child.step})" if child else ""
+        super().__init__(f"checkpoint {cid[:12]}{of} is damaged: {reason}")
+
+    def to_json(self) -> dict:
+        c = self.child
+        return {"id": self.id, "reason": self.reason, "parent_of": f"{c.run}/{c.branch}@{c.step}" if c else None}
+
+
 class Store(ObjectStore):
     """Checkpoints: branch refs `runs/<run>/branches/<branch>` over manifests. Open with `Store.open(url)`."""
+
+    ref_folders = ("runs", "guides")
 
     def __init__(self, url: str, io):
         super().__init__(url, io)
@@ -149,29 +169,45 @@ class Store(ObjectStore):
         cid = ref_or_id if is_oid(ref_or_id) else self.resolve(ref_or_id)
         if cid in self._manifests:
             return self._manifests[cid]
-        data = self.get_bytes(cid, f"checkpoint {cid[:12]}")
-        if not bytes(data[:len(MANIFEST_MAGIC)]) == MANIFEST_MAGIC:
-            raise NpoError(f"object {cid[:16]} is not a checkpoint manifest")
         try:
+            data = self.get_bytes(cid)
+            if not bytes(data[:len(MANIFEST_MAGIC)]) == MANIFEST_MAGIC:
+                raise NpoError(f"object {cid[:16]} is not a checkpoint manifest")
             m = Manifest.model_validate_json(bytes(data))
         except ValidationError as e:
-            raise NpoError(f"checkpoint {cid[:12]} has an invalid manifest: {one_line(e)}") from None
+            raise Damaged(cid, f"invalid manifest: {one_line(e)}") from None
+        except NpoError as e:
+            raise Damaged(cid, str(e)) from None
         m.id = cid
         self._manifests[cid] = m
         return m
 
     def lineage(self, ref: str) -> list[Manifest]:
-        """The checkpoint and its ancestors, newest first."""
-        return list(self._walk(self.resolve(ref)))
+        """The checkpoint and its ancestors, newest first; Damaged if one of them cannot be read."""
+        return list(self.walk(self.resolve(ref)))
 
-    def _walk(self, cid: str | None) -> Iterator[Manifest]:
-        """Manifests from cid back along the parents, each read only when the walk reaches it."""
-        seen = set()
+    def readable_lineage(self, ref: str) -> tuple[list[Manifest], Damaged | None]:
+        """The checkpoint and its ancestors, newest first, up to the first one that cannot be read, and that
+        damage (None when all of it reads). For what can do without the older history."""
+        out: list[Manifest] = []
+        try:
+            out.extend(self.walk(self.resolve(ref)))
+        except Damaged as e:
+            return out, e
+        return out, None
+
+    def walk(self, cid: str | None) -> Iterator[Manifest]:
+        """Manifests from cid back along the parents, each read only when the walk reaches it. A manifest
+        that cannot be read raises Damaged (naming its child): what was yielded before it stays usable."""
+        seen, child = set(), None
         while cid and cid not in seen:
             seen.add(cid)
-            m = self.manifest(cid)
+            try:
+                m = self.manifest(cid)
+            except Damaged as e:
+                raise Damaged(cid, e.reason, child) from None
             yield m
-            cid = m.parent
+            child, cid = m, m.parent
 
     def resolve(self, ref: str) -> str:
         """Checkpoint id for a ref (see the module docstring); NpoError with what exists otherwise."""
@@ -216,7 +252,7 @@ class Store(ObjectStore):
     def _step_on(self, head: str, step: int) -> str | None:
         """The newest checkpoint at `step` walking back from head; stops there (a damaged older manifest
         does not hide a good newer one)."""
-        return next((m.id for m in self._walk(head) if m.step == step), None)
+        return next((m.id for m in self.walk(head) if m.step == step), None)
 
     def _resolve_prefix(self, prefix: str) -> str:
         names = self.io.listdir(f"objects/{prefix[:2]}")

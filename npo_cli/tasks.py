@@ -16,7 +16,7 @@ import itertools
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from npo_cli.errors import NpoError
@@ -35,6 +35,7 @@ class Problem:
     answer: str
     tags: tuple[str, ...] = ()
     context: tuple[tuple[str, str], ...] = ()  # a chat prompt's earlier (role, content) turns
+    record: int = field(default=0, compare=False)  # its prompt file's record number, for messages (0: generated)
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "answer": self.answer, "tags": list(self.tags),
@@ -48,6 +49,16 @@ class Problem:
     def key(self) -> str:
         """The whole prompt as one string (what the train/eval split and the resume check hash)."""
         return json.dumps([*self.context, self.prompt]) if self.context else self.prompt
+
+    @property
+    def name(self) -> str:
+        """How a message names it: its record number, else (a generated problem) its text."""
+        return f"record {self.record}" if self.record else repr(self.prompt[:30])
+
+
+def first_few(names: list[str], k: int = 5) -> str:
+    """'a, b, c' or 'a, b, c, d, e and 7 more': the start of a long list of offenders, for a one-line error."""
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
 def split_of(prompt: str) -> Split:
@@ -183,15 +194,15 @@ def read_records(url: str, fields: tuple[str, str]) -> list[dict]:
     return rows
 
 
-def _chat(turns: list, where: str, task: TaskConfig) -> Problem:
+def _chat(turns: list, task: TaskConfig) -> Problem:
     """TRL's conversational prompt, [{"role": ..., "content": ...}, ...], ending with the user's turn."""
     if not task.chat_template:
-        raise NpoError(f"{where}: the prompt is a chat conversation; set task.chat_template: true")
+        raise NpoError("the prompt is a chat conversation; set task.chat_template: true")
     if not turns or not all(isinstance(t, dict) and isinstance(t.get("role"), str)
                             and isinstance(t.get("content"), str) for t in turns):
-        raise NpoError(f"{where}: a chat prompt is a list of {{role, content}} messages with text content")
+        raise NpoError("a chat prompt is a list of {role, content} messages with text content")
     if turns[-1]["role"] != "user":
-        raise NpoError(f"{where}: a chat prompt must end with a user message (the model answers it)")
+        raise NpoError("a chat prompt must end with a user message (the model answers it)")
     return Problem(prompt=turns[-1]["content"], answer="",
                    context=tuple((t["role"], t["content"]) for t in turns[:-1]))
 
@@ -204,25 +215,38 @@ def _answer_text(value) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
+def _problem(row, task: TaskConfig, record: int) -> Problem:
+    """One record as a problem; NpoError says what is wrong with it."""
+    for name in (task.prompt_field, task.answer_field):
+        if not isinstance(row, dict) or name not in row:
+            raise NpoError(f"no field '{name}' (set task.prompt_field / task.answer_field)")
+        value = row[name]
+        if value is None or (isinstance(value, float) and math.isnan(value)):  # null, or pandas' NaN
+            raise NpoError(f"field '{name}' is empty")
+    prompt, answer = row[task.prompt_field], _answer_text(row[task.answer_field])
+    if not answer.strip() and task.verifier in ("exact", "math"):  # every completion would score the same
+        raise NpoError(f"field '{task.answer_field}' is empty and task.verifier={task.verifier} compares with it")
+    if isinstance(prompt, list):
+        return dataclasses.replace(_chat(prompt, task), answer=answer, record=record)
+    if isinstance(prompt, str) and prompt.strip():
+        return Problem(prompt=prompt, answer=answer, record=record)
+    raise NpoError(f"field '{task.prompt_field}' must be text or a list of chat messages"
+                   + (", not empty" if isinstance(prompt, str) else f", not {type(prompt).__name__}"))
+
+
 def _problems_from(url: str, task: TaskConfig) -> list[Problem]:
-    out = []
+    """Every record of the file as a problem; the records that cannot be one are all named in one error."""
+    out, bad = [], {}  # reason -> its record numbers
     for i, row in enumerate(read_records(url, (task.prompt_field, task.answer_field)), 1):
-        where = f"prompt file {url} record {i}"
-        for name in (task.prompt_field, task.answer_field):
-            if not isinstance(row, dict) or name not in row:
-                raise NpoError(f"{where} has no field '{name}' (set task.prompt_field / task.answer_field)")
-            value = row[name]
-            if value is None or (isinstance(value, float) and math.isnan(value)):  # null, or pandas' NaN
-                raise NpoError(f"{where}: field '{name}' is empty")
-        prompt, answer = row[task.prompt_field], _answer_text(row[task.answer_field])
-        if isinstance(prompt, list):
-            problem = dataclasses.replace(_chat(prompt, where, task), answer=answer)
-        elif isinstance(prompt, str) and prompt.strip():
-            problem = Problem(prompt=prompt, answer=answer)
-        else:
-            raise NpoError(f"{where}: field '{task.prompt_field}' must be text or a list of chat messages"
-                           + (", not empty" if isinstance(prompt, str) else f", not {type(prompt).__name__}"))
-        out.append(problem)
+        try:
+            out.append(_problem(row, task, i))
+        except NpoError as e:
+            bad.setdefault(str(e), []).append(i)
+    if bad:
+        n = sum(map(len, bad.values()))
+        why = "; ".join(("record " if len(rs) == 1 else "records ") + first_few(list(map(str, rs))) + f": {reason}"
+                        for reason, rs in bad.items())
+        raise NpoError(f"prompt file {url}: {n} of {n + len(out)} records cannot be used: {why}; fix or drop them")
     if not out:
         raise NpoError(f"prompt file {url} has no records")
     return out

@@ -1,6 +1,8 @@
 """The GRPO loop. `Trainer.step()` reads top to bottom: prompts -> rollout -> verify -> off-policy
 slots -> advantages -> loss -> optimizer -> metrics. `Trainer.train()` wraps it with checkpoints,
-eval, the progress line, the branch lease and Ctrl-C handling.
+eval, the progress line, the branch lease and stop signals (SIGINT / SIGTERM: the step in flight gets
+STOP_GRACE seconds to finish and be checkpointed, else it is abandoned and the run stands at its last
+checkpoint; a second signal stops at once).
 
 The trainer is handed its two seams (npo_cli/batch.py), called in the loop:
 - `source.prompts(step, problems)` and `source.mix(ctx, groups)` (in step): an off-policy slot source
@@ -15,8 +17,10 @@ them. Decision records go to `trainer.events`, stored with the next checkpoint.
 
 from __future__ import annotations
 
+import _thread
 import hashlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -35,7 +39,7 @@ from npo_cli.batch import (
     collate,
     format_prompt,
     lr_at,
-    score_group,
+    score_groups,
 )
 from npo_cli.checkpoint import DTYPES, load_model, load_optimizer, load_state_tensors, save_checkpoint
 from npo_cli.errors import NpoError
@@ -43,16 +47,57 @@ from npo_cli.grpo import OffPolicy, compile_layers, group_advantages, grpo_loss,
 from npo_cli.manifest import EVAL_STEP, Event, Manifest, TrainerState
 from npo_cli.metrics import MetricSinks
 from npo_cli.model import load_policy, param_dtype, resolve_device
-from npo_cli.progress import Progress
+from npo_cli.progress import Progress, step_info
 from npo_cli.recipe import Recipe, recipe_diff
 from npo_cli.rollout import Rollout
 from npo_cli.seeds import data_order, eval_seed, forked_rng
-from npo_cli.tasks import Problem, load_problems
-from npo_cli.verifiers import make_judge, make_verifier
+from npo_cli.tasks import Problem, first_few, load_problems
+from npo_cli.verifiers import make_judge, make_verifier, new_run
 
 # loss stats that are totals (summed over micro-batches), not means
 COUNT_KEYS = ("loss", "tokens", "off/rows", "off/tokens")
 SUCCESSES_FORMAT = "npo-successes/1"  # the object train.record_successes stores with each checkpoint
+# seconds a stop signal leaves the step in flight to finish (and be checkpointed) before abandoning it: a
+# short step is kept, a long or hung one does not hold the stop (schedulers kill 10-30 s after SIGTERM)
+STOP_GRACE = float(os.environ.get("NPO_STOP_GRACE", "5"))
+
+
+class Abandoned(BaseException):
+    """Raised by the stop-signal handler into the step or eval in flight, which is dropped rather than waited
+    for. A BaseException, like KeyboardInterrupt: an `except Exception` on the way (a backend's fallback, a
+    verifier's) must not swallow it."""
+
+
+def check_prompts(recipe: Recipe, tokenizer, config, problems: list[Problem], prompts: list[str] | None = None,
+                  eval_file: bool = False) -> None:
+    """Every prompt fits the model: one that is empty once tokenized, or too long for the model's context with
+    rollout.max_new_tokens after it, would stop the run at the step that samples it. All of them are named in
+    one line, now. `prompts`: the problems' formatted prompts, when at hand; eval_file: they are task.eval_path's."""
+    r = recipe.rollout
+    if not problems:
+        return
+    if prompts is None:
+        prompts = [format_prompt(recipe, tokenizer, p) for p in problems]
+    special = not recipe.task.chat_template
+    fast = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: what __call__ runs, less its overhead
+    lengths = ([len(e.ids) for e in fast.encode_batch(prompts, add_special_tokens=special)] if fast is not None else
+               [len(ids) for ids in tokenizer(prompts, add_special_tokens=special)["input_ids"]])
+    context = (r.vllm_max_model_len if r.backend == "vllm" else None) or \
+        getattr(config, "max_position_embeddings", None)
+    limit = context - r.max_new_tokens if context else None
+    where = "eval " if eval_file else ""
+    long = [f"{where}{p.name} ({n} tokens)" for p, n in zip(problems, lengths) if limit is not None and n > limit]
+    empty = [where + p.name for p, n in zip(problems, lengths) if n == 0]
+    why = []
+    if long:
+        why.append(f"{len(long)} of {len(problems)} prompts are too long: {first_few(long)}; a prompt may have "
+                   f"{max(limit, 0)} tokens at most (with rollout.max_new_tokens={r.max_new_tokens} it exceeds the "
+                   f"model's context of {context} otherwise): shorten or drop them, or lower rollout.max_new_tokens")
+    if empty:
+        why.append(f"{len(empty)} prompts are empty once tokenized: {first_few(empty)}; check task.template and "
+                   "the prompt file")
+    if why:
+        raise NpoError("; ".join(why))
 
 
 def evaluate(model, tokenizer, recipe: Recipe, problems: list, samples: int, seed: int,
@@ -66,17 +111,19 @@ def evaluate(model, tokenizer, recipe: Recipe, problems: list, samples: int, see
     if backend is None:
         backend = make_backend(model, tokenizer, recipe.rollout, add_special_tokens=not recipe.task.chat_template)
     prompts = [format_prompt(recipe, tokenizer, p) for p in problems]
+    check_prompts(recipe, tokenizer, getattr(model, "config", None), problems, prompts, bool(recipe.task.eval_path))
     with forked_rng(seed):
         sampled = backend.generate(prompts, samples)
         greedy = backend.generate(prompts, 1, greedy=True)
 
-    def ok(p, r: Rollout) -> bool:
-        return judge(p.prompt, r.text, p.answer) >= 1.0
-
-    hits = [[ok(p, r) for r in g] for p, g in zip(problems, sampled)]
+    # one batch for all the verifier calls: one trip to its worker processes
+    calls = [(p.prompt, r.text, p.answer, r.finished) for p, g in zip(problems, sampled) for r in g]
+    calls += [(p.prompt, g[0].text, p.answer, g[0].finished) for p, g in zip(problems, greedy)]
+    oks = iter(x >= 1.0 for x in judge.batch(calls))
+    hits = [[next(oks) for _ in g] for g in sampled]
     out = {
         "eval/accuracy": sum(map(sum, hits)) / max(1, sum(map(len, hits))),
-        "eval/greedy_accuracy": sum(ok(p, g[0]) for p, g in zip(problems, greedy)) / max(1, len(problems)),
+        "eval/greedy_accuracy": sum(next(oks) for _ in greedy) / max(1, len(problems)),
     }
     if samples > 1:
         out[f"eval/pass@{samples}"] = sum(any(h) for h in hits) / max(1, len(hits))
@@ -103,9 +150,17 @@ class Trainer:
         self.history: list[dict] = []  # every step of this process (for the end summary)
         self.last_eval: dict[str, float] = {}
         self._stop_signal: int | None = None
+        self._in_flight: str | None = None  # "step" or "eval" while one runs: a stop signal abandons it
+        self._grace: threading.Timer | None = None  # running from a stop signal until STOP_GRACE ends
+        self._grace_over = False
+        self.saved_step = 0  # the step of the last checkpoint written or resumed from
 
         self._load_task()  # first: a bad prompt file or verifier fails before a model is loaded
         self._load_model(init)
+        # every prompt fits the model: found now, not at the step that samples it
+        check_prompts(recipe, self.tokenizer, self.model.config, list({p.key: p for p in self.train_problems}.values()))
+        check_prompts(recipe, self.tokenizer, self.model.config, self.eval_problems,
+                      eval_file=bool(recipe.task.eval_path))
         self.fsdp = dist.on() and recipe.train.parallel == "fsdp"
         self.micro_batch = recipe.grpo.micro_batch_size  # halved on CUDA out-of-memory (0: the whole batch)
         self.optimizer = self._make_optimizer()
@@ -152,6 +207,7 @@ class Trainer:
         # what the data position of a checkpoint counts in: a resume must see the same problems
         self.train_sha = hashlib.sha256(json.dumps([[p.key, p.answer] for p in self.train_problems])
                                         .encode()).hexdigest()
+        new_run()  # verifier failures are counted per run (and per branch)
         self.reward_fn = make_verifier(r.task)
         self.judge = make_judge(r.task) if r.task.format_reward else self.reward_fn
 
@@ -249,7 +305,7 @@ class Trainer:
             torch.manual_seed(dist.rank_seed(self.recipe.seed) + self.step_num)
         if "cuda_rng" + sfx in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["cuda_rng" + sfx].to(torch.uint8).clone())
-        self.head = man.id
+        self.head, self.saved_step = man.id, self.step_num
 
     # ---------------------------------------------------------------- data
 
@@ -277,6 +333,7 @@ class Trainer:
         """One GRPO step; returns its metrics (also appended to pending_metrics / history)."""
         r = self.recipe
         t0 = time.perf_counter()
+        self._in_flight = "step"  # until the step ends, a stop signal abandons it (see _on_signal)
 
         # 1. sample prompts
         problems = self.next_problems(r.rollout.prompts_per_step)
@@ -290,7 +347,7 @@ class Trainer:
         t_gen = time.perf_counter() - t0
 
         # 3. verify
-        groups = [self.score(p, prompt, rollouts) for p, prompt, rollouts in zip(problems, prompts, sampled)]
+        groups = self.score(problems, prompts, sampled)
         self._record_successes(groups)
         # TRL's reward_std: the groups' mean (unbiased) std, the spread the advantages divide by
         std_sum = float(torch.tensor([g.rewards for g in groups]).std(-1).sum())
@@ -341,10 +398,11 @@ class Trainer:
             m["reward_mixed"] = float(rewards.mean())
         self.pending_metrics.append(m)
         self.history.append(m)
+        self._in_flight = None
         return m
 
-    def score(self, problem: Problem, prompt: str, rollouts: list[Rollout]):
-        return score_group(problem, prompt, rollouts, self.reward_fn, self.judge)
+    def score(self, problems: list[Problem], prompts: list[str], sampled: list[list[Rollout]]) -> list[Group]:
+        return score_groups(problems, prompts, sampled, self.reward_fn, self.judge)
 
     def _record_successes(self, groups: list[Group]) -> None:
         """train.record_successes: keep the step's verified on-policy successes, as sampled (before any slot
@@ -540,50 +598,82 @@ class Trainer:
                 expect=self.branch_head,
             )
         self.head = self.branch_head = dist.broadcast_json(head)
+        self.saved_step = self.step_num
         self.pending_metrics, self.events, self.successes = [], [], []
         return self.head
 
     # ---------------------------------------------------------------- the loop
 
     def _on_signal(self, signum, frame):
-        if self._stop_signal is not None:  # second Ctrl-C: stop now, without the final checkpoint
+        """SIGINT / SIGTERM: stop after checkpointing the finished step. The step or eval in flight gets
+        STOP_GRACE seconds to finish; then _end_grace signals again and it is abandoned. Under torchrun the
+        ranks must stop at the same step: they stop after it (torchrun kills a rank that outlives its grace
+        period; a save cut short leaves the store as it was)."""
+        if self._grace_over:  # the call from _end_grace
+            self._grace_over = False
+            if self._in_flight:
+                raise Abandoned(self._in_flight)
+            return
+        if self._stop_signal is not None:  # a second signal: stop now, even mid-save (harmless, as above)
             raise KeyboardInterrupt
         self._stop_signal = signum
+        if self._in_flight and not dist.on():
+            self._grace = threading.Timer(STOP_GRACE, self._end_grace, (signum,))
+            self._grace.daemon = True
+            self._grace.start()
+
+    def _end_grace(self, signum: int) -> None:
+        """(timer thread) The grace is over: signal the main thread again, where _on_signal abandons."""
+        self._grace_over = True
+        _thread.interrupt_main(signum)
+
+    def _stopping(self) -> bool:
+        """A stop signal came and this process may act on it alone (under torchrun the ranks agree after a step)."""
+        return self._stop_signal is not None and not dist.on()
 
     def _branch_first_step(self) -> int:
         """The step of this branch's first checkpoint (the current step while it has none)."""
-        own = [m.step for m in self.store.lineage(self.head) if (m.run, m.branch) == (self.run, self.branch)] \
-            if self.head else []
+        lin, damage = self.store.readable_lineage(self.head) if self.head else ([], None)
+        own = [m.step for m in lin if (m.run, m.branch) == (self.run, self.branch)]
+        if damage and len(own) == len(lin):  # the branch's start lies behind a damaged manifest: keep every row
+            return 0
         return own[-1] if own else self.step_num
 
     def _train_step(self, sinks, bar) -> str | None:
-        """One step of the loop: step, eval when due, log, checkpoint when due; what stopped the run, if any."""
+        """One step of the loop: step, eval when due, log, checkpoint when due; what stopped the run, if any.
+        A stop signal abandons the step while it (or the controller's look at it) runs: Abandoned reaches
+        train. One during the eval ends the eval: the finished step is saved without it."""
         r = self.recipe
-        m = self.step()
-        due_eval = self.step_num % r.train.eval_every == 0 or self.step_num == r.train.steps
-        if due_eval and self.eval_problems:
-            m.update(self.evaluate())
-        if sinks is not None:
-            sinks.write(m)
-        bar.update(m["step"], self._progress_info(m), always="eval/accuracy" in m)
-        stopped_by = None
-        if self.controller.after_step(self, m):
-            stopped_by = "controller"
-        elif self._stop_signal is not None:
+        if self._stopping():  # the signal came while the last step was saved
+            return signal.Signals(self._stop_signal).name
+        try:
+            m = self.step()
+            every = r.train.eval_every  # 0: no eval while training, not even at the end
+            due_eval = every and (self.step_num % every == 0 or self.step_num == r.train.steps)
+            if due_eval and self.eval_problems and not self._stopping():
+                try:
+                    self._in_flight = "eval"
+                    m.update(self.evaluate())
+                except Abandoned:
+                    pass
+                self._in_flight = None
+            if sinks is not None:
+                sinks.write(m)
+            bar.update(m["step"], self._progress_info(m), always="eval/accuracy" in m)
+            self._in_flight = "step"
+            stopped_by = "controller" if self.controller.after_step(self, m) else None
+        finally:
+            self._in_flight = None
+        if stopped_by is None and self._stop_signal is not None:
             stopped_by = signal.Signals(self._stop_signal).name
-        if dist.on():  # every rank stops at the same step
-            stopped_by = dist.broadcast_json(stopped_by)
+        if dist.on():  # every rank stops at the same step: rank 0's reason, else any rank's signal
+            stopped_by = next((s for s in dist.gather_json(stopped_by) if s), None)
         if self.step_num % r.train.save_every == 0 or self.step_num == r.train.steps or stopped_by:
             self.save()
         return stopped_by
 
     def _progress_info(self, m: dict) -> str:
-        info = (f"reward {m['reward']:.3f}  acc {m['accuracy']:.3f}  {m['tokens_per_s']:.0f} tok/s  "
-                f"{m['step_time']:.2f} s/step")
-        if "eval/accuracy" in m:
-            info += f"  eval {m['eval/accuracy']:.3f}"
-        status = self.controller.status()  # AutoNPO's phase
-        return info + (f"  {status}" if status else "")
+        return step_info(m, self.controller.status())  # status: AutoNPO's phase
 
     def train(self, progress: bool | None = None, force: bool = False) -> dict:
         """Train to recipe.train.steps under the branch lease; returns the end summary."""
@@ -597,14 +687,16 @@ class Trainer:
                 handlers[s] = signal.signal(s, self._on_signal)
         try:
             main = dist.is_main()  # torchrun: rank 0 holds the lease and writes metrics
-            with self.store.lease(self.run, self.branch, force=force) if main else nullcontext():
-                sinks = MetricSinks(r, self.run, self.branch, self._branch_first_step(), start_step) if main else None
+            with self.store.lease(self.run, self.branch, force=force) if main else nullcontext() as lease:
+                sinks = MetricSinks(r, lease, self._branch_first_step(), start_step) if main else None
                 bar = Progress(self.console, "step", r.train.steps, start_step, enabled=show and main)
                 if self.head is None:  # new run: the initial policy is step 0 (rewind/intervene --at 0)
                     self.save()
                 try:
                     while self.step_num < r.train.steps and not stopped_by:
                         stopped_by = self._train_step(sinks, bar)
+                except Abandoned:  # nothing of the abandoned step was saved: the run stands at its checkpoint
+                    stopped_by, self.step_num = signal.Signals(self._stop_signal).name, self.saved_step
                 except Exception:
                     # A new run or branch whose first step failed (a bad verifier, data, memory) holds only
                     # the checkpoint written above: drop its ref, so that the same command can be rerun.
@@ -612,6 +704,8 @@ class Trainer:
                         self.store.drop_branch(self.run, self.branch, self.head)
                     raise
         finally:
+            if self._grace is not None:
+                self._grace.cancel()
             if bar is not None:
                 bar.close()
             if sinks is not None:
@@ -626,6 +720,7 @@ class Trainer:
             "steps_done": self.step_num - start_step, "wall_s": wall,
             "median_step_s": times[len(times) // 2] if times else None,
             "summary": self.summary(), "stopped_by": stopped_by, "metrics_jsonl": sinks and sinks.jsonl_path,
+            "store": self.store.url,
         }
 
 

@@ -15,7 +15,6 @@ import pytest
 from conftest import copy_store, dead_lease, open_store, run_main
 
 from npo_cli.auto import AutoController, members, scout_choice, select_delta, spread, warning
-from npo_cli.errors import NpoError
 from npo_cli.metrics import TIMING_KEYS
 from npo_cli.recipe import AutoConfig, build_recipe
 from npo_cli.tasks import Problem
@@ -388,10 +387,8 @@ def test_resume_between_decision_and_branch(npo_base_store, tmp_path, monkeypatc
     store = open_store(d)
     assert store.branches("a").keys() == {"main"}
 
-    dead_lease(store, "a", "auto-1")  # killed while it made the branch: --force breaks that lease
-    with pytest.raises(NpoError, match="that process is gone; pass --force"):
-        commands.auto_run(None, [], str(d), "a", progress=False)
-    res = commands.auto_run(None, [], str(d), "a", progress=False, force=True)
+    dead_lease(store, "a", "auto-1")  # killed while it made the branch: its lease is taken over
+    res = commands.auto_run(None, [], str(d), "a", progress=False)
     assert res["branch"] == "auto-1" and res["step"] == 8
 
 

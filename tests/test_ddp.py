@@ -443,12 +443,15 @@ def test_torchrun_rank_ends_with_os_exit(monkeypatch, capsys, tmp_path: Path):
 
 def test_a_rank_whose_peer_stopped_says_so(workdir: Path):
     """torchrun where rank 0 fails at start-up (a missing recipe file): rank 1, left at a collective, says
-    that another process stopped, instead of gloo's connection-reset error."""
+    that another process stopped, instead of gloo's connection-reset error, whether its collective failed
+    before or after torchrun's SIGTERM reached it. (Only torchrun's SIGKILL, 30 s after that SIGTERM,
+    could end it before it says anything: no other line is allowed.)"""
     p = _run(_torchrun("-m", "npo_cli", "run", "nope.yaml", "--store", "s"), workdir, ok=False)
     lines = [x for x in p.stderr.splitlines() if x.startswith("error:")]
     assert "error: recipe file not found: nope.yaml" in lines
-    assert ("error: [rank 1] a collective failed: another process of this torchrun stopped or hung (its error "
-            "says why)") in lines, p.stderr
+    peer = "error: [rank 1] a collective failed: another process of this torchrun stopped or hung (its error says why)"
+    assert set(lines) <= {"error: recipe file not found: nope.yaml", peer}, p.stderr
+    assert "Unable to shutdown process" in p.stderr or len(lines) == 2, p.stderr  # said, unless SIGKILLed
     # an error every rank meets: rank 1's line names its rank
     (workdir / "r.yaml").write_text(yaml.safe_dump(RECIPE))
     p = _run(_torchrun("-m", "npo_cli", "run", "r.yaml", "--store", "s", "--set", "train.stepz=1"), workdir, ok=False)

@@ -95,15 +95,13 @@ def test_intervention_stopped_before_its_first_step_resumes_as_npo(store_dir, mo
     assert [r["step"] for r in rows] == [3, 4] and all("npo/active" in r for r in rows)
 
 
-def test_intervene_killed_in_its_first_save_is_rerun_with_force(store_dir, monkeypatch, capsys):
+def test_intervene_killed_in_its_first_save_is_rerun(store_dir, monkeypatch, capsys):
     """The dead lease of an intervene killed before the branch ref: before, no command could break it
-    (intervene had no --force) until it expired."""
+    (intervene had no --force) until it expired; now the same command takes it over."""
 
     dead_lease(open_store(store_dir), "r", "npo-2-g6")
     argv = ["intervene", "--run", "r", "--at", "2", "--guide", "6", "--until", "3", "--set", "train.steps=3"]
     code, _, err = run_main(argv, monkeypatch, capsys)
-    assert code == 1 and "that process is gone; pass --force to break the lease" in err
-    code, _, err = run_main([*argv, "--force"], monkeypatch, capsys)
     assert code == 0, err
     assert open_store(store_dir).manifest("r/npo-2-g6").step == 3
 

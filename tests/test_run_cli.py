@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ def test_console_script_runs_tiny_and_evals(tmp_path):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["step"] == 2 and out["run"] == "t" and "eval/accuracy" in out["summary"]
-    assert (tmp_path / "runs" / "t" / "main" / "metrics.jsonl").is_file()
+    assert (tmp_path / out["metrics_jsonl"]).is_file() and out["metrics_jsonl"].startswith("runs/store-")
     res = npo("eval", "t@1", "--samples", "2", "--task-set", "eval_size=3", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "pass@2" in res.stdout
@@ -207,7 +208,8 @@ def test_a_first_step_that_fails_leaves_no_run_or_branch(tmp_path, monkeypatch, 
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({**TINY, "task": {**TINY["task"],
                                                                       "verifier": "first_step_rewards:bad"}}))
     code, _, err = run_main(["run", "r.yaml"], monkeypatch, capsys)
-    assert code == 1 and err == "error: verifier 'first_step_rewards:bad' failed: ValueError: oops\n", err
+    assert code == 1 and err == ("error: verifier 'first_step_rewards:bad' failed: ValueError: oops (on 4 of 4 calls, "
+                                 "more than task.verifier_max_failures=0.1; fix the verifier or raise that share)\n"), err
     store = Store.open(str(tmp_path / "store"))
     assert store.runs() == []
     good = ["--set", "task.verifier=first_step_rewards:good"]
@@ -256,14 +258,15 @@ def test_s3_endpoint_lost_mid_run_is_one_line_and_resumes(tmp_path, monkeypatch,
     code, _, err = run_main(["run", "r.yaml", "--store", "s3://npo-lost/x"], monkeypatch, capsys)
     monkeypatch.setattr(Trainer, "step", step)
     assert code == 1 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("error: Could not connect to the endpoint URL") and "then resume (--resume" in err, err
+    assert err.startswith("error: Could not connect to the endpoint URL"), err
+    hint = "then continue with npo run --resume t/main --store s3://npo-lost/x"
+    assert err.strip().endswith(hint), err
     again = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     again.start()
     try:
         store = Store.open("s3://npo-lost/x")
         dead_lease(store, "t", "main")  # what the failed run's lease is once its process has exited
-        code, _, err = run_main(["run", "--resume", "t", "--force", "--store", "s3://npo-lost/x"], monkeypatch,
-                                capsys)
+        code, _, err = run_main(shlex.split(hint)[4:], monkeypatch, capsys)  # the command as printed
         assert code == 0, err
         assert [m.step for m in store.lineage("t")] == [4, 3, 2, 1, 0] and gc.verify(store)["ok"]
     finally:

@@ -340,14 +340,14 @@ def test_one_damaged_ref_or_manifest_blocks_only_its_own_run(populated, capsys, 
     Path(populated, "runs", "r1", "branches", "main").write_text("")
     code, out, err = npo(["ls", "--json", "--store", populated], capsys, monkeypatch)
     runs = {r["run"]: r for r in json.loads(out)["runs"]}
-    assert code == 0 and "ref r1/main is damaged" in runs["r1"]["error"] and "deleting the ref would let" in \
+    assert code == 1 and "run(s) that cannot be listed: r1" in err and "ref r1/main is damaged" in runs["r1"]["error"] and "deleting the ref would let" in \
         runs["r1"]["error"] and all(runs[r]["branches"] for r in others)
     code, out, _ = npo(["verify", "--json", "--store", populated], capsys, monkeypatch)
     assert code == 1 and any("ref r1/main is damaged" in p for p in json.loads(out)["problems"])
     code, _, err = npo(["gc", "--store", populated], capsys, monkeypatch)
     assert code == 1 and "refusing to gc a damaged store: ref r1/main is damaged" in err
     code, out, _ = npo(["ls", "--store", populated], capsys, monkeypatch)
-    assert code == 0 and "cannot list: ref r1/main is damaged" in out
+    assert code == 1 and "cannot list: ref r1/main is damaged" in out
 
 
 def test_s3_store_commands(s3_url, capsys, monkeypatch):

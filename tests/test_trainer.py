@@ -21,7 +21,7 @@ from npo_cli.batch import NoController
 from npo_cli.branching import new_trainer, resume_trainer
 from npo_cli.commands import run_recipe
 from npo_cli.errors import NpoError
-from npo_cli.metrics import TIMING_KEYS
+from npo_cli.metrics import TIMING_KEYS, store_tag
 from npo_cli.recipe import build_recipe
 from npo_cli.trainer import Trainer
 
@@ -129,9 +129,9 @@ def test_resume_is_bitwise(store_dir):
         train={"steps": 6, "save_every": 4, "eval_every": 2},
     )
     store = open_store(store_dir)
-    logs = {run: Path(f"runs/{run}/main/metrics.jsonl") for run in ("r", "r2")}
+    logs = {run: Path("runs", store_tag(str(store_dir)), run, "main", "metrics.jsonl") for run in ("r", "r2")}
     logs["r"].parent.mkdir(parents=True)
-    logs["r"].write_text('{"step": 1, "reward": -1}\n{"step": 9, "reward": -1}\n')  # another store's 'r'
+    logs["r"].write_text('{"step": 1, "reward": -1}\n{"step": 9, "reward": -1}\n')  # rows an earlier run of this name left
     a = new_trainer(build_recipe(d), store)
     a.train()
     b = new_trainer(build_recipe({**d, "name": "r2"}), store, controller=StopAt(3))
@@ -320,7 +320,7 @@ def test_sigint_writes_final_checkpoint_and_resumes(store_dir, tmp_path):
     env = {**os.environ, "NPO_STORE": str(store_dir)}
     p = subprocess.Popen([NPO, "run", "long.yaml"], cwd=tmp_path, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    jsonl = tmp_path / "runs" / "r" / "main" / "metrics.jsonl"
+    jsonl = tmp_path / "runs" / store_tag(str(store_dir)) / "r" / "main" / "metrics.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and (not jsonl.exists() or len(jsonl.read_text().splitlines()) < 3):
         time.sleep(0.1)

@@ -1,7 +1,6 @@
 """Verifiers: exact, math (math-verify with our own timeout), user module:function, format term."""
 
 import sys
-import time
 
 import pytest
 
@@ -75,15 +74,12 @@ def test_math_format_reward():
     assert v("q", "2", "2", finished=True) == 1.0  # correct, but no boxed answer
 
 
-def test_math_timeout_scores_zero(monkeypatch):
-    monkeypatch.setattr(verifiers, "math_score", lambda c, a: time.sleep(5) or 1.0)
-    v = make(verifier="math", verifier_timeout=0.05)
-    t = time.perf_counter()
-    assert v("q", "\\boxed{1}", "1") == 0.0
-    assert time.perf_counter() - t < 2
-    # an exception inside the verifier is a wrong answer, not a crash
-    monkeypatch.setattr(verifiers, "math_score", lambda c, a: 1 / 0)
-    assert v("q", "\\boxed{1}", "1") == 0.0
+def test_math_batch_runs_in_workers():
+    """One batch, one trip to the worker processes; a malformed expression is a wrong answer, not a failure."""
+    verifiers.new_run()
+    v = make(verifier="math")
+    assert v.batch([("q", "\\boxed{1/2}", "0.5", None), ("q", "\\boxed{\\frac{", "1", None)] * 3) == [1.0, 0.0] * 3
+    assert verifiers._tally.failures == 0
 
 
 def test_custom_verifier(tmp_path, monkeypatch):
@@ -106,8 +102,7 @@ def test_custom_verifier(tmp_path, monkeypatch):
     v = make(verifier="my_rewards:score", format_reward=0.5)
     assert v("p", "it is 42", "42") == 0.75  # finished unknown -> format term applies
     assert v("p", "it is 41", "42", finished=False) == 0.0
-    with pytest.raises(NpoError, match="verifier 'my_rewards:broken' failed: KeyError"):
-        make(verifier="my_rewards:broken")("p", "c", "a")
+    assert make(verifier="my_rewards:broken")("p", "c", "a") == 0.0  # a failed call scores 0 (counted, warned)
     with pytest.raises(NpoError, match="not a function"):
         make(verifier="my_rewards:NOT_FN")
     with pytest.raises(NpoError, match="verifier 'my_rewards:nan' returned nan; a reward must be a finite number"):
