@@ -58,7 +58,7 @@ from npo_cli.seeds import derive_seed, forked_rng
 from npo_cli.store import Store
 from npo_cli.tasks import Problem
 from npo_cli.trainer import Trainer
-from npo_cli.verifiers import score_batch
+from npo_cli.verifiers import Call, score_batch
 
 DECISION_KINDS = ("auto", "auto-probe", "auto-scout", "auto-bootstrap", "auto-branch")
 
@@ -299,7 +299,9 @@ class AutoController:
                       "mistakes")
             # torchrun: rank 0 probes (the controller's state is the same on every rank), the others take
             # its decision and its cost. Every rank syncs the sampler first: under FSDP it gathers the shards.
+            # The candidates are the saved checkpoints: the last save is written first (every rank waits).
             trainer.backend.sync()
+            trainer.wait_saved()
             d = Event.model_validate(dist.broadcast_json(self.probe(trainer).model_dump() if dist.is_main() else None))
             if not dist.is_main():
                 self.compute["probe_tokens"] += (d.probe or {}).get("tokens", 0)
@@ -345,8 +347,10 @@ class AutoController:
             return False
         if not self.early:
             return self._no_bootstrap(trainer, f"no all-wrong prompt in the scout's first {every} steps")
-        # torchrun: rank 0 measures (as in the probe), the others take its row and its cost
+        # torchrun: rank 0 measures (as in the probe), the others take its row and its cost; the checks read
+        # the saved checkpoints: the last save is written first (every rank waits)
         trainer.backend.sync()
+        trainer.wait_saved()
         row = dist.broadcast_json(self.scout_check(trainer) if dist.is_main() else None)
         if not dist.is_main():
             self.compute["probe_tokens"] += row["tokens"]
@@ -459,8 +463,8 @@ class AutoController:
         # the training RNG stream does not see the probe
         with forked_rng(derive_seed(r.seed, trainer.run, tag, trainer.step_num)):
             sampled = trainer.backend.generate(prompts, r.npo.max_tries)
-        oks = iter(score_batch(trainer.judge, [(p.prompt, ro.text, p.answer, None)  # a judge: no format term
-                                               for p, g in zip(problems, sampled) for ro in g]))
+        oks = iter(score_batch(trainer.judge, [Call(p.prompt, ro.text, p.answer, None, p, ro.completion_ids)
+                                               for p, g in zip(problems, sampled) for ro in g]))  # a judge: no format
         solved = {it["prompt"]: sum(next(oks) >= 1.0 for _ in g) > 0 for it, g in zip(items, sampled)}
         tokens = sum(len(ro.completion_ids) for g in sampled for ro in g)
         self.compute["probe_tokens"] += tokens

@@ -18,7 +18,7 @@ from npo_cli.errors import NpoError
 from npo_cli.recipe import Recipe
 from npo_cli.rollout import Rollout
 from npo_cli.tasks import Problem
-from npo_cli.verifiers import Verifier
+from npo_cli.verifiers import Call, Verifier
 
 
 @dataclass
@@ -37,14 +37,11 @@ class Group:
         return sum(self.correct) / len(self.correct)
 
 
-def score_groups(problems: list[Problem], prompts: list[str], sampled: list[list[Rollout]], reward_fn: Verifier,
-                 judge: Verifier) -> list[Group]:
-    """Each prompt's group with its rewards (reward_fn, format bonus included) and correctness (judge:
-    correctness alone); all the step's completions are scored in one batch (one trip to the verifier's
-    worker processes)."""
-    calls = [(p.prompt, ro.text, p.answer, ro.finished) for p, rollouts in zip(problems, sampled) for ro in rollouts]
-    rewards = reward_fn.batch(calls)
-    correct = [x >= 1.0 for x in (rewards if judge is reward_fn else judge.batch(calls))]
+def score_groups(problems: list[Problem], prompts: list[str], sampled: list[list[Rollout]],
+                 reward_fn: Verifier) -> list[Group]:
+    """Each prompt's group with its rewards (format bonus included) and correctness (task.correct); all the
+    step's completions are scored in one batch (one trip to the worker processes per function)."""
+    rewards, correct = reward_fn.scores([Call.of(p, ro) for p, rollouts in zip(problems, sampled) for ro in rollouts])
     groups, at = [], 0
     for problem, prompt, rollouts in zip(problems, prompts, sampled):
         n = len(rollouts)

@@ -18,7 +18,7 @@ from npo_cli.lease import npo_command
 from npo_cli.manifest import Event, Manifest
 from npo_cli.recipe import Recipe, build_recipe
 from npo_cli.sources import make_source
-from npo_cli.store import Store
+from npo_cli.store import Store, weights_only
 from npo_cli.trainer import Trainer
 
 
@@ -42,6 +42,20 @@ def head_with_recipe(store: Store, run: str, branch: str) -> tuple[Manifest, dic
     return man, store.get_json(man.recipe)
 
 
+def check_trainable(store: Store, man: Manifest) -> None:
+    """NpoError unless training can go on exactly from `man`: it is not pruned, and holds its optimizer state
+    (a weights-only checkpoint of train.save_optimizer_every, say a crash's last save, names the last full one)."""
+    store.check_not_pruned(man.id)
+    if not weights_only(man):
+        return
+    pruned = store.pruned()
+    full = next((m for m in store.readable_lineage(man.id)[0] if not weights_only(m) and m.id not in pruned), None)
+    fix = (f"make a branch at the last one that has it, {npo_command('rewind', f'{full.run}/{full.branch}@{full.step}', store=store.url)}, "
+           "and continue that branch" if full else "no checkpoint of its lineage has it")
+    raise NpoError(f"checkpoint {man.run}/{man.branch}@{man.step} holds weights only (train.save_optimizer_every), "
+                   f"so training cannot go on from it exactly; {fix}")
+
+
 def resume_trainer(store: Store, ref: str, overrides: list[str] = (), trainer_cls: type[Trainer] = Trainer,
                    **kw) -> Trainer:
     """Continue the head of RUN or RUN/BRANCH with the recipe stored in it (plus `--set` overrides)."""
@@ -51,6 +65,7 @@ def resume_trainer(store: Store, ref: str, overrides: list[str] = (), trainer_cl
     run, _, branch = ref.partition("/")
     branch = branch or "main"
     man, stored = head_with_recipe(store, run, branch)
+    check_trainable(store, man)
     recipe = build_recipe(stored, list(overrides))
     if recipe.name != man.run:
         raise NpoError(f"--set name cannot rename run '{man.run}' on resume")
@@ -82,4 +97,5 @@ def fork_branch(store: Store, fork: Manifest, recipe: Recipe, branch: str, event
     trainer.events.append(event)
     with store.lease(recipe.name, branch, force=force) if dist.is_main() else nullcontext():
         trainer.save(parent=fork.id)
+        trainer.wait_saved()  # written under the lease
     return trainer

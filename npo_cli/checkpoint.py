@@ -23,12 +23,14 @@ Order of writes in `save_checkpoint`: tensor and file objects, then the manifest
 
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import math
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,16 +38,18 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ValidationError
 
-from npo_cli.errors import NpoError
+from npo_cli.dist import StateView
+from npo_cli.errors import NpoError, one_line
 from npo_cli.lease import pid_alive
-from npo_cli.manifest import Event, Manifest, TensorEntry, TrainerState
+from npo_cli.manifest import BaseTensors, Event, Manifest, TensorEntry, TrainerState
 from npo_cli.objects import check_name, is_oid
+from npo_cli.recipe import LoraConfig
 from npo_cli.store import Store
 
 __all__ = [
-    "DTYPES", "export", "import_hf", "load_config", "load_metrics", "load_model", "load_optimizer",
-    "load_state_tensors", "load_tensors", "load_tokenizer", "save_checkpoint", "save_tensors",
-    "save_tensors_stats",
+    "DTYPES", "export", "host_copy", "import_hf", "is_lora", "load_config", "load_metrics", "load_model",
+    "load_optimizer", "load_state_tensors", "load_tensors", "load_tokenizer", "lora_model", "save_checkpoint",
+    "save_tensors", "save_tensors_stats",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # recipe names
@@ -212,6 +216,54 @@ def load_tensors(store: Store, entries: dict[str, TensorEntry], context: str = "
     return {name: out[name] for name in entries}
 
 
+# ------------------------------------------------------------------------------------------ LoRA
+
+def is_lora(model) -> bool:
+    """A peft model: a base with a LoRA adapter (peft is imported only by whoever wraps a model)."""
+    return "peft" in sys.modules and isinstance(model, sys.modules["peft"].PeftModel)
+
+
+def lora_model(model, lora: LoraConfig):
+    """`model` with a LoRA adapter (peft): the base weights frozen, only the adapter's trainable."""
+    import peft
+
+    cfg = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora.target_modules)
+    try:
+        return peft.get_peft_model(model, cfg)
+    except ValueError as e:  # no module of that name
+        raise NpoError(f"model.lora.target_modules {lora.target_modules}: {one_line(e)[:200]}; name linear "
+                       "modules of the model (e.g. [q_proj, v_proj]) or use all-linear") from None
+
+
+def _is_adapter(name: str) -> bool:
+    return ".lora_" in name  # peft's adapter tensors: lora_A, lora_B (the base's are base_layer.*)
+
+
+def _lora_of(model) -> LoraConfig:
+    c = model.peft_config["default"]
+    tm = c.target_modules
+    return LoraConfig(r=c.r, alpha=float(c.lora_alpha), dropout=float(c.lora_dropout),
+                      target_modules=tm if isinstance(tm, str) else sorted(tm))
+
+
+def _save_base(store: Store, model, tensors: dict[str, torch.Tensor]) -> str:
+    """The object listing the frozen base tensors. The base does not change while the adapter trains, so
+    it is hashed and written at this model's first save in this store and named again by every later save
+    (remembered on the peft model's tuner, which a host copy of the model passes through)."""
+    tuner = model.base_model
+    known = getattr(tuner, "_npo_base", None)
+    if known and known[0] == store.url and store.has(known[1]):
+        return known[1]
+    oid = store.put_json(BaseTensors(model=save_tensors(store, tensors)).model_dump(mode="json"))
+    tuner._npo_base = (store.url, oid)
+    return oid
+
+
+def _base_entries(store: Store, m: Manifest) -> dict[str, TensorEntry]:
+    return _valid(f"{_label(m)}: LoRA base", BaseTensors, store.get_json(m.base, _label(m))).model
+
+
 # ------------------------------------------------------------------------------------------ save
 
 def _jsonable(what: str, obj: Any) -> Any:
@@ -221,7 +273,8 @@ def _jsonable(what: str, obj: Any) -> Any:
         raise NpoError(f"{what} must be JSON-serialisable: {e}") from None
 
 
-def _tokenizer_objects(store: Store, tokenizer) -> dict[str, str]:
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """The files save_pretrained writes for a tokenizer: name -> bytes."""
     with tempfile.TemporaryDirectory(prefix="npo-tok-") as d:
         tokenizer.save_pretrained(d)
         out = {}
@@ -229,8 +282,13 @@ def _tokenizer_objects(store: Store, tokenizer) -> dict[str, str]:
             for f in sorted(files):
                 p = os.path.join(root, f)
                 with open(p, "rb") as fh:
-                    out[os.path.relpath(p, d).replace(os.sep, "/")] = store.put_bytes(fh.read())
+                    out[os.path.relpath(p, d).replace(os.sep, "/")] = fh.read()
         return out
+
+
+def _tokenizer_objects(store: Store, tokenizer) -> dict[str, str]:
+    files = tokenizer if isinstance(tokenizer, dict) else tokenizer_files(tokenizer)
+    return {name: store.put_bytes(data) for name, data in files.items()}
 
 
 def _optimizer_parts(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict]]:
@@ -246,6 +304,32 @@ def _optimizer_parts(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return tensors, extra, _jsonable("optimizer param_groups", sd["param_groups"])
 
 
+def host_copy(model, optimizer, tokenizer) -> tuple:
+    """(model, optimizer, tokenizer) to pass to save_checkpoint in place of the live ones: their state taken
+    now, tensors copied to host memory, so a save in a background thread writes this moment while training
+    changes the originals (in place). Tensors that share memory (tied embeddings) share one copy; frozen
+    parameters (a LoRA base) are not copied: training does not change them."""
+    copies: dict[tuple, torch.Tensor] = {}
+    frozen = {p.data_ptr() for p in model.parameters() if not p.requires_grad}
+
+    def host(t):
+        if not torch.is_tensor(t) or t.data_ptr() in frozen:
+            return t
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key not in copies:
+            copies[key] = t.detach().to("cpu", copy=True)
+        return copies[key]
+
+    msd = {k: host(v) for k, v in model.state_dict().items()}
+    osd = None
+    if optimizer is not None:
+        sd = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: copied too
+        osd = {"state": {i: {k: host(v) for k, v in st.items()} for i, st in sd["state"].items()},
+               "param_groups": copy.deepcopy(sd["param_groups"])}
+    return (StateView(model, msd), StateView(optimizer, osd) if optimizer is not None else None,
+            tokenizer_files(tokenizer) if tokenizer is not None else None)
+
+
 def save_checkpoint(store: Store, *, run: str, branch: str, step: int, model, tokenizer, optimizer=None,
                     state: TrainerState | dict | None = None,
                     state_tensors: dict[str, torch.Tensor] | None = None,
@@ -256,6 +340,7 @@ def save_checkpoint(store: Store, *, run: str, branch: str, step: int, model, to
     """Save a checkpoint on run/branch and move the branch to it; returns its id.
 
     parent: "head" (the branch's current head, none for a new branch), None (a root), or any ref.
+    tokenizer: a tokenizer, or its files (name -> bytes, as `host_copy` takes them).
     guide: a ref or id of the guide checkpoint. Refused if another live process holds the branch lease.
     extra_objects: other objects the checkpoint needs (already in the store), kept with it by gc.
     expect: the branch head this writer last saw (None: the branch must not exist yet); the save is
@@ -283,7 +368,12 @@ def save_checkpoint(store: Store, *, run: str, branch: str, step: int, model, to
     summary = {str(k): float(v) for k, v in (summary or {}).items()}
 
     opt_tensors, opt_extra, groups = _optimizer_parts(optimizer) if optimizer is not None else ({}, {}, [])
-    named = {f"model/{k}": v for k, v in model.state_dict().items()}
+    model_sd, base, lora = model.state_dict(), None, None
+    if hasattr(model, "peft_config") and any(map(_is_adapter, model_sd)):  # LoRA (or a host copy of it):
+        # the adapter's tensors in `model`, the base's once, in an object of their own
+        base = _save_base(store, model, {k: v for k, v in model_sd.items() if not _is_adapter(k)})
+        model_sd, lora = {k: v for k, v in model_sd.items() if _is_adapter(k)}, _lora_of(model)
+    named = {f"model/{k}": v for k, v in model_sd.items()}
     named |= {f"optimizer/{k}": v for k, v in opt_tensors.items()}
     named |= {f"state/{k}": v for k, v in (state_tensors or {}).items()}
     entries = save_tensors(store, named)
@@ -294,7 +384,8 @@ def save_checkpoint(store: Store, *, run: str, branch: str, step: int, model, to
     man = Manifest(
         run=run, branch=branch, step=step, parent=parent_id,
         recipe=store.put_json(_jsonable("recipe", recipe)) if recipe is not None else None,
-        model=pick("model/"), optimizer=pick("optimizer/"), optimizer_extra=opt_extra, optimizer_groups=groups,
+        model=pick("model/"), base=base, lora=lora,
+        optimizer=pick("optimizer/"), optimizer_extra=opt_extra, optimizer_groups=groups,
         state=state, state_tensors=pick("state/"),
         metrics=store.put_json(_jsonable("metrics", metrics or [])),
         summary=summary, guide=guide_id, events=events, extra_objects=list(extra_objects or []),
@@ -370,18 +461,30 @@ def _write_files(store: Store, m: Manifest, out_dir: str) -> None:
 
 def load_model(store: Store, ref: str, dtype: torch.dtype | None = None, device: str = "cpu"):
     """(model, tokenizer, manifest) for a ref: the model class comes from the stored config, the
-    tensors are loaded strictly with their stored dtypes (then cast to `dtype` if given)."""
+    tensors are loaded strictly with their stored dtypes (then cast to `dtype` if given). A LoRA
+    checkpoint gives a peft model: its base with the adapter."""
     from transformers import AutoModelForCausalLM
 
     m = store.manifest(ref)
+    store.check_not_pruned(m.id)  # one line naming train.keep_last, not a missing object
     config = load_config(store, m)
-    tensors = load_tensors(store, m.model, _label(m))
     try:
         from transformers.initialization import no_init_weights  # skip random init: we overwrite it all
     except ImportError:  # older transformers
         from contextlib import nullcontext as no_init_weights
-    with no_init_weights():
+    # fork_rng: the adapter's init (overwritten below) must not move the sampling stream of a run that
+    # loads a LoRA guide
+    with no_init_weights(), torch.random.fork_rng(devices=[]):
         model = AutoModelForCausalLM.from_config(config)
+        if m.lora is not None:
+            model = lora_model(model, m.lora)
+    entries = m.model
+    if m.base:  # LoRA: base and adapter, in the model's order, as a full checkpoint lists them: of two names
+        # sharing an object (tied embeddings) the first keeps the read buffer, and where the tied weight lives
+        # changes the CPU kernels' rounding (a resume would not sample bitwise the same)
+        entries = {**_base_entries(store, m), **m.model}
+        entries = {k: entries[k] for k in model.state_dict() if k in entries} | entries
+    tensors = load_tensors(store, entries, _label(m))
     try:
         model.load_state_dict(tensors, strict=True, assign=True)  # assign: use the read buffers as-is
     except RuntimeError as e:
@@ -430,9 +533,12 @@ def load_metrics(store: Store, manifest: Manifest) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ HF folders
 
-def export(store: Store, ref: str, out_dir: str, dtype: str = "auto") -> str:
+def export(store: Store, ref: str, out_dir: str, dtype: str = "auto", merge: bool = False) -> str:
     """Write a plain Hugging Face folder (config.json, model.safetensors, tokenizer files).
 
+    A LoRA checkpoint gives peft's adapter folder (adapter_config.json, adapter_model.safetensors) and the
+    tokenizer files; its adapter_config names the base: the run's model.path when that is a model folder
+    here, else the base written to DIR/base. merge: the adapter merged into the base, a plain folder.
     dtype "auto": the run's model.dtype (a bf16 run trains fp32 master weights but is a bf16 model),
     the stored dtype for a checkpoint without a recipe; or float32 / bfloat16 / float16."""
     if dtype != "auto" and dtype not in DTYPES:
@@ -442,10 +548,18 @@ def export(store: Store, ref: str, out_dir: str, dtype: str = "auto") -> str:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NpoError(f"{out_dir} is a file; choose a new folder")
     model, tokenizer, man = load_model(store, ref)
+    if man.lora is not None and merge:
+        model = model.merge_and_unload()
+    run_model = store.get_json(man.recipe).get("model", {}) if man.recipe else {}
     if dtype == "auto" and man.recipe:
-        dtype = store.get_json(man.recipe).get("model", {}).get("dtype", "auto")
+        dtype = run_model.get("dtype", "auto")
     if dtype in DTYPES:
         model.to(DTYPES[dtype])
+    base = None  # LoRA without merge: the folder of the base the adapter applies to
+    if man.lora is not None and not merge:
+        folder = os.path.expanduser(run_model.get("path") or "")
+        base = os.path.abspath(folder) if os.path.isfile(os.path.join(folder, "config.json")) else None
+        model.peft_config["default"].base_model_name_or_path = base or os.path.join(os.path.abspath(out_dir), "base")
     # written next to out_dir, then renamed: a killed export leaves no half folder under the name asked for
     out = os.path.abspath(out_dir)
     tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.npo-{os.getpid()}")
@@ -454,9 +568,14 @@ def export(store: Store, ref: str, out_dir: str, dtype: str = "auto") -> str:
         if pid.isdigit() and not pid_alive(int(pid)):  # a killed export's folder (SIGKILL skips the finally)
             shutil.rmtree(left, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        # save_embedding_layers: peft would look for the base's config at the final path, not written yet
+        model.save_pretrained(tmp, **({"save_embedding_layers": False} if man.lora is not None and not merge else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if man.lora is not None and not merge and base is None:  # the base too, for PeftModel.from_pretrained
+            model.unload().save_pretrained(os.path.join(tmp, "base"))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(os.path.join(tmp, "base"))
         if os.path.isdir(out):
             os.rmdir(out)  # the empty folder the user made
         os.rename(tmp, out)

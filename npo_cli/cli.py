@@ -232,8 +232,11 @@ def _print_ls(data: dict) -> None:
                 d = b["damaged"]
                 bt.add(f"[red]damaged: {d['id'][:12]} ({escape(d['reason'])}); older history not readable[/]")
             for c in b["checkpoints"]:
+                size = "[dim]pruned[/]" if c.get("pruned") else human_bytes(c["size"])
+                size += " weights only" if c.get("weights_only") else ""
+                size += "".join(f"  [bold]tag {t}[/]" for t in c.get("tags", []))
                 bt.add(f"step {c['step']:>5}  {c['id'][:12]}  reward {_fmt(c['reward'])}  "
-                       f"eval {_fmt(c['eval_accuracy'])}  {human_bytes(c['size'])}")
+                       f"eval {_fmt(c['eval_accuracy'])}  {size}")
     console.print(tree)
 
 
@@ -251,6 +254,9 @@ def show_cmd(ref: str = StoreRefArg, store: str | None = StoreOpt, as_json: bool
     t.add_row("parent", f"{d['parent']['ref']} ({d['parent']['id'][:12]})" if d["parent"] else "-")
     t.add_row("guide", f"{d['guide']['ref']} ({d['guide']['id'][:12]})" if d["guide"] else "-")
     t.add_row("created", f"{m['created']}  npo {m['npo_version']}")
+    for e in m["events"]:  # a run's first checkpoint: the model it started from (and its Hub commit)
+        if e["kind"] == "start" and e.get("model"):
+            t.add_row("model", e["model"] + (f" @ {e['revision']}" if e.get("revision") else ""))
     n = d["tensors"]
     t.add_row("tensors", f"{n['model']} model, {n['optimizer']} optimizer, {n['state']} state; "
               f"{human_bytes(d['size'])}")
@@ -304,6 +310,19 @@ def rewind_cmd(
     run, name, step, cid = commands.rewind(store, ref, branch)
     print(f"branch {run}/{name} -> step {step} ({cid[:12]})")
     print(f"continue it with: {npo_command('run', '--resume', f'{run}/{name}', store=store)}")
+
+
+@app.command("tag")
+def tag_cmd(
+    ref: str | None = typer.Argument(None, metavar="REF", help="Checkpoint to keep whole (leave out to list tags)."),
+    name: str | None = typer.Argument(None, metavar="NAME", help="Tag name (default RUN-BRANCH-STEP)."),
+    delete: str | None = typer.Option(None, "--delete", metavar="NAME", help="Remove this tag."),
+    store: str | None = StoreOpt,
+):
+    """Tag a checkpoint: gc and train.keep_last keep it whole, like a branch head. A pruned checkpoint whose
+    tensors npo gc has not freed yet is taken back. With no REF, list the tags."""
+    for line in commands.tag(store, ref, name, delete):
+        print(line)
 
 
 @app.command("verify")
@@ -370,11 +389,14 @@ def export_cmd(
     out_dir: str = typer.Argument(..., metavar="DIR", help="New folder for the Hugging Face model."),
     dtype: str = typer.Option("auto", "--dtype", metavar="DTYPE",
                               help="auto (the run's model.dtype), float32, bfloat16 or float16."),
+    merge: bool = typer.Option(False, "--merge", help="LoRA checkpoint: the adapter merged into the base weights "
+                               "(a plain model folder) instead of the adapter folder."),
     store: str | None = StoreOpt,
 ):
-    """Write a checkpoint as a plain Hugging Face model folder (from_pretrained loads it)."""
+    """Write a checkpoint as a plain Hugging Face model folder (from_pretrained loads it); a LoRA checkpoint
+    as peft's adapter folder (PeftModel.from_pretrained loads it), or merged with --merge."""
     with _no_hf_progress():
-        commands.export_checkpoint(store, ref, out_dir, dtype)
+        commands.export_checkpoint(store, ref, out_dir, dtype, merge)
     print(f"exported {ref} to {out_dir}")
 
 

@@ -171,6 +171,23 @@ def show(store_url: str | None, ref: str) -> dict:
     return data
 
 
+def tag(store_url: str | None, ref: str | None, name: str | None, delete: str | None) -> list[str]:
+    """`npo tag`: tag REF as NAME, remove tag --delete NAME, or list the tags; the lines to print."""
+    if delete is not None and (ref or name):
+        raise NpoError("npo tag --delete NAME takes no REF; remove the tag, then tag another checkpoint")
+    if ref is None and name is not None:
+        raise NpoError("give the checkpoint to tag: npo tag REF NAME")
+    store = open_store(store_url, must_exist=True)
+    if delete is not None:
+        return [f"removed tag {delete} ({store.describe(store.untag(delete))})"]
+    if ref is None:
+        return [f"{t}  {store.describe(cid)}" for t, cid in sorted(store.tags().items())] or ["no tags"]
+    m = store.manifest(ref)
+    name = name or f"{m.run}-{m.branch}-{m.step}"
+    store.tag(m.id, name)
+    return [f"tag {name} -> {store.describe(m.id)}"]
+
+
 def rewind(store_url: str | None, ref: str, branch: str | None) -> tuple[str, str, int, str]:
     """A new branch at REF (one ref written, no tensor copied): (run, branch, step, checkpoint id)."""
     if branch is not None:
@@ -190,13 +207,13 @@ def gc_store(store_url: str | None, dry_run: bool, force: bool, keep_recent: flo
     return collect(open_store(store_url, must_exist=True), dry_run=dry_run, force=force, keep_recent=keep_recent)
 
 
-def export_checkpoint(store_url: str | None, ref: str, out_dir: str, dtype: str) -> None:
+def export_checkpoint(store_url: str | None, ref: str, out_dir: str, dtype: str, merge: bool = False) -> None:
     if "://" in out_dir:  # os paths only: s3://b/x became a local folder "s3:/b/x"
         raise NpoError(f"export writes a local folder, not {out_dir}; give a path, then copy it")
     store = open_store(store_url, must_exist=True)
     store.resolve(ref)  # a bad ref fails before the model is read
     note_live_branch(store, ref)
-    export(store, ref, out_dir, dtype)
+    export(store, ref, out_dir, dtype, merge)
 
 
 def import_model(store_url: str | None, hf_dir: str, run: str) -> str:

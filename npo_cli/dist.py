@@ -277,10 +277,12 @@ def full_state(model, optimizer) -> tuple:
     osd = optimizer.state_dict()
     osd = {"state": {i: {k: _full(v) for k, v in s.items()} for i, s in osd["state"].items()},
            "param_groups": osd["param_groups"]}
-    return _View(model, msd), _View(optimizer, osd)
+    return StateView(model, msd), StateView(optimizer, osd)
 
 
-class _View:
+class StateView:
+    """A model or optimizer as save_checkpoint reads it: `state_dict()` (given), the rest passed through."""
+
     def __init__(self, obj, sd: dict):
         self._obj, self._sd = obj, sd
 

@@ -1,8 +1,13 @@
 """What the store needs, checked (`verify`) and kept (`collect`); everything else is garbage.
 
-Reachability: every branch ref is a root. From a checkpoint, follow the other checkpoints it links
-(`Manifest.links()`: parent and guide, recursively) and keep every object it names (`Manifest.objects()`:
-tensors, recipe, metrics, model config, tokenizer files, extra objects). Named objects are kept as
+Reachability: every branch ref and every tag is a root. From a checkpoint, follow the other checkpoints it
+links (`Manifest.links()`: parent and guide, recursively) and keep every object it names (`Manifest.objects()`:
+tensors, recipe, metrics, model config, tokenizer files, extra objects; a LoRA checkpoint's `base` list is
+read too, for the base tensors it names). One exception keeps stores small:
+a checkpoint marked pruned (ref `pruned/<id>`, written by train.keep_last through `prune`) that is reached
+only as a parent keeps its manifest and every object but its tensors (model, optimizer, state tensors);
+reached as a root or a guide it is kept whole. Its lineage, metrics, recipe and events stay readable,
+and verify does not count its tensors as missing. Named objects are kept as
 leaves: their contents are not parsed, so whoever stores e.g. a replay buffer lists every object it
 needs in the manifest's `extra_objects`. A ref under an owned folder, `<folder>/<owner id>/<key>`, is
 attached to the object <owner>: it and the object it holds are kept while the owner is reachable, and
@@ -19,9 +24,12 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from npo_cli.errors import NpoError, os_reason
+from pydantic import ValidationError
+
+from npo_cli.errors import NpoError, one_line, os_reason
 from npo_cli.lease import holder, lease_state, leases, npo_command
-from npo_cli.store import Store
+from npo_cli.manifest import BaseTensors
+from npo_cli.store import Store, weights_only
 
 GC_KEEP_RECENT = 3600.0  # seconds: gc keeps unreachable objects this young (their writer may be running)
 OWNED = {"guides": "guide-cache entry"}  # folders of owned refs -> what one is called in messages
@@ -42,26 +50,51 @@ def reachable(store: Store) -> tuple[dict[str, str], list[str], dict[str, str | 
     from the branch refs."""
     need: dict[str, str] = {}
     problems: list[str] = []
-    todo: list[tuple[str, str]] = []
+    todo: list[tuple[str, str, bool]] = []  # (checkpoint id, how it was reached, whether it is kept whole)
     for run in store.runs():
         try:
-            todo += [(cid, f"ref {run}/{b}") for b, cid in store.branches(run).items()]
+            todo += [(cid, f"ref {run}/{b}", True) for b, cid in store.branches(run).items()]
         except NpoError as e:  # a damaged ref: a problem to report, not a reason to stop looking
             problems.append(str(e))
+    for name in store.list_refs("tags"):
+        try:
+            todo += [(cid, f"tag {name}", True)] if (cid := store.read_ref(f"tags/{name}")) else []
+        except NpoError as e:
+            problems.append(str(e))
+    pruned = store.pruned()
+    whole: set[str] = set()  # checkpoints whose tensors are kept
+    bases: set[str] = set()  # LoRA base tensor lists already read
     while todo:
-        cid, via = todo.pop()
-        if cid in need:
+        cid, via, keep_tensors = todo.pop()
+        keep_tensors = keep_tensors or cid not in pruned
+        first = cid not in need
+        if not first and (cid in whole or not keep_tensors):
             continue
         need[cid] = cid
         try:
             m = store.manifest(cid)
         except NpoError as e:
-            problems.append(f"checkpoint {cid[:12]} (from {via}): {e}")
+            if first:
+                problems.append(f"checkpoint {cid[:12]} (from {via}): {e}")
             continue
+        tensors = {oid for d in (m.model, m.optimizer, m.state_tensors) for e in d.values() for oid in e.oids()}
         for oid in m.objects():
-            need.setdefault(oid, cid)
-        label = f"{m.run}/{m.branch}@{m.step}"
-        todo += [(nxt, f"{what} of {label}") for nxt, what in m.links().items()]
+            if keep_tensors or oid not in tensors:
+                need.setdefault(oid, cid)
+        if keep_tensors and m.base and m.base not in bases:  # LoRA: the base tensors its list names
+            bases.add(m.base)
+            try:
+                for e in BaseTensors.model_validate(store.get_json(m.base)).model.values():
+                    for oid in e.oids():
+                        need.setdefault(oid, cid)
+            except (NpoError, ValidationError) as e:
+                why = one_line(e) if isinstance(e, NpoError) else "not a list of tensors"
+                problems.append(f"LoRA base {m.base[:16]} of checkpoint {store.describe(cid)}: {why}")
+        if keep_tensors:
+            whole.add(cid)
+        if first:
+            label = f"{m.run}/{m.branch}@{m.step}"
+            todo += [(nxt, f"{what} of {label}", what == "guide") for nxt, what in m.links().items()]
     owned: dict[str, str | None] = {}
     for folder in OWNED:
         for owner in store.list_refs(folder):
@@ -77,6 +110,42 @@ def reachable(store: Store) -> tuple[dict[str, str], list[str], dict[str, str | 
                 if owned[name]:
                     need.setdefault(owned[name], name)
     return need, problems, owned
+
+
+def prune(store: Store, run: str, branch: str, keep_last: int) -> list[str]:
+    """train.keep_last: mark pruned the checkpoints of run/branch older than its last `keep_last`, except those
+    whose tensors something may still load: every branch head, tagged checkpoint and guide-cache owner, a
+    checkpoint any manifest names as its guide, a fork point (the first checkpoint of a branch's lineage that
+    is not the branch's own), and the newest checkpoint of this branch with optimizer state (what a resume
+    after a crash at a weights-only save goes back to). Returns the ids newly marked."""
+    heads = [(r, b, cid) for r in store.runs() for b, cid in store.branches(r).items()]
+    heads += [(None, None, cid) for cid in store.tags().values()]
+    keep = {cid for _, _, cid in heads} | set(store.list_refs("guides"))
+    own: list = []
+    seen: set[str] = set()
+    for r, b, head in heads:
+        on_branch = True
+        try:
+            for m in store.walk(head):
+                if on_branch and (m.run, m.branch) != (r, b):
+                    on_branch = False
+                    keep.add(m.id)  # the fork point
+                if (r, b) == (run, branch) and on_branch:
+                    own.append(m)
+                elif m.id in seen:  # its ancestors were walked already
+                    break
+                seen.add(m.id)
+                if m.guide:
+                    keep.add(m.guide)
+        except NpoError:  # a damaged manifest: what lies behind it is neither walked nor pruned
+            continue
+    full = next((m for m in own if not weights_only(m)), None)
+    keep |= {full.id} if full else set()
+    marked = store.pruned()
+    doomed = [m.id for m in own[keep_last:] if m.id not in keep and m.id not in marked]
+    for cid in doomed:
+        store.write_ref(f"pruned/{cid}", cid)
+    return doomed
 
 
 def verify(store: Store) -> dict:
@@ -151,6 +220,8 @@ def collect(store: Store, dry_run: bool = False, force: bool = False,
         stale = [name for name in stale if store.remove_ref(name)]
         for name in orphans:
             store.remove_ref(name)
+        for cid in store.pruned() - need.keys():  # marks of checkpoints that are gone
+            store.remove_ref(f"pruned/{cid}")
         # temp files of killed writers; a young one may belong to a writer without a lease (import)
         store.io.clean_tmp(older_than=min(keep_recent, 0 if force else 3600))
     kept = {oid: size for oid, (size, _) in found.items() if oid not in doomed or oid in failed}

@@ -33,7 +33,7 @@ from npo_cli.progress import Progress
 from npo_cli.recipe import build_recipe
 from npo_cli.seeds import data_order, derive_seed, forked_rng
 from npo_cli.tasks import load_problems
-from npo_cli.verifiers import make_judge, score_batch
+from npo_cli.verifiers import Call, make_judge, score_batch
 
 CACHE_FORMAT = "npo-guide/1"
 
@@ -112,7 +112,7 @@ class GuideGenerator:
         return cache_key(self.guide_id, prompt, answer, self.settings)
 
     def correct(self, text: str, problem) -> bool:
-        return self.judge(problem.prompt, text, problem.answer) >= 1.0
+        return self.judge.batch([Call(problem.prompt, text, problem.answer, problem=problem)])[0] >= 1.0
 
     # ---------------------------------------------------------------- cache
 
@@ -210,7 +210,7 @@ class GuideGenerator:
                 k = min(self.round, self.max_tries - tries[left[0]])  # every prompt left has the same tries
                 groups = backend.generate([items[i][0] for i in left], k)
                 # the round's completions judged in one batch (one trip to the verifier's worker processes)
-                oks = iter(score_batch(self.judge, [(items[i][1].prompt, ro.text, items[i][1].answer, None)
+                oks = iter(score_batch(self.judge, [Call.of(items[i][1], ro)
                                                     for i, rollouts in zip(left, groups) for ro in rollouts]))
                 still = []
                 for i, rollouts in zip(left, groups):

@@ -5,13 +5,14 @@ No torch here: listing a store should not pay for importing it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from npo_cli.errors import NpoError
 from npo_cli.lease import lease_state
 from npo_cli.manifest import EVAL_STEP, Manifest
 from npo_cli.recipe import recipe_diff
-from npo_cli.store import Damaged, Store
+from npo_cli.store import Damaged, Store, weights_only
 
 REWARD_KEY, EVAL_KEY = "reward", "eval/accuracy"  # the summary keys `npo ls` shows
 
@@ -72,10 +73,26 @@ def branch_walk(store: Store, head: str, run: str, branch: str) -> tuple[list[Ma
     return own, None, None
 
 
-def _entry(store: Store, m: Manifest) -> dict[str, Any]:
+def _entry(store: Store, m: Manifest, marks: Marks) -> dict[str, Any]:
     return {"id": m.id, "step": m.step, "reward": m.summary.get(REWARD_KEY),
             "eval_accuracy": _eval_at_own_step(store, m), "size": m.tensor_bytes(), "guide": m.guide,
-            "created": m.created}
+            "created": m.created, "pruned": m.id in marks.pruned, "weights_only": weights_only(m),
+            "tags": marks.tags.get(m.id, [])}
+
+
+@dataclass(frozen=True)
+class Marks:
+    """What `npo ls` shows beside a checkpoint: pruned (train.keep_last) and its tags."""
+
+    pruned: set[str]
+    tags: dict[str, list[str]]  # checkpoint id -> tag names
+
+    @classmethod
+    def of(cls, store: Store) -> Marks:
+        tags: dict[str, list[str]] = {}
+        for name, cid in store.tags().items():
+            tags.setdefault(cid, []).append(name)
+        return cls(store.pruned(), tags)
 
 
 def ls_data(store: Store, run: str | None = None) -> dict[str, Any]:
@@ -91,10 +108,11 @@ def ls_data(store: Store, run: str | None = None) -> dict[str, Any]:
             raise NpoError(f"unknown run {run!r} in {store.url} (runs: {', '.join(runs) or 'none'})")
         runs = [run]
     writers = {(r, b): _writer(info) for r, b, info in store.leases()}
+    marks = Marks.of(store)
     out = []
     for r in runs:
         try:
-            out.append(_ls_run(store, r, writers))
+            out.append(_ls_run(store, r, writers, marks))
         except NpoError as e:  # a damaged ref: this run says so, the others still list
             out.append({"run": r, "branches": [], "auto_chain": [], "error": str(e)})
     damaged = [{"run": r["run"], "branch": b["branch"], **b["damaged"]}
@@ -108,7 +126,7 @@ def _writer(info: dict) -> dict[str, Any]:
     return {"state": lease_state(info), **{k: info.get(k) for k in ("host", "pid", "since")}}
 
 
-def _ls_run(store: Store, r: str, writers: dict[tuple[str, str], dict]) -> dict[str, Any]:
+def _ls_run(store: Store, r: str, writers: dict[tuple[str, str], dict], marks: Marks) -> dict[str, Any]:
     """One run of `ls_data`."""
     branches = store.branches(r)
     rows, is_auto = [], False
@@ -119,7 +137,7 @@ def _ls_run(store: Store, r: str, writers: dict[tuple[str, str], dict]) -> dict[
             "branch": b, "head": branches[b],
             "fork": {"id": fork.id, "ref": short_ref(store, fork.id, r), "step": fork.step} if fork else None,
             "guide": {"id": guide, "ref": short_ref(store, guide, r)} if guide else None,
-            "checkpoints": [_entry(store, m) for m in reversed(own)],
+            "checkpoints": [_entry(store, m, marks) for m in reversed(own)],
             "damaged": damage.to_json() if damage else None,
             "auto": _auto_branch(own),
             "writer": writers.get((r, b)),

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from npo_cli import dist
-from npo_cli.branching import fork_branch, npo_recipe
+from npo_cli.branching import check_trainable, fork_branch, npo_recipe
 from npo_cli.errors import NpoError
 from npo_cli.lease import npo_command
 from npo_cli.manifest import Event
@@ -73,6 +73,8 @@ def plan(store: Store, *, run: str | None, at: int, guide: str, until: int | Non
     run_name = run.split("/", 1)[0]
     fork = store.manifest(store.resolve(f"{run}@{at}"))
     g = store.manifest(store.resolve(f"{run}@{guide}" if guide.isdigit() else guide))
+    check_trainable(store, fork)
+    store.check_not_pruned(g.id)
     # walked lazily: a damaged manifest older than the fork is never reached
     same_lineage = any(m.id == fork.id for m in store.walk(g.id))
     at_or_before = not same_lineage and any(m.id == g.id for m in store.walk(fork.id))  # an ancestor of the fork

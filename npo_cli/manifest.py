@@ -6,6 +6,9 @@ keys in `state` and `events` are kept; the older way of listing extra objects is
 
 What a manifest names:
     model, optimizer, state_tensors   tensors, each one object or row-block objects (`TensorEntry`)
+    base, lora                        a LoRA checkpoint: `model` holds the adapter's tensors only, `base` an
+                                      object listing the frozen base model's (`BaseTensors`, written once
+                                      and named by every checkpoint of the run), `lora` the adapter's shape
     recipe, metrics, model_config     JSON objects
     tokenizer                         tokenizer files, one object each
     extra_objects                     other objects the checkpoint needs (a replay buffer, a mistake pool),
@@ -23,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_valid
 
 from npo_cli import __version__
 from npo_cli.objects import is_oid, now_iso
+from npo_cli.recipe import LoraConfig
 
 MANIFEST_FORMAT = "npo-checkpoint/1"
 MANIFEST_MAGIC = b'{"format":"npo-checkpoint/'  # the first bytes of every manifest object
@@ -44,6 +48,14 @@ class TensorEntry(BaseModel):
         return self.chunks or [self.oid]
 
 
+class BaseTensors(BaseModel):
+    """The object a LoRA checkpoint's `base` names: the frozen base model's tensors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    format: Literal["npo-base/1"] = "npo-base/1"
+    model: dict[str, TensorEntry]
+
+
 class TrainerState(BaseModel):
     """What a resume needs besides tensors. Unknown keys load and are kept (older and newer writers)."""
 
@@ -61,6 +73,8 @@ class TrainerState(BaseModel):
         None, description="train.record_successes: object holding the verified on-policy successes sampled "
         "since the parent checkpoint (npo-successes/1), also in `extra_objects`.")
     imported_from: str | None = Field(None, description="The folder `npo import` read.")
+    weights_only: bool = Field(False, exclude_if=lambda v: not v, description="Saved without the optimizer "
+                               "state (train.save_optimizer_every): a resume needs a checkpoint that has it.")
 
 
 class Event(BaseModel):
@@ -73,6 +87,7 @@ class Event(BaseModel):
     k: int | None = Field(None, description="AutoNPO: the intervention number (0: the bootstrap).")
     model: str | None = Field(None, description="start: the recipe's model.path.")
     checkpoint: str | None = Field(None, description="start: the checkpoint the run started from.")
+    revision: str | None = Field(None, description="start: the Hugging Face Hub commit of model.path (a Hub id).")
     source: str | None = Field(None, description="import: the folder read.")
     at: int | None = None
     fork: str | None = Field(None, description="Checkpoint id the branch starts from.")
@@ -118,7 +133,13 @@ class Manifest(BaseModel):
     step: int
     parent: str | None = Field(None, description="Parent checkpoint id (lineage).")
     recipe: str | None = Field(None, description="Object: the recipe as JSON.")
-    model: dict[str, TensorEntry] = Field(default_factory=dict, description="model.state_dict() tensors.")
+    model: dict[str, TensorEntry] = Field(default_factory=dict, description="model.state_dict() tensors "
+                                          "(a LoRA checkpoint: the adapter's only).")
+    # left out of the JSON when unset, so a full checkpoint's manifest (and id) is what it was before LoRA
+    base: str | None = Field(None, exclude_if=lambda v: v is None,
+                             description="LoRA: object holding the frozen base tensors (`BaseTensors`).")
+    lora: LoraConfig | None = Field(None, exclude_if=lambda v: v is None,
+                                    description="LoRA: the adapter (rank, alpha, dropout, target modules).")
     optimizer: dict[str, TensorEntry] = Field(
         default_factory=dict, description="Optimizer state tensors, named state.<param index>.<key>.")
     optimizer_extra: dict[str, Any] = Field(
@@ -174,7 +195,7 @@ class Manifest(BaseModel):
                 for oid in e.oids():
                     out[oid] = f"{kind} tensor {name}"
         for what, oid in (("recipe", self.recipe), ("metrics", self.metrics),
-                          ("model config", self.model_config_oid)):
+                          ("model config", self.model_config_oid), ("LoRA base tensor list", self.base)):
             if oid:
                 out[oid] = what
         for name, oid in self.tokenizer.items():

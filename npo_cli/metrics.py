@@ -10,6 +10,7 @@ from pathlib import Path
 
 from npo_cli.errors import NpoError
 from npo_cli.lease import Lease
+from npo_cli.manifest import Manifest
 from npo_cli.recipe import Recipe
 
 # keys of per-step metrics that depend on wall-clock time (everything else is deterministic on CPU)
@@ -33,6 +34,12 @@ def store_tag(url: str) -> str:
     return f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
 
 
+def wandb_id(url: str, run: str, branch: str) -> str:
+    """The W&B run id of a branch: the same for every process that trains it (a resume appends to the W&B
+    run), another for each branch and store."""
+    return hashlib.sha256(f"{store_tag(url)}/{run}/{branch}".encode()).hexdigest()[:16]
+
+
 class MetricSinks:
     """metrics.jsonl, TensorBoard, W&B, written under the branch lease. A relative metrics_jsonl lives
     under ./runs/STORE/RUN/BRANCH/ (STORE: `store_tag`); {store}, {run} and {branch} in the path are
@@ -41,9 +48,13 @@ class MetricSinks:
     metrics.jsonl keeps the rows of steps (first, start] (this branch's steps before the resume) and the
     run appends to them: a new run or branch starts the file afresh, and a resume drops the rows a stopped
     process logged after its last checkpoint. Each row is written only while the lease is still ours: a
-    writer paused past its lease must not append steps after those of the process that took over."""
+    writer paused past its lease must not append steps after those of the process that took over.
 
-    def __init__(self, recipe: Recipe, lease: Lease, first: int = 0, start: int = 0):
+    W&B: one W&B run per branch (`wandb_id`), named RUN/BRANCH, continued by every resume; its config is the
+    recipe plus `lineage`: store, run, branch, and the checkpoint the branch started from (`parent`, as
+    RUN/BRANCH@STEP, `parent_checkpoint`, its id, and `fork_step`; None for a run's first branch)."""
+
+    def __init__(self, recipe: Recipe, lease: Lease, start: int = 0, first: int = 0, fork: Manifest | None = None):
         lg, run, branch = recipe.logging, lease.run, lease.branch
         self.lease = lease
         self.jsonl_path = None
@@ -73,7 +84,11 @@ class MetricSinks:
             except ImportError:
                 raise NpoError("logging.wandb is set but wandb is not installed "
                                "(pip install wandb, or unset logging.wandb)") from None
-            self._wandb = wandb.init(project=lg.wandb, name=f"{run}/{branch}", config=recipe.model_dump(),
+            lineage = {"store": lease.store.url, "run": run, "branch": branch,
+                       "parent": f"{fork.run}/{fork.branch}@{fork.step}" if fork else None,
+                       "parent_checkpoint": fork.id if fork else None, "fork_step": fork.step if fork else None}
+            self._wandb = wandb.init(project=lg.wandb, id=wandb_id(lease.store.url, run, branch),
+                                     name=f"{run}/{branch}", config={**recipe.model_dump(), "lineage": lineage},
                                      resume="allow")
 
     def write(self, m: dict) -> None:

@@ -22,11 +22,27 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
+class LoraConfig(Section):
+    r: int = Field(ge=1, description="Rank of the adapter matrices.")
+    alpha: float = Field(gt=0, description="Scale: the adapter's update is multiplied by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input while training.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Names of the modules to adapt (e.g. [q_proj, v_proj]), or 'all-linear': "
+        "every linear layer but the LM head."
+    )
+
+
 class ModelConfig(Section):
     path: str = Field(
         "tiny",
         description="'tiny' (the built-in 1M-parameter Qwen2 with a char tokenizer), a Hugging Face "
-        "model folder, or a store ref such as 'base/weak' / 'base/main@0'.",
+        "model folder, a store ref such as 'base/weak' / 'base/main@0', or a Hugging Face Hub id ORG/NAME "
+        "such as 'Qwen/Qwen2.5-0.5B-Instruct' (read through the HF cache; ORG/NAME is a store ref when the "
+        "store has a run ORG).",
+    )
+    revision: str | None = Field(
+        None, description="Hub id only: the branch, tag or commit to load (default: main); the commit loaded "
+        "is recorded with the run's first checkpoint.",
     )
     store: str | None = Field(
         None, description="Store URL that `path` refers to when it is a ref (default: the run's store)."
@@ -42,6 +58,10 @@ class ModelConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when present.")
     threads: int = Field(1, ge=1, description="torch.set_num_threads on CPU (1 avoids stalls on shared cores).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    lora: LoraConfig | None = Field(
+        None, description="Train a LoRA adapter (peft) instead of the whole model: the base weights stay frozen "
+        "and are stored once; each checkpoint stores the adapter and its optimizer state."
+    )
 
 
 class ArithmeticConfig(Section):
@@ -62,11 +82,42 @@ class ArithmeticConfig(Section):
     )
 
 
+class DatasetConfig(Section):
+    path: str = Field(
+        description="What datasets.load_dataset reads: a Hub name (user/name, through the Hugging Face cache), a "
+        "local folder of Parquet/JSONL/CSV files, a save_to_disk folder, or a format ('parquet', 'json', 'csv') "
+        "with data_files."
+    )
+    name: str | None = Field(None, description="The dataset's configuration (subset), e.g. 'main'.")
+    split: str = Field("train", description="The split trained on.")
+    eval_split: str | None = Field(
+        None, description="The held-out split (e.g. 'test'); default: 1 in 10 of `split` by a hash of the prompt."
+    )
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="Files or globs (local, hf://datasets/..., any fsspec URL), or one entry per split."
+    )
+
+
+PACKAGED_FORMATS = ("parquet", "json", "csv", "text", "arrow")  # task.dataset.path values that name a file format
+
+
+class RewardConfig(Section):
+    function: str = Field(
+        description="module:function, called as TRL's GRPOTrainer calls a reward: f(prompts=, completions=, "
+        "completion_ids=, **columns) -> one float (or None: not applicable) per completion."
+    )
+    weight: float = Field(1.0, description="Its weight in the sum.")
+
+
 class TaskConfig(Section):
-    kind: Literal["arithmetic", "file"] = Field("arithmetic", description="Built-in generator or a prompt file.")
+    kind: Literal["arithmetic", "file", "dataset"] = Field(
+        "arithmetic", description="Built-in generator, a prompt file, or a `datasets` source (implied by "
+        "task.dataset)."
+    )
     arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig)
     train_path: str | None = Field(None, description="JSONL or Parquet prompt set (any fsspec URL), kind=file.")
     eval_path: str | None = Field(None, description="Held-out prompt set; default: a split of train_path.")
+    dataset: DatasetConfig | None = Field(None, description="A `datasets.load_dataset` source, kind=dataset.")
     prompt_field: str = Field("prompt", description="Field holding the prompt text.")
     answer_field: str = Field("answer", description="Field holding the reference answer.")
     template: str = Field("{prompt}", description="Prompt template; {prompt} is replaced by the prompt text.")
@@ -91,6 +142,49 @@ class TaskConfig(Section):
         "before the run stops; judged over at least 20 calls. 0: the first failure stops it."
     )
     format_reward: float = Field(0.0, description="Added when the completion ends with EOS in the expected format.")
+    rewards: list[RewardConfig] = Field(
+        [], description="TRL reward functions: the reward is their weighted sum (None entries left out) instead of "
+        "the verifier's score."
+    )
+    correct: str | None = Field(
+        None, description="What decides that a completion is correct (accuracy, eval, NPO's guide, AutoNPO's "
+        "mistakes): 'verifier' (task.verifier) or the module:function of one of task.rewards. Default: "
+        "'verifier'; required with task.rewards."
+    )
+    correct_threshold: float = Field(1.0, description="A score of task.correct at least this counts as correct.")
+
+    @model_validator(mode="after")
+    def _correct_is_named(self):
+        names = [r.function for r in self.rewards]
+        if self.rewards and self.correct is None:  # no reward is a safe guess at correctness
+            raise ValueError("task.rewards needs task.correct: 'verifier' or the module:function of the reward "
+                             "whose score decides correctness")
+        if self.correct is not None and self.correct not in ("verifier", *names):
+            raise ValueError(f"task.correct must be 'verifier' or one of task.rewards ({', '.join(names) or 'none'}),"
+                             f" not '{self.correct}'")
+        return self
+
+    @property
+    def separate_eval(self) -> bool:
+        """The held-out problems come from their own file or split, not from the hash split of the train set."""
+        return bool(self.eval_path or (self.dataset and self.dataset.eval_split))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_implies_kind(cls, data):
+        if isinstance(data, dict) and data.get("dataset") is not None and "kind" not in data:
+            data = {**data, "kind": "dataset"}
+        return data
+
+    @model_validator(mode="after")
+    def _one_data_source(self):
+        if self.kind == "dataset" and self.dataset is None:
+            raise ValueError("task.kind=dataset needs task.dataset: {path: ...}")
+        if self.dataset is not None and self.kind != "dataset":  # else it would be ignored
+            raise ValueError(f"task.dataset is read by task.kind=dataset, not {self.kind}; drop task.kind")
+        if self.dataset is not None and (self.train_path or self.eval_path):
+            raise ValueError("task.dataset and task.train_path / eval_path are two data sources; keep one")
+        return self
 
     @model_validator(mode="after")
     def _template_has_prompt(self):
@@ -182,6 +276,10 @@ class GRPOConfig(Section):
 class TrainConfig(Section):
     steps: int = Field(200, ge=0, description="Total optimizer steps of the run.")
     save_every: int = Field(25, ge=1, description="Checkpoint every N steps (and at the end).")
+    background_save: bool = Field(
+        True, description="Write checkpoints in a background thread: the loop waits only for a copy of the "
+        "tensors and state, and the next save (or the end) waits for the write. False: write while the loop waits."
+    )
     eval_every: int = Field(
         50, ge=0, description="Held-out eval every N steps (and at the end). 0 = no eval while training, not even "
         "at the end (npo eval measures any checkpoint)."
@@ -194,6 +292,17 @@ class TrainConfig(Section):
     record_successes: bool = Field(
         False, description="Keep every step's verified on-policy successes (with their behaviour log-probs) in "
         "the store, stored with each checkpoint, for a later run to replay with npo.source=rlep."
+    )
+    keep_last: int | None = Field(
+        None, ge=1, description="Keep the tensors of only the last N checkpoints of the branch: after each save, "
+        "older ones are marked pruned (their manifests, metrics and events stay; npo gc frees their tensors). "
+        "Fork points, guides, tagged checkpoints (npo tag) and the newest one with optimizer state are never "
+        "pruned. None: keep all."
+    )
+    save_optimizer_every: int | None = Field(
+        None, ge=1, description="Store the optimizer state only at every K-th save (steps that are multiples of "
+        "K * save_every), at the end and on a stop; the others are weights-only and cannot be resumed or "
+        "forked from. None: at every save."
     )
 
 
@@ -339,6 +448,21 @@ class Recipe(Section):
     npo: NPOConfig = Field(default_factory=NPOConfig)
     auto: AutoConfig = Field(default_factory=AutoConfig)
 
+    @model_validator(mode="after")
+    def _auto_keeps_checkpoints(self):
+        # AutoNPO measures and rolls back to older checkpoints of the run: it needs their weights and optimizer
+        if self.auto.enabled and (self.train.keep_last or self.train.save_optimizer_every):
+            raise ValueError("train.keep_last and train.save_optimizer_every cannot be used with auto.enabled: "
+                             "AutoNPO rolls back to older checkpoints and needs them whole")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_samples_with_hf(self):
+        if self.model.lora is not None and self.rollout.backend == "vllm":
+            raise ValueError("model.lora samples with rollout.backend=hf only (the vLLM engine takes full "
+                             "weights); set rollout.backend=hf")
+        return self
+
 
 def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
@@ -446,7 +570,9 @@ def build_recipe(data: dict, overrides: list[str] = ()) -> Recipe:
             value = item.split("=", 1)[1]  # a text key takes what was typed: name=2024, template=Q: {prompt}
         node = data
         for part in path[:-1]:
-            nxt = node.setdefault(part, {})
+            if node.get(part) is None:  # an unset section (model.lora: null) takes its first key
+                node[part] = {}
+            nxt = node[part]
             if not isinstance(nxt, dict):
                 raise NpoError(f"--set {'.'.join(path)}: '{part}' is not a section")
             node = nxt
@@ -519,6 +645,17 @@ def _resolve_paths(data: dict, folder: Path) -> None:
         node = data.get(section)
         if isinstance(node, dict) and key in node:
             node[key] = local(node[key], is_model=(section, key) == ("model", "path"))
+    ds = data.get("task", {}).get("dataset") if isinstance(data.get("task"), dict) else None
+    if isinstance(ds, dict):
+        # a folder beside the recipe, else as written (a Hub name, a format); data_files are the folder's
+        # own or a Hub dataset's (relative to it) unless path names a format
+        if ds.get("path") in PACKAGED_FORMATS and "data_files" in ds:
+            def files(v):
+                return [*map(local, v)] if isinstance(v, list) else local(v)
+            f = ds["data_files"]
+            ds["data_files"] = {k: files(v) for k, v in f.items()} if isinstance(f, dict) else files(f)
+        if "path" in ds:
+            ds["path"] = local(ds["path"], is_model=True)
 
 
 def recipe_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -35,6 +35,7 @@ from npo_cli.guide import GuideGenerator
 from npo_cli.rollout import Rollout
 from npo_cli.seeds import derive_seed
 from npo_cli.tasks import Problem, read_records
+from npo_cli.verifiers import Call, score_batch
 
 GATE_EPS = 1e-9  # p̂ == gate mixes (k/n is not always exact in binary)
 
@@ -51,11 +52,12 @@ def put_slot(ctx: StepContext, group: Group, ro: Rollout) -> bool:
     wrong = [i for i, ok in enumerate(group.correct) if not ok and group.rollouts[i].source == "policy"]
     if not wrong:
         return False  # every sample is right: nothing to replace
-    if ctx.judge(p.prompt, ro.text, p.answer) < 1.0:
+    call = Call.of(p, ro)  # a TRL reward sees the problem's columns and the ids, as on-policy samples do
+    if score_batch(ctx.judge, [call])[0] < 1.0:
         return False  # a wrong answer never enters a group
     i = wrong[-1]
     group.rollouts[i] = ro
-    group.rewards[i] = float(ctx.reward_fn(p.prompt, ro.text, p.answer, finished=ro.finished))
+    group.rewards[i] = score_batch(ctx.reward_fn, [call])[0]
     group.correct[i] = True
     group.info["offpolicy_slot"] = ro.source
     return True
@@ -277,7 +279,7 @@ class LuffySource(GuideSource):
             ro = None
             for row in self.table.get(g.problem.prompt, []):
                 cand = self.tokenize(ctx, g, row["completion"])
-                if cand is not None and ctx.judge(g.problem.prompt, cand.text, g.problem.answer) >= 1.0:
+                if cand is not None and score_batch(ctx.judge, [Call.of(g.problem, cand)])[0] >= 1.0:
                     ro = cand
                     break
             out.append(ro)

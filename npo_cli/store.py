@@ -11,6 +11,11 @@ Layout under the store root (any fsspec URL: a path, file://, s3://bucket/prefix
     runs/<run>/branches/<branch>     a ref: one line holding a checkpoint id (this module)
     runs/<run>/leases/<branch>.json  the writer's lease (npo_cli/lease.py)
     guides/<checkpoint>/<key>        refs owned by a checkpoint: its guide cache (npo_cli/guide.py)
+    tags/<name>                      a ref: a checkpoint kept whole, like a branch head (`npo tag`)
+    pruned/<checkpoint>              a mark (holding the checkpoint's id): "its tensors need not be kept".
+                                     train.keep_last writes it (npo_cli/gc.py: `prune`); manifests stay
+                                     immutable, and gc keeps such a checkpoint's tensors only when it is
+                                     reached as a branch head, a tag or a guide, not as an ancestor
     tmp/                             local temp files, renamed into objects/ when complete
 
 Crash safety comes from the write order (objects, then the manifest object, then the ref) and from
@@ -100,7 +105,7 @@ class Damaged(NpoError):
 class Store(ObjectStore):
     """Checkpoints: branch refs `runs/<run>/branches/<branch>` over manifests. Open with `Store.open(url)`."""
 
-    ref_folders = ("runs", "guides")
+    ref_folders = ("runs", "guides", "tags", "pruned")
 
     def __init__(self, url: str, io):
         super().__init__(url, io)
@@ -147,6 +152,7 @@ class Store(ObjectStore):
         """New branch `run/name` whose head is `ref` (run defaults to the ref's run). Writes one ref."""
         check_name("branch", name)
         cid = self.resolve(ref)
+        self.check_not_pruned(cid)
         run = run or self._ref_run(ref, cid)
         check_name("run", run)
         self.set_ref(run, name, cid, create=True)
@@ -156,6 +162,47 @@ class Store(ObjectStore):
         """Remove run/branch while it still points at `cid` (its objects are left to gc)."""
         if self.head(run, branch) == cid:
             self.remove_ref(f"runs/{run}/branches/{branch}")
+
+    # ---------------------------------------------------------------- tags and pruned checkpoints
+
+    def tags(self) -> dict[str, str]:
+        """Tag name -> checkpoint id."""
+        return {t: cid for t in self.list_refs("tags") if (cid := self.read_ref(f"tags/{t}"))}
+
+    def tag(self, ref: str, name: str) -> str:
+        """Tag the checkpoint `ref` as `name` (kept whole by gc); its id. A pruned checkpoint whose tensors
+        are all still in the store is taken back (its mark removed); one whose tensors are gone is refused."""
+        check_name("tag", name)
+        m = self.manifest(ref)
+        if m.id in self.pruned():
+            tensors = (e for d in (m.model, m.optimizer, m.state_tensors) for e in d.values())
+            if not all(self.has(oid) for e in tensors for oid in e.oids()):
+                self.check_not_pruned(m.id)
+        if not self.write_ref(f"tags/{name}", m.id, create=True):
+            raise NpoError(f"tag {name} already exists (on {self.describe(self.read_ref(f'tags/{name}') or '')}); "
+                           f"pick another name, or remove it first with npo tag --delete {name}")
+        self.remove_ref(f"pruned/{m.id}")  # after the tag: from here on gc keeps the tensors
+        return m.id
+
+    def untag(self, name: str) -> str:
+        """Remove tag `name`; the checkpoint id it held."""
+        check_name("tag", name)
+        cid = self.read_ref(f"tags/{name}")
+        if cid is None:
+            raise NpoError(f"no tag {name} (tags: {', '.join(self.tags()) or 'none'})")
+        self.remove_ref(f"tags/{name}")
+        return cid
+
+    def pruned(self) -> set[str]:
+        """Ids of the checkpoints marked pruned (train.keep_last): their tensors need not be kept."""
+        return set(self.list_refs("pruned"))
+
+    def check_not_pruned(self, cid: str) -> None:
+        """NpoError when checkpoint `cid` is pruned: nothing may load, fork from or guide with it."""
+        if cid in self.pruned():
+            raise NpoError(f"checkpoint {self.describe(cid)} was pruned by train.keep_last; its tensors are gone "
+                           "(or go at the next npo gc), so it cannot be loaded, forked from or used as a guide; "
+                           "pick a checkpoint npo ls does not mark pruned")
 
     def _ref_run(self, ref: str, cid: str) -> str:
         r = parse_ref(ref)
@@ -297,6 +344,12 @@ class Store(ObjectStore):
     def check_writer(self, run: str, branch: str) -> None:
         """Refuse a save when another live process holds the branch lease (or ours was lost)."""
         check_writer(self, run, branch)
+
+
+def weights_only(m: Manifest) -> bool:
+    """A checkpoint saved without its optimizer state (train.save_optimizer_every): recorded in the state, since
+    a checkpoint of step 0 has an empty optimizer state all the same."""
+    return m.state.weights_only
 
 
 def _steps(steps: list[int]) -> str:

@@ -1,11 +1,15 @@
-"""Prompt sets: the built-in arithmetic family and JSONL/Parquet files at any fsspec URL.
+"""Prompt sets: the built-in arithmetic family, JSONL/Parquet files at any fsspec URL, and any
+`datasets.load_dataset` source (task.dataset).
 
 `load_problems(task, split, seed)` returns a plain list; the trainer samples indices from it
 with its own RNG, so the data position is just an index. Problem.prompt is the raw prompt text:
 task.template and the chat template are applied by the trainer (`format_prompt`).
 
 Splits are decided by a hash of the prompt text (10% eval), so train and eval are disjoint for
-every seed and every setting, and the eval set does not depend on the run's seed.
+every seed and every setting, and the eval set does not depend on the run's seed; task.eval_path or
+task.dataset.eval_split replace that split.
+
+A record's other columns travel with its problem (Problem.columns) for reward functions that take them.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import random
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from npo_cli.errors import NpoError
 from npo_cli.objects import s3_endpoint
-from npo_cli.recipe import ArithmeticConfig, TaskConfig
+from npo_cli.recipe import ArithmeticConfig, DatasetConfig, TaskConfig
 
 Split = Literal["train", "eval"]
 EVAL_SHARE = 10  # 1 in 10 prompts is held out
@@ -36,14 +41,18 @@ class Problem:
     tags: tuple[str, ...] = ()
     context: tuple[tuple[str, str], ...] = ()  # a chat prompt's earlier (role, content) turns
     record: int = field(default=0, compare=False)  # its prompt file's record number, for messages (0: generated)
+    # the record's other columns (JSON values), for reward functions; not part of what the problem is
+    columns: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "answer": self.answer, "tags": list(self.tags),
-                **({"context": [list(t) for t in self.context]} if self.context else {})}
+                **({"context": [list(t) for t in self.context]} if self.context else {}),
+                **({"columns": self.columns} if self.columns else {})}
 
     @classmethod
     def from_json(cls, d: dict) -> Problem:
-        return cls(d["prompt"], d["answer"], tuple(d.get("tags", ())), tuple(map(tuple, d.get("context", ()))))
+        return cls(d["prompt"], d["answer"], tuple(d.get("tags", ())), tuple(map(tuple, d.get("context", ()))),
+                   columns=d.get("columns", {}))
 
     @property
     def key(self) -> str:
@@ -70,8 +79,8 @@ def load_problems(task: TaskConfig, split: Split, seed: int) -> list[Problem]:
     """Train: a list to sample from (arithmetic: up to task.arithmetic.train_size). Eval: up to eval_size."""
     if split not in ("train", "eval"):
         raise NpoError(f"split must be 'train' or 'eval', got '{split}'")
-    if task.kind == "file":
-        out = _file_problems(task, split)
+    if task.kind in ("file", "dataset"):
+        out = _file_problems(task, split) if task.kind == "file" else _dataset_problems(task, split)
         return out if split == "train" else out[: task.eval_size]
     return _arithmetic(task.arithmetic, split, seed, task.eval_size)
 
@@ -173,7 +182,7 @@ def read_records(url: str, fields: tuple[str, str]) -> list[dict]:
                     if name not in pf.schema_arrow.names:
                         raise NpoError(f"prompt file {url} has no column '{name}' "
                                        f"(columns: {', '.join(pf.schema_arrow.names)})")
-                return pf.read(columns=list(fields)).to_pylist()
+                return pf.read().to_pylist()  # every column: the others travel with the problems
             text = f.read().decode("utf-8-sig")  # -sig: a BOM (Windows editors) is not part of line 1
     except FileNotFoundError:
         raise NpoError(f"prompt file not found: {url}") from None
@@ -215,6 +224,20 @@ def _answer_text(value) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
+def _json_columns(row: dict, task: TaskConfig) -> dict[str, Any]:
+    """The record's columns other than the prompt and the answer; those that are not JSON values (images,
+    bytes, timestamps) are left out: problems are stored as JSON."""
+    out = {}
+    for k, v in row.items():
+        if k not in (task.prompt_field, task.answer_field):
+            try:
+                json.dumps(v)
+            except (TypeError, ValueError):
+                continue
+            out[k] = v
+    return out
+
+
 def _problem(row, task: TaskConfig, record: int) -> Problem:
     """One record as a problem; NpoError says what is wrong with it."""
     for name in (task.prompt_field, task.answer_field):
@@ -226,18 +249,19 @@ def _problem(row, task: TaskConfig, record: int) -> Problem:
     prompt, answer = row[task.prompt_field], _answer_text(row[task.answer_field])
     if not answer.strip() and task.verifier in ("exact", "math"):  # every completion would score the same
         raise NpoError(f"field '{task.answer_field}' is empty and task.verifier={task.verifier} compares with it")
+    columns = _json_columns(row, task)
     if isinstance(prompt, list):
-        return dataclasses.replace(_chat(prompt, task), answer=answer, record=record)
+        return dataclasses.replace(_chat(prompt, task), answer=answer, record=record, columns=columns)
     if isinstance(prompt, str) and prompt.strip():
-        return Problem(prompt=prompt, answer=answer, record=record)
+        return Problem(prompt=prompt, answer=answer, record=record, columns=columns)
     raise NpoError(f"field '{task.prompt_field}' must be text or a list of chat messages"
                    + (", not empty" if isinstance(prompt, str) else f", not {type(prompt).__name__}"))
 
 
-def _problems_from(url: str, task: TaskConfig) -> list[Problem]:
-    """Every record of the file as a problem; the records that cannot be one are all named in one error."""
+def _problems_from(rows: list, where: str, task: TaskConfig) -> list[Problem]:
+    """Every record as a problem; the records that cannot be one are all named in one error."""
     out, bad = [], {}  # reason -> its record numbers
-    for i, row in enumerate(read_records(url, (task.prompt_field, task.answer_field)), 1):
+    for i, row in enumerate(rows, 1):
         try:
             out.append(_problem(row, task, i))
         except NpoError as e:
@@ -246,22 +270,82 @@ def _problems_from(url: str, task: TaskConfig) -> list[Problem]:
         n = sum(map(len, bad.values()))
         why = "; ".join(("record " if len(rs) == 1 else "records ") + first_few(list(map(str, rs))) + f": {reason}"
                         for reason, rs in bad.items())
-        raise NpoError(f"prompt file {url}: {n} of {n + len(out)} records cannot be used: {why}; fix or drop them")
+        raise NpoError(f"{where}: {n} of {n + len(out)} records cannot be used: {why}; fix or drop them")
     if not out:
-        raise NpoError(f"prompt file {url} has no records")
+        raise NpoError(f"{where} has no records")
+    return out
+
+
+def _hash_split(problems: list[Problem], split: Split, where: str, fix: str) -> list[Problem]:
+    out = [p for p in problems if split_of(p.key) == split]
+    if not out and split == "train":
+        raise NpoError(f"all {len(problems)} prompts of {where} fell into the held-out split "
+                       f"(1 in {EVAL_SHARE} by a hash of the prompt); give more prompts or set {fix}")
     return out
 
 
 def _file_problems(task: TaskConfig, split: Split) -> list[Problem]:
     if not task.train_path:
         raise NpoError("task.kind=file needs task.train_path (a .jsonl or .parquet URL)")
+
+    def read(url: str) -> list[Problem]:
+        return _problems_from(read_records(url, (task.prompt_field, task.answer_field)), f"prompt file {url}", task)
+
     if split == "eval" and task.eval_path:
-        return _problems_from(task.eval_path, task)
-    rows = _problems_from(task.train_path, task)
+        return read(task.eval_path)
+    rows = read(task.train_path)
     if split == "train" and task.eval_path:
         return rows
-    out = [p for p in rows if split_of(p.key) == split]
-    if not out and split == "train":
-        raise NpoError(f"all {len(rows)} prompts of {task.train_path} fell into the held-out split "
-                       f"(1 in {EVAL_SHARE} by a hash of the prompt); give more prompts or set task.eval_path")
-    return out
+    return _hash_split(rows, split, task.train_path, "task.eval_path")
+
+
+# ---------------------------------------------------------------- datasets
+
+def read_dataset(cfg: DatasetConfig, split: str, fields: tuple[str, str]) -> list[dict]:
+    """The records of one split of a `datasets` source: load_dataset's (a Hub name through the Hugging Face
+    cache, a folder, a format with data_files), or load_from_disk's for a save_to_disk folder."""
+    import datasets
+
+    where = f"dataset {cfg.path}" + (f" ({cfg.name})" if cfg.name else "")
+    saved = any(os.path.isfile(os.path.join(cfg.path, f)) for f in ("dataset_dict.json", "state.json"))
+    try:
+        if saved:
+            ds = datasets.load_from_disk(cfg.path)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise NpoError(f"{where} has no split '{split}' (splits: {', '.join(ds)}); "
+                                   "set task.dataset.split / eval_split")
+                ds = ds[split]
+            elif split != cfg.split:
+                raise NpoError(f"{where} is one saved Dataset, so it has no split '{split}'; save a DatasetDict "
+                               "or drop task.dataset.eval_split")
+        else:
+            ds = datasets.load_dataset(cfg.path, cfg.name, split=split, data_files=cfg.data_files)
+    except ConnectionError as e:  # before the Hub's own errors: it is an OSError too
+        if datasets.config.HF_HUB_OFFLINE:
+            raise NpoError(f"{where} is not in the Hugging Face cache and HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE) "
+                           "is set: load it once with network access to cache it, or set task.dataset.path to a "
+                           "local copy") from None
+        raise NpoError(f"cannot reach {where}: {e}") from None
+    except (datasets.exceptions.DatasetsError, OSError, ValueError) as e:
+        raise NpoError(f"cannot load {where} split '{split}': {str(e).strip().splitlines()[0]}") from None
+    for name in fields:
+        if name not in ds.column_names:
+            raise NpoError(f"{where} split '{split}' has no column '{name}' (columns: {', '.join(ds.column_names)}); "
+                           "set task.prompt_field / task.answer_field")
+    return ds.to_list()
+
+
+def _dataset_problems(task: TaskConfig, split: Split) -> list[Problem]:
+    cfg = task.dataset
+
+    def read(name: str) -> list[Problem]:
+        where = f"dataset {cfg.path} split '{name}'"
+        return _problems_from(read_dataset(cfg, name, (task.prompt_field, task.answer_field)), where, task)
+
+    if split == "eval" and cfg.eval_split:
+        return read(cfg.eval_split)
+    rows = read(cfg.split)
+    if split == "train" and cfg.eval_split:
+        return rows
+    return _hash_split(rows, split, f"dataset {cfg.path} split '{cfg.split}'", "task.dataset.eval_split")

@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from contextlib import nullcontext
 
 import torch
@@ -41,8 +42,17 @@ from npo_cli.batch import (
     lr_at,
     score_groups,
 )
-from npo_cli.checkpoint import DTYPES, load_model, load_optimizer, load_state_tensors, save_checkpoint
-from npo_cli.errors import NpoError
+from npo_cli.checkpoint import (
+    DTYPES,
+    host_copy,
+    is_lora,
+    load_model,
+    load_optimizer,
+    load_state_tensors,
+    save_checkpoint,
+)
+from npo_cli.errors import NpoError, one_line, os_reason
+from npo_cli.gc import prune
 from npo_cli.grpo import OffPolicy, compile_layers, group_advantages, grpo_loss, token_logprobs
 from npo_cli.manifest import EVAL_STEP, Event, Manifest, TrainerState
 from npo_cli.metrics import MetricSinks
@@ -52,7 +62,7 @@ from npo_cli.recipe import Recipe, recipe_diff
 from npo_cli.rollout import Rollout
 from npo_cli.seeds import data_order, eval_seed, forked_rng
 from npo_cli.tasks import Problem, first_few, load_problems
-from npo_cli.verifiers import make_judge, make_verifier, new_run
+from npo_cli.verifiers import Call, make_judge, make_verifier, new_run
 
 # loss stats that are totals (summed over micro-batches), not means
 COUNT_KEYS = ("loss", "tokens", "off/rows", "off/tokens")
@@ -72,7 +82,8 @@ def check_prompts(recipe: Recipe, tokenizer, config, problems: list[Problem], pr
                   eval_file: bool = False) -> None:
     """Every prompt fits the model: one that is empty once tokenized, or too long for the model's context with
     rollout.max_new_tokens after it, would stop the run at the step that samples it. All of them are named in
-    one line, now. `prompts`: the problems' formatted prompts, when at hand; eval_file: they are task.eval_path's."""
+    one line, now. `prompts`: the problems' formatted prompts, when at hand; eval_file: they are task.eval_path's
+    (or task.dataset.eval_split's)."""
     r = recipe.rollout
     if not problems:
         return
@@ -111,14 +122,14 @@ def evaluate(model, tokenizer, recipe: Recipe, problems: list, samples: int, see
     if backend is None:
         backend = make_backend(model, tokenizer, recipe.rollout, add_special_tokens=not recipe.task.chat_template)
     prompts = [format_prompt(recipe, tokenizer, p) for p in problems]
-    check_prompts(recipe, tokenizer, getattr(model, "config", None), problems, prompts, bool(recipe.task.eval_path))
+    check_prompts(recipe, tokenizer, getattr(model, "config", None), problems, prompts, recipe.task.separate_eval)
     with forked_rng(seed):
         sampled = backend.generate(prompts, samples)
         greedy = backend.generate(prompts, 1, greedy=True)
 
     # one batch for all the verifier calls: one trip to its worker processes
-    calls = [(p.prompt, r.text, p.answer, r.finished) for p, g in zip(problems, sampled) for r in g]
-    calls += [(p.prompt, g[0].text, p.answer, g[0].finished) for p, g in zip(problems, greedy)]
+    calls = [Call.of(p, r) for p, g in zip(problems, sampled) for r in g]
+    calls += [Call.of(p, g[0]) for p, g in zip(problems, greedy)]
     oks = iter(x >= 1.0 for x in judge.batch(calls))
     hits = [[next(oks) for _ in g] for g in sampled]
     out = {
@@ -160,8 +171,11 @@ class Trainer:
         # every prompt fits the model: found now, not at the step that samples it
         check_prompts(recipe, self.tokenizer, self.model.config, list({p.key: p for p in self.train_problems}.values()))
         check_prompts(recipe, self.tokenizer, self.model.config, self.eval_problems,
-                      eval_file=bool(recipe.task.eval_path))
+                      eval_file=recipe.task.separate_eval)
         self.fsdp = dist.on() and recipe.train.parallel == "fsdp"
+        if self.fsdp and is_lora(self.model):
+            raise NpoError("a LoRA model (model.lora) does not train under train.parallel=fsdp; use "
+                           "train.parallel=ddp (the adapter is small enough to replicate)")
         self.micro_batch = recipe.grpo.micro_batch_size  # halved on CUDA out-of-memory (0: the whole batch)
         self.optimizer = self._make_optimizer()
         # FSDP shards the policy and compiled layers would recompile per decoding shape: sample from a copy.
@@ -176,7 +190,9 @@ class Trainer:
         self.epoch, self.pos = 0, 0
         self.samples_seen = 0
         self.tokens_generated = 0
-        self.head: str | None = None  # id of the last checkpoint written or resumed from
+        self.head: str | None = None  # id of the last checkpoint written or resumed from (see wait_saved)
+        # the save in flight: (step, its writer thread, its checkpoint id)
+        self._saving: tuple[int, threading.Thread | None, Future] | None = None
         # Where this branch stands for this trainer: a save moves it only from there.
         if init is None:
             self.branch_head = None  # a new run: nowhere, even if a same-named run appeared since it was checked
@@ -203,13 +219,14 @@ class Trainer:
         if not self.train_problems:
             raise NpoError("the task has no training problems")
         if not self.eval_problems and dist.is_main():  # a small file can leave the hash split empty
-            self._say("note: the task has no held-out problems, so there is no eval; set task.eval_path")
+            self._say("note: the task has no held-out problems, so there is no eval; set task.eval_path "
+                      "(task.dataset.eval_split)")
         # what the data position of a checkpoint counts in: a resume must see the same problems
         self.train_sha = hashlib.sha256(json.dumps([[p.key, p.answer] for p in self.train_problems])
                                         .encode()).hexdigest()
         new_run()  # verifier failures are counted per run (and per branch)
         self.reward_fn = make_verifier(r.task)
-        self.judge = make_judge(r.task) if r.task.format_reward else self.reward_fn
+        self.judge = make_judge(r.task)
 
     def _load_model(self, init: Manifest | None) -> None:
         """The policy (the checkpoint `init`, else model.path), its tokenizer, the frozen reference model when
@@ -223,9 +240,8 @@ class Trainer:
             if r.model.gradient_checkpointing:
                 self.model.gradient_checkpointing_enable()
         else:
-            self.model, self.tokenizer, src = load_policy(r.model, self.store, seed=r.seed)
-            # provenance of the initial policy, stored with the step-0 checkpoint
-            self.events.append(Event(kind="start", model=r.model.path, checkpoint=src.id if src else None))
+            self.model, self.tokenizer, start = load_policy(r.model, self.store, seed=r.seed)
+            self.events.append(start)  # provenance of the initial policy, stored with the step-0 checkpoint
         self.device = next(self.model.parameters()).device
         self.model.train()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -241,7 +257,8 @@ class Trainer:
         # fused: one kernel for all params on CUDA; FSDP2 mixes sharded (DTensor) and replicated
         # parameters, which the fused / foreach kernels refuse: per-parameter updates there
         kernels = {"foreach": False} if self.fsdp else {"fused": self.device.type == "cuda"}
-        return torch.optim.AdamW(self.model.parameters(), lr=g.lr, betas=tuple(g.betas),
+        params = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapter's only
+        return torch.optim.AdamW(params, lr=g.lr, betas=tuple(g.betas),
                                  weight_decay=g.weight_decay, **kernels)
 
     def _parallel_setup(self, new: bool) -> None:
@@ -276,7 +293,8 @@ class Trainer:
         if saved is None or saved == self.train_sha or man.recipe is None:
             return
         if self.store.get_json(man.recipe).get("task") == self.recipe.task.model_dump(mode="json"):
-            where = f" '{self.recipe.task.train_path}'" if self.recipe.task.kind == "file" else ""
+            t = self.recipe.task
+            where = f" '{t.train_path}'" if t.kind == "file" else f" of dataset '{t.dataset.path}'" if t.dataset else ""
             raise NpoError(f"the training prompts{where} differ from the ones checkpoint {man.id[:12]} was "
                            "trained on (edited, or a relative path read from another folder); run from the "
                            "run's folder, or point task.train_path at the original file with --set")
@@ -402,7 +420,7 @@ class Trainer:
         return m
 
     def score(self, problems: list[Problem], prompts: list[str], sampled: list[list[Rollout]]) -> list[Group]:
-        return score_groups(problems, prompts, sampled, self.reward_fn, self.judge)
+        return score_groups(problems, prompts, sampled, self.reward_fn)
 
     def _record_successes(self, groups: list[Group]) -> None:
         """train.record_successes: keep the step's verified on-policy successes, as sampled (before any slot
@@ -566,21 +584,27 @@ class Trainer:
         out.update({k: float(v) for k, v in self.last_eval.items() if k != "eval/time"})
         return out
 
-    def save(self, parent: str = "head") -> str:
-        """Checkpoint the run on its branch; parent: the branch's head, or the fork a new branch starts from."""
+    def save(self, parent: str = "head", with_optimizer: bool = True) -> None:
+        """Checkpoint the run on its branch; parent: the branch's head, or the fork a new branch starts from.
+        with_optimizer False: a weights-only checkpoint (train.save_optimizer_every), marked so in its state.
+        Then train.keep_last marks the branch's older checkpoints pruned (npo_cli/gc.py: `prune`).
+
+        train.background_save: returns once the tensors and state are copied to host memory; a thread writes
+        them, and `wait_saved()` gives the checkpoint's id. At most one save is in flight: a save first waits
+        for the one before, which moves the branch this one starts from."""
+        self.wait_saved()
         main = dist.is_main()  # the source's and controller's state_dict write their objects: rank 0 only
         source = self.source.state_dict() if main else {}
         controller = self.controller.state_dict() if main else {}
         # objects the source / controller keep in the store (a replay buffer, a mistake pool): gc keeps them
         extra = [*source.pop("objects", []), *controller.pop("objects", [])]
-        successes = None  # train.record_successes: those since the last checkpoint (a resume starts after it)
-        if main and self.successes:
-            successes = self.store.put_json({"format": SUCCESSES_FORMAT, "items": self.successes})
-            extra.append(successes)
+        # train.record_successes: those since the last checkpoint (a resume starts after it); the list is
+        # replaced below, never changed
+        successes = self.successes if main else []
         state = TrainerState(step=self.step_num, epoch=self.epoch, pos=self.pos, train_sha=self.train_sha,
                              samples_seen=self.samples_seen, tokens_generated=self.tokens_generated,
                              last_eval=self.last_eval, source=source, controller=controller,
-                             successes=successes)
+                             weights_only=not with_optimizer)
         tensors = {}
         for i, t in enumerate(dist.gather_tensor(torch.get_rng_state())):  # torchrun: every rank's stream
             tensors["torch_rng" + (f"_rank{i}" if i else "")] = t
@@ -588,19 +612,80 @@ class Trainer:
             for i, t in enumerate(dist.gather_tensor(torch.cuda.get_rng_state())):
                 tensors["cuda_rng" + (f"_rank{i}" if i else "")] = t
         model, optimizer = dist.full_state(self.model, self.optimizer)  # FSDP: gathered on every rank
-        head = None
-        if main:  # only rank 0 writes the store
-            head = save_checkpoint(
-                self.store, run=self.run, branch=self.branch, step=self.step_num, model=model,
-                tokenizer=self.tokenizer, optimizer=optimizer, state=state, state_tensors=tensors,
-                metrics=self.pending_metrics, summary=self.summary(), recipe=self.recipe.model_dump(mode="json"),
-                guide=self.source.guide, events=self.events, extra_objects=extra, parent=parent,
-                expect=self.branch_head,
+        optimizer = optimizer if with_optimizer else None
+        background, tokenizer = self.recipe.train.background_save, self.tokenizer
+        events, metrics = self.events, self.pending_metrics
+        if main and background:  # the writer's own copy: training changes the tensors and the state's lists
+            model, optimizer, tokenizer = host_copy(model, optimizer, tokenizer)
+            state, events = state.model_copy(deep=True), [e.model_copy(deep=True) for e in events]
+            metrics = [dict(m) for m in metrics]
+        store, run, branch, step = self.store, self.run, self.branch, self.step_num
+        keep_last, guide, expect = self.recipe.train.keep_last, self.source.guide, self.branch_head
+        summary, recipe = self.summary(), self.recipe.model_dump(mode="json")
+
+        def write() -> str:  # the store writes: on rank 0, in a thread under train.background_save
+            objects, st = list(extra), state
+            if successes:
+                oid = store.put_json({"format": SUCCESSES_FORMAT, "items": successes})
+                objects, st = [*objects, oid], state.model_copy(update={"successes": oid})
+            cid = save_checkpoint(
+                store, run=run, branch=branch, step=step, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                state=st, state_tensors=tensors, metrics=metrics, summary=summary, recipe=recipe, guide=guide,
+                events=events, extra_objects=objects, parent=parent, expect=expect,
             )
-        self.head = self.branch_head = dist.broadcast_json(head)
+            if keep_last:
+                prune(store, run, branch, keep_last)
+            return cid
+
+        saving: Future = Future()
+        writer = None
+        if main and background:
+            writer = threading.Thread(target=_resolve, args=(saving, write), name="npo-save")
+            writer.start()
+        else:  # only rank 0 writes the store
+            saving.set_result(write() if main else None)
+        self._saving = (step, writer, saving)
         self.saved_step = self.step_num
         self.pending_metrics, self.events, self.successes = [], [], []
-        return self.head
+        if not background:
+            self.wait_saved()
+
+    def wait_saved(self) -> str | None:
+        """The id of the last checkpoint, once written: waits for the save in flight, if any. Its error stops
+        the run here, in one line; the branch stands at the checkpoint before it. torchrun: every rank calls
+        this at the same point (rank 0 tells the others the id)."""
+        if self._saving is None:
+            return self.head
+        step, writer, saving = self._saving
+        head, error, cause = None, None, None
+        if writer is not None:
+            writer.join()  # ended, not only done: a thread still unwinding at exit aborts the process
+        try:
+            head = saving.result()
+        except NpoError as e:  # the store refused (not writable, full, the lease lost): it says what to do
+            error, cause = f"the checkpoint of step {step} was not written: {e}", e
+        except Exception as e:  # noqa: BLE001  (the network, a bug: its words, and where the run stands)
+            why = f"cannot use {e.filename}: {os_reason(e)}" if isinstance(e, OSError) and e.filename else one_line(e)
+            error, cause = (f"the checkpoint of step {step} was not written: {why}; {self.run}/{self.branch} "
+                            "stands at its checkpoint before it, which a resume continues"), e
+        self._saving = None
+        head, error = dist.broadcast_json([head, error])
+        if error:
+            raise NpoError(error) from cause
+        self.head = self.branch_head = head
+        return head
+
+    def _settle(self) -> None:
+        """Let the save in flight end before the lease does, when another error stops the run (that one is
+        reported, not this save's). No collective: under torchrun the other ranks may be gone."""
+        if self._saving is None:
+            return
+        _, writer, saving = self._saving
+        self._saving = None
+        if writer is not None:
+            writer.join()
+        if saving.exception() is None and dist.is_main():
+            self.head = self.branch_head = saving.result()
 
     # ---------------------------------------------------------------- the loop
 
@@ -631,13 +716,14 @@ class Trainer:
         """A stop signal came and this process may act on it alone (under torchrun the ranks agree after a step)."""
         return self._stop_signal is not None and not dist.on()
 
-    def _branch_first_step(self) -> int:
-        """The step of this branch's first checkpoint (the current step while it has none)."""
+    def _branch_start(self) -> tuple[int, Manifest | None]:
+        """The step of this branch's first checkpoint (the current step while it has none), and the checkpoint
+        it started from (None for a run's first branch)."""
         lin, damage = self.store.readable_lineage(self.head) if self.head else ([], None)
         own = [m.step for m in lin if (m.run, m.branch) == (self.run, self.branch)]
         if damage and len(own) == len(lin):  # the branch's start lies behind a damaged manifest: keep every row
-            return 0
-        return own[-1] if own else self.step_num
+            return 0, None
+        return (own[-1] if own else self.step_num), (lin[len(own)] if len(own) < len(lin) else None)
 
     def _train_step(self, sinks, bar) -> str | None:
         """One step of the loop: step, eval when due, log, checkpoint when due; what stopped the run, if any.
@@ -669,7 +755,9 @@ class Trainer:
         if dist.on():  # every rank stops at the same step: rank 0's reason, else any rank's signal
             stopped_by = next((s for s in dist.gather_json(stopped_by) if s), None)
         if self.step_num % r.train.save_every == 0 or self.step_num == r.train.steps or stopped_by:
-            self.save()
+            k = r.train.save_optimizer_every  # the end and a stop always keep the optimizer: a resume goes on there
+            self.save(with_optimizer=not k or self.step_num % (k * r.train.save_every) == 0
+                      or self.step_num == r.train.steps or stopped_by is not None)
         return stopped_by
 
     def _progress_info(self, m: dict) -> str:
@@ -688,19 +776,23 @@ class Trainer:
         try:
             main = dist.is_main()  # torchrun: rank 0 holds the lease and writes metrics
             with self.store.lease(self.run, self.branch, force=force) if main else nullcontext() as lease:
-                sinks = MetricSinks(r, lease, self._branch_first_step(), start_step) if main else None
+                sinks = MetricSinks(r, lease, start_step, *self._branch_start()) if main else None
                 bar = Progress(self.console, "step", r.train.steps, start_step, enabled=show and main)
-                if self.head is None:  # new run: the initial policy is step 0 (rewind/intervene --at 0)
-                    self.save()
                 try:
-                    while self.step_num < r.train.steps and not stopped_by:
-                        stopped_by = self._train_step(sinks, bar)
-                except Abandoned:  # nothing of the abandoned step was saved: the run stands at its checkpoint
-                    stopped_by, self.step_num = signal.Signals(self._stop_signal).name, self.saved_step
-                except Exception:
+                    if self.head is None:  # new run: the initial policy is step 0 (rewind/intervene --at 0)
+                        self.save()
+                    try:
+                        while self.step_num < r.train.steps and not stopped_by:
+                            stopped_by = self._train_step(sinks, bar)
+                    except Abandoned:  # nothing of the abandoned step was saved: the run stands at its checkpoint
+                        stopped_by, self.step_num = signal.Signals(self._stop_signal).name, self.saved_step
+                    self.wait_saved()  # the last checkpoint is written under the lease
+                except BaseException as e:
+                    self._settle()
                     # A new run or branch whose first step failed (a bad verifier, data, memory) holds only
                     # the checkpoint written above: drop its ref, so that the same command can be rerun.
-                    if self.new_branch and main and self.step_num == start_step:
+                    if (isinstance(e, Exception) and self.new_branch and main and self.step_num == start_step
+                            and self.head):
                         self.store.drop_branch(self.run, self.branch, self.head)
                     raise
         finally:
@@ -722,6 +814,14 @@ class Trainer:
             "summary": self.summary(), "stopped_by": stopped_by, "metrics_jsonl": sinks and sinks.jsonl_path,
             "store": self.store.url,
         }
+
+
+def _resolve(future: Future, fn) -> None:
+    """(a thread) fn's result or error into future."""
+    try:
+        future.set_result(fn())
+    except BaseException as e:  # noqa: BLE001  (handed to whoever waits: wait_saved)
+        future.set_exception(e)
 
 
 def _merge_stats(parts: list) -> tuple[dict, dict, dict]:

@@ -1,7 +1,7 @@
 """The shipped recipes load, their warm starts exist, and the real-model (GPU) recipe's loading path works.
 
 The GPU recipe (recipes/qwen-gsm8k.yaml) is exercised on CPU with small local stand-ins: a Hugging Face
-folder made from the tiny model with a chat template, and a 10-line GSM8K-style JSONL.
+folder made from the tiny model with a chat template, and 10 GSM8K-style problems in GSM8K's layout.
 """
 
 from __future__ import annotations
@@ -69,8 +69,19 @@ def _hf_folder(tmp_path: Path) -> Path:
     return folder
 
 
+def _gsm8k_saved(tmp_path: Path) -> Path:
+    """openai/gsm8k's layout (train and test splits; question, answer ending '#### N') as a save_to_disk folder."""
+    import datasets
+
+    rows = [json.loads(line) for line in GSM8K_TINY.read_text().splitlines()]
+    split = datasets.Dataset.from_list([{"question": r["prompt"], "answer": f"It is {r['answer']}.\n#### {r['answer']}"}
+                                        for r in rows])
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(tmp_path / "gsm8k")
+    return tmp_path / "gsm8k"
+
+
 def test_gpu_recipe_loading_path_on_cpu(tmp_path):
-    """qwen-gsm8k.yaml, pointed at local stand-ins: folder model, chat template, JSONL prompts, math verifier."""
+    """qwen-gsm8k.yaml, pointed at local stand-ins: folder model, chat template, GSM8K split, math verifier."""
     from npo_cli.batch import format_prompt
     from npo_cli.branching import new_trainer
     from npo_cli.store import Store
@@ -80,14 +91,14 @@ def test_gpu_recipe_loading_path_on_cpu(tmp_path):
     data = yaml.safe_load((ROOT / "recipes" / "qwen-gsm8k.yaml").read_text())
     recipe = build_recipe(data, [
         f"model.path={folder}", "model.device=cpu", "model.dtype=float32",
-        f"task.train_path={GSM8K_TINY}", f"task.eval_path={GSM8K_TINY}", "task.eval_size=2",
+        f"task.dataset.path={_gsm8k_saved(tmp_path)}", "task.eval_size=2",
         "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=6", "rollout.batch_size=8",
         "grpo.micro_batch_size=2", "grpo.warmup_steps=0", "train.steps=2", "train.save_every=1",
         "train.eval_every=2", "logging.progress=false", f"logging.metrics_jsonl={tmp_path / 'm.jsonl'}",
     ])
     assert recipe.task.verifier == "math" and recipe.task.chat_template and recipe.model.gradient_checkpointing
     problems = load_problems(recipe.task, "train", recipe.seed)
-    assert len(problems) == 10 and problems[0].answer == "12"
+    assert len(problems) == 10 and problems[0].answer.endswith("#### 12")
 
     store = Store.open(str(tmp_path / "store"))
     trainer = new_trainer(recipe, store)
