@@ -50,7 +50,7 @@ from npo_cli.checkpoint import DTYPES, load_model
 from npo_cli.errors import NpoError
 from npo_cli.grpo import token_logprobs
 from npo_cli.guide import GuideGenerator
-from npo_cli.history import ls_data
+from npo_cli.history import branch_walk, ls_data
 from npo_cli.lease import npo_command
 from npo_cli.manifest import Event
 from npo_cli.recipe import Recipe, build_recipe
@@ -600,8 +600,8 @@ def auto_events(store: Store, run: str) -> list[tuple[str, Event]]:
     """(where, event) of every decision on the auto chain, in order; where is BRANCH@STEP."""
     out = []
     for b in auto_chain(store, run):
-        readable, _ = store.readable_lineage(f"{run}/{b}")  # a damaged old checkpoint hides only its own events
-        own = [m for m in readable if m.branch == b and m.run == run]
+        # a damaged old checkpoint hides only its own events
+        own, _, _ = branch_walk(store, store.resolve(f"{run}/{b}"), run, b)
         for m in reversed(own):
             out += [(f"{b}@{m.step}", e) for e in m.events if e.kind in DECISION_KINDS]
     return out

@@ -54,6 +54,7 @@ from npo_cli.checkpoint import (
 from npo_cli.errors import NpoError, one_line, os_reason
 from npo_cli.gc import prune
 from npo_cli.grpo import OffPolicy, compile_layers, group_advantages, grpo_loss, token_logprobs
+from npo_cli.history import branch_walk
 from npo_cli.manifest import EVAL_STEP, Event, Manifest, TrainerState
 from npo_cli.metrics import MetricSinks
 from npo_cli.model import load_policy, param_dtype, resolve_device
@@ -719,11 +720,12 @@ class Trainer:
     def _branch_start(self) -> tuple[int, Manifest | None]:
         """The step of this branch's first checkpoint (the current step while it has none), and the checkpoint
         it started from (None for a run's first branch)."""
-        lin, damage = self.store.readable_lineage(self.head) if self.head else ([], None)
-        own = [m.step for m in lin if (m.run, m.branch) == (self.run, self.branch)]
-        if damage and len(own) == len(lin):  # the branch's start lies behind a damaged manifest: keep every row
+        if self.head is None:
+            return self.step_num, None
+        own, fork, damage = branch_walk(self.store, self.head, self.run, self.branch)
+        if damage:  # the branch's start lies behind a damaged manifest: keep every row
             return 0, None
-        return (own[-1] if own else self.step_num), (lin[len(own)] if len(own) < len(lin) else None)
+        return (own[-1].step if own else self.step_num), fork
 
     def _train_step(self, sinks, bar) -> str | None:
         """One step of the loop: step, eval when due, log, checkpoint when due; what stopped the run, if any.
