@@ -158,12 +158,16 @@ class HFBackend:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         # rollout.static_cache: npo's decoding loop where the model takes its cache position from the cache
         # (transformers >= 5.19's forward signature), else HF generate's own static cache
+        # rollout.static_cache unset: on CUDA, where it measured faster (compiled decoding), never on CPU
+        self.static_cache = (cfg.static_cache if cfg.static_cache is not None
+                             else next(self.model.parameters()).device.type == "cuda")
         params = inspect.signature(type(self.model).forward).parameters
-        self.own_decoding = (cfg.static_cache and "cache_position" not in params
+        self.own_decoding = (self.static_cache and "cache_position" not in params
                              and {"logits_to_keep", "position_ids"} <= params.keys())
         self._caches: dict[tuple[int, int], object] = {}  # (rows, length) -> StaticCache, reused: fixed addresses
         self._step = None  # _decode_step, compiled into a CUDA graph on CUDA
         self.compile_error: str | None = None  # why the compiled step was given up for HF generate, if it was
+        self.drop_finished = True  # _decode_static drops ended rows from the batch (False: the loop as it was)
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -183,7 +187,7 @@ class HFBackend:
         return GenerationConfig(
             do_sample=not greedy, max_new_tokens=self.cfg.max_new_tokens, repetition_penalty=1.0,
             num_beams=1, use_cache=True, pad_token_id=self.pad_id, eos_token_id=self.eos_ids,
-            cache_implementation="static" if self.cfg.static_cache else None, **sampling,
+            cache_implementation="static" if self.static_cache else None, **sampling,
         )
 
     @torch.no_grad()
@@ -268,48 +272,93 @@ class HFBackend:
         return rollouts
 
     def _decode_static(self, prompt_ids: list[list[int]], greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """rollout.static_cache: (tokens, log-probs) [B, max_new_tokens] (fewer columns when every row has
-        ended), sampled through a preallocated KV cache. Each token after the prompt is one call of
-        `_decode_step` on fixed shapes, compiled on CUDA into one CUDA graph (torch.compile, reduce-overhead):
-        the forward, temperature, top-p, sampling and the log-prob record replay as one launch, with no host
-        sync. HF generate instead runs its sampling, processors and stopping checks as separate kernels
-        between graph replays. Prompts are left-padded to a multiple of 64 tokens and, when compiled, the
-        batch to a multiple of 64 rows (copies of the first prompt, dropped after), so batches of similar
-        prompts share one graph: each new shape compiles once (~25 s at 0.5B on an H200), and past torch's
-        recompile limit (8 shapes) a shape runs uncompiled."""
-        from transformers import StaticCache
+        """rollout.static_cache: (tokens, log-probs) [rows, max_new_tokens] (fewer columns when every row has
+        ended; a row's columns after its EOS hold padding), sampled through a preallocated KV cache. Each token
+        after the prompt is one call of `_decode_step` on fixed shapes, compiled on CUDA into one CUDA graph
+        (torch.compile, reduce-overhead): the forward, temperature, top-p, sampling and the log-prob record
+        replay as one launch, with no host sync. HF generate instead runs its sampling, processors and stopping
+        checks as separate kernels between graph replays.
 
+        Every 32 tokens (one host sync) the rows that have ended leave the batch: the live rows' caches move to
+        a smaller one, so a batch whose lengths spread wide (reasoning: tens to thousands of tokens) stops
+        paying for its finished rows. Eager, the batch shrinks to the live rows; compiled, to the smallest
+        half of the compiled batch (down to 16 rows) that holds them, so a batch size compiles at most
+        log2(batch / 16) + 1 graphs. Prompts are left-padded to a multiple of 64 tokens and, when compiled, the
+        batch to a multiple of 64 rows (copies of the first prompt, dropped after), so batches of similar
+        prompts share graphs: each new shape compiles once (~25 s at 0.5B on an H200), and past torch's
+        recompile limit (8 shapes) a shape runs uncompiled."""
         if self._step is None:
             self._step = (torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
                           if next(self.model.parameters()).device.type == "cuda" else _decode_step)
+        compiled = self._step is not _decode_step
         rows, C = len(prompt_ids), self.cfg.max_new_tokens
-        if self._step is not _decode_step:
+        if compiled:
             prompt_ids = prompt_ids + [prompt_ids[0]] * (-rows % 64)
         B, P = len(prompt_ids), -(-max(len(p) for p in prompt_ids) // 64) * 64
         input_ids, attn = self._left_pad(prompt_ids, P)
         device = input_ids.device
         attn = torch.cat([attn, attn.new_ones(B, C)], dim=1)  # the generated tokens: all attended
-        cache = self._caches.get((B, P + C))
-        if cache is None:
-            cache = self._caches[(B, P + C)] = StaticCache(config=self.model.config, max_cache_len=P + C)
+        cache = self._cache(B, P + C)
         cache.reset()
         T, top_p = self.cfg.temperature, self.cfg.top_p
         pos = (attn[:, :P].cumsum(-1) - 1).clamp(min=0)  # positions as generate gives them (left padding)
-        tokens = torch.empty(B, C, dtype=torch.long, device=device)
-        logps = torch.empty(B, C, dtype=torch.float32, device=device)
+        # Row `rows` is a sink: padding rows write there, so the real rows' outputs are never overwritten.
+        tokens = torch.full((rows + 1, C), self.pad_id, dtype=torch.long, device=device)
+        logps = torch.zeros(rows + 1, C, dtype=torch.float32, device=device)
+        where = torch.arange(B, device=device).clamp(max=rows)  # batch row -> output row
         logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
                             use_cache=True, logits_to_keep=1).logits[:, -1]  # the prompt: eager (its shape varies)
-        tokens[:, 0], logps[:, 0] = _pick(logits, T, top_p, greedy)
+        tokens[where, 0], logps[where, 0] = _pick(logits, T, top_p, greedy)
         pos = pos[:, -1:]
         eos = torch.tensor(self.eos_ids, device=device)
         n = C
         for t in range(1, C):
-            if t % 32 == 0 and bool(torch.isin(tokens[:rows, :t], eos).any(-1).all()):  # a sync every 32 tokens
-                n = t
-                break
+            if t % 32 == 0:  # a host sync every 32 tokens: drop the rows that have ended
+                live = (where < rows) & ~torch.isin(tokens[where, :t], eos).any(-1)
+                n_live = int(live.sum())
+                if n_live == 0:
+                    n = t
+                    break
+                size = self._live_batch(n_live, len(where), compiled) if self.drop_finished else len(where)
+                if size < len(where):
+                    keep = live.nonzero()[:, 0]
+                    keep = torch.cat([keep, keep[:1].expand(size - n_live)])  # padding rows: copies, to the sink
+                    cache = self._move_rows(cache, keep, P + C)
+                    where = torch.cat([where[keep[:n_live]], where.new_full((size - n_live,), rows)])
+                    attn, pos = attn[keep], pos[keep]
             pos = pos + 1
             if device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are copied out below
-            tok, lp = self._step(self.model, cache, tokens[:, t - 1 : t], pos, attn, T, top_p, greedy)
-            tokens[:, t], logps[:, t] = tok, lp
+            tok, lp = self._step(self.model, cache, tokens[where, t - 1 : t], pos, attn, T, top_p, greedy)
+            tokens[where, t], logps[where, t] = tok, lp
         return tokens[:rows, :n].cpu(), logps[:rows, :n].cpu()
+
+    @staticmethod
+    def _live_batch(n_live: int, size: int, compiled: bool) -> int:
+        """Rows to decode the live ones with: themselves eager; compiled, the smallest of size / 2^k (at
+        least 16 rows) that holds them, so the graphs are few and each compiles once."""
+        if not compiled:
+            return n_live
+        while size // 2 >= max(n_live, 16) and size % 2 == 0:
+            size //= 2
+        return size
+
+    def _cache(self, rows: int, length: int):
+        """The StaticCache of this shape, made once and reused: a CUDA graph replays on fixed addresses."""
+        from transformers import StaticCache
+
+        cache = self._caches.get((rows, length))
+        if cache is None:
+            cache = self._caches[(rows, length)] = StaticCache(config=self.model.config, max_cache_len=length)
+        return cache
+
+    def _move_rows(self, cache, keep: torch.Tensor, length: int):
+        """The cache of len(keep) rows holding `cache`'s rows `keep` (keys, values and fill position)."""
+        small = self._cache(len(keep), length)
+        for src, dst in zip(cache.layers, small.layers):
+            if not dst.is_initialized:
+                dst.lazy_initialization(src.keys[keep], src.values[keep])
+            dst.keys.copy_(src.keys[keep])
+            dst.values.copy_(src.values[keep])
+            dst.cumulative_length.copy_(src.cumulative_length)
+        return small

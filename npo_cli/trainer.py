@@ -178,12 +178,14 @@ class Trainer:
             raise NpoError("a LoRA model (model.lora) does not train under train.parallel=fsdp; use "
                            "train.parallel=ddp (the adapter is small enough to replicate)")
         self.micro_batch = recipe.grpo.micro_batch_size  # halved on CUDA out-of-memory (0: the whole batch)
+        # grpo.compile unset: compiled on CUDA, where it measured faster, and never on CPU
+        self.compile = recipe.grpo.compile if recipe.grpo.compile is not None else self.device.type == "cuda"
         self.optimizer = self._make_optimizer()
         # FSDP shards the policy and compiled layers would recompile per decoding shape: sample from a copy.
         # With fp32 masters the backend samples from its own 16-bit copy (synced before every rollout, as a
         # vLLM engine would be).
         self.backend = make_backend(self.model, self.tokenizer, recipe.rollout, dtype=DTYPES[recipe.model.dtype],
-                                    copy=self.fsdp or recipe.grpo.compile,
+                                    copy=self.fsdp or self.compile,
                                     add_special_tokens=not recipe.task.chat_template)
 
         # counters and data position (all restored on resume)
@@ -209,8 +211,8 @@ class Trainer:
             torch.manual_seed(dist.rank_seed(recipe.seed))  # the sampling stream starts from the seed
         if dist.on():
             self._parallel_setup(init is None)
-        if recipe.grpo.compile:  # after FSDP's sharding, which compiled layers must see
-            compile_layers(self.model)
+        if self.compile:  # after FSDP's sharding, which compiled layers must see
+            compile_layers(self.model, required=recipe.grpo.compile is True)
 
     def _load_task(self) -> None:
         """Train and eval problems, the reward and the judge (correctness without the format bonus)."""
@@ -525,7 +527,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 logp, _ = token_logprobs(self.model, b["input_ids"], b["attention_mask"], b["n_completion"],
                                          g.logprob_chunk, with_entropy=False,
-                                         temperature=r.rollout.temperature, compiled=g.compile)
+                                         temperature=r.rollout.temperature, compiled=self.compile)
             if pad:
                 (logp.sum() * 0.0).backward()
                 continue
@@ -538,7 +540,7 @@ class Trainer:
                 with torch.no_grad():
                     ref_logp, _ = token_logprobs(self.ref_model, b["input_ids"], b["attention_mask"],
                                                  b["n_completion"], g.logprob_chunk, with_entropy=False,
-                                                 temperature=r.rollout.temperature, compiled=g.compile)
+                                                 temperature=r.rollout.temperature, compiled=self.compile)
             off = None
             if bool(b["offpolicy"].any()):
                 off = OffPolicy.from_config(b["offpolicy"], r.npo)
