@@ -1,6 +1,8 @@
 """CUDA path check (one run on a GPU machine): a warm-started tiny run trained on cuda in
-bf16 with the static KV cache, `npo intervene` on it (guide sampling on cuda), the behaviour
-log-probs against a fresh forward, and `npo eval`. Prints one JSON line per check; exits 1 on failure.
+bf16 at npo's CUDA defaults (static KV cache with compiled decoding, grpo.compile), `npo intervene` on it
+(guide sampling on cuda), the behaviour log-probs against a fresh forward, `npo eval`, and the compiled
+decoding loop dropping ended rows (CUDA graphs of 64, 32 and 16 rows) against the loop that keeps every row.
+Prints one JSON line per check; exits 1 on failure.
 
     python3 benchmarks/cuda_smoke.py [--store DIR]
 """
@@ -40,8 +42,7 @@ def main() -> int:
     recipe = build_recipe({
         "name": "cuda", "model": {"path": "base@0", "device": a.device, "dtype": "bfloat16"},
         "task": {"arithmetic": {"digits": 1}, "eval_size": 64},
-        "rollout": {"prompts_per_step": 16, "group_size": 8, "max_new_tokens": 4,
-                    "static_cache": a.device == "cuda"},
+        "rollout": {"prompts_per_step": 16, "group_size": 8, "max_new_tokens": 4},
         "grpo": {"lr": 5e-4}, "train": {"steps": 8, "save_every": 4, "eval_every": 8},
         "logging": {"progress": False, "metrics_jsonl": None},
     })
@@ -72,8 +73,50 @@ def main() -> int:
                       **npo_keys}), flush=True)
     ev = eval_checkpoint(store, f"cuda/{out['plan']['branch']}", samples=2)
     print(json.dumps({"check": "eval", **ev}), flush=True)
-    ok = res.get("steps", 8) and float(diff) < 0.1
+    drop = dropped_rows_check(a.device)
+    print(json.dumps({"check": "drop_ended_rows", **drop}), flush=True)
+    ok = res.get("steps", 8) and float(diff) < 0.1 and drop["greedy_equal"] and drop["max_logprob_diff"] < 1e-3
     return 0 if ok else 1
+
+
+def dropped_rows_check(device: str) -> dict:
+    """A random tiny Qwen2 (fp32, weights 15x the usual init: greedy continuations end anywhere from 1 to 150
+    tokens) decoded through the compiled loop: greedy tokens equal with and without dropping ended rows, and
+    sampled log-probs equal a fresh forward's."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from npo_cli.batch import collate
+    from npo_cli.grpo import token_logprobs
+    from npo_cli.recipe import RolloutConfig
+    from npo_cli.rollout import HFBackend
+    from npo_cli.tiny import char_tokenizer
+
+    tok = char_tokenizer()
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         initializer_range=0.3)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(device).eval()
+    prompts = [f"{x}+{y}=" for x in range(6) for y in range(0, 50, 7)]
+    cfg = RolloutConfig(max_new_tokens=150, batch_size=64, static_cache=True, temperature=0.9)
+    t0 = time.perf_counter()
+    got = {}
+    for drop in (False, True):
+        backend = HFBackend(model, tok, cfg)
+        backend.drop_finished = drop
+        got[drop] = [g[0] for g in backend.generate(prompts, 1, greedy=True)]
+        rows = [r for g in backend.generate(prompts[:8], 8) for r in g]
+    b = collate(rows, tok.pad_token_id, device)
+    with torch.no_grad():
+        logp, _ = token_logprobs(model, b["input_ids"], b["attention_mask"], b["n_completion"], 0,
+                                 with_entropy=False, temperature=0.9)
+    lengths = sorted(len(r.completion_ids) for r in got[True])
+    return {"s": round(time.perf_counter() - t0, 1), "lengths_min_median_max": [lengths[0], lengths[len(lengths) // 2],
+                                                                                 lengths[-1]],
+            "greedy_equal": [r.completion_ids for r in got[False]] == [r.completion_ids for r in got[True]],
+            "max_logprob_diff": float(((logp - b["old_logp"]).abs() * b["mask"]).max()),
+            "caches": sorted(backend._caches), "compile_error": backend.compile_error}
 
 
 if __name__ == "__main__":

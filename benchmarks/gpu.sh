@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The GPU benchmark: npo vs TRL 1.16 GRPOTrainer at the Qwen2-0.5B shape (benchmarks/gpu_bench.py).
+# The GPU benchmark: npo vs TRL 1.16 GRPOTrainer's three transformers generation paths at the Qwen2-0.5B
+# shape, forced and reasoning-shaped rollouts (benchmarks/gpu_bench.py; its arguments pass through).
 # On a GPU machine with torch (trl, datasets, pydantic, transformers 5.19... installed, or as wheels in .whl/):
-#     bash benchmarks/gpu.sh                      # ~3 min; results in $OUT/gpu_bench.json
+#     bash benchmarks/gpu.sh                      # est. ~9 min on an H200; results in $OUT/gpu_bench.json
+#     bash benchmarks/gpu.sh --shape forced       # est. ~4 min
 # Locally, the same script at a tiny shape on CPU (no .whl/ needed: uses the active environment):
 #     PYTHON=.venv/bin/python bash benchmarks/gpu.sh --small
 if [ -d .whl ] && [ -z "${PYTHON:-}" ]; then  # wheels to install first (PYTHON set = a local run)

@@ -25,9 +25,9 @@ from gpu_bench import QWEN2_05B, SMALL
 from grpo_bench import H100_BF16_DENSE, make_model_dir
 
 VARIANTS = {  # (fixed 2048-token chunks: benchmarks/results/gpu_train_variants_h100.json)
-    "default (fp32 master, auto chunk)": [],
-    "default, compiled": ["grpo.compile=true"],
-    "pure bf16, auto chunk": ["model.master_fp32=false"],
+    "fp32 master, auto chunk, uncompiled": ["grpo.compile=false"],
+    "default (fp32 master, auto chunk, compiled on CUDA)": [],
+    "pure bf16, auto chunk, uncompiled": ["model.master_fp32=false", "grpo.compile=false"],
     "pure bf16, compiled": ["model.master_fp32=false", "grpo.compile=true"],
     "pure bf16, compiled, micro 128": ["model.master_fp32=false", "grpo.compile=true", "grpo.micro_batch_size=128"],
 }

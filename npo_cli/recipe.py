@@ -268,7 +268,8 @@ class GRPOConfig(Section):
     compile: bool | None = Field(
         None, description="torch.compile the training forward/backward: each decoder layer and the LM-head "
         "log-prob (dynamic shapes; the first step pays the compile). Sampling uses its own uncompiled copy. "
-        "Default (null): on when the model is on CUDA (a model it cannot compile trains uncompiled), off on CPU."
+        "Default (null): on when the model is on CUDA (a model it cannot compile trains uncompiled; not with "
+        "model.lora, whose sampling would need a full copy of the weights), off on CPU."
     )
 
     @field_validator("betas", mode="before")

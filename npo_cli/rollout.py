@@ -323,7 +323,7 @@ class HFBackend:
                 if size < len(where):
                     keep = live.nonzero()[:, 0]
                     keep = torch.cat([keep, keep[:1].expand(size - n_live)])  # padding rows: copies, to the sink
-                    cache = self._move_rows(cache, keep, P + C)
+                    cache = self._move_rows(cache, keep, P + C, keep_cache=compiled)
                     where = torch.cat([where[keep[:n_live]], where.new_full((size - n_live,), rows)])
                     attn, pos = attn[keep], pos[keep]
             pos = pos + 1
@@ -343,18 +343,21 @@ class HFBackend:
             size //= 2
         return size
 
-    def _cache(self, rows: int, length: int):
-        """The StaticCache of this shape, made once and reused: a CUDA graph replays on fixed addresses."""
+    def _cache(self, rows: int, length: int, keep: bool = True):
+        """The StaticCache of this shape, made once and reused (a CUDA graph replays on fixed addresses); with
+        keep=False a new one, dropped after the call (eager batches of any number of live rows)."""
         from transformers import StaticCache
 
         cache = self._caches.get((rows, length))
         if cache is None:
-            cache = self._caches[(rows, length)] = StaticCache(config=self.model.config, max_cache_len=length)
+            cache = StaticCache(config=self.model.config, max_cache_len=length)
+            if keep:
+                self._caches[(rows, length)] = cache
         return cache
 
-    def _move_rows(self, cache, keep: torch.Tensor, length: int):
+    def _move_rows(self, cache, keep: torch.Tensor, length: int, keep_cache: bool):
         """The cache of len(keep) rows holding `cache`'s rows `keep` (keys, values and fill position)."""
-        small = self._cache(len(keep), length)
+        small = self._cache(len(keep), length, keep_cache)
         for src, dst in zip(cache.layers, small.layers):
             if not dst.is_initialized:
                 dst.lazy_initialization(src.keys[keep], src.values[keep])

@@ -178,8 +178,10 @@ class Trainer:
             raise NpoError("a LoRA model (model.lora) does not train under train.parallel=fsdp; use "
                            "train.parallel=ddp (the adapter is small enough to replicate)")
         self.micro_batch = recipe.grpo.micro_batch_size  # halved on CUDA out-of-memory (0: the whole batch)
-        # grpo.compile unset: compiled on CUDA, where it measured faster, and never on CPU
-        self.compile = recipe.grpo.compile if recipe.grpo.compile is not None else self.device.type == "cuda"
+        # grpo.compile unset: compiled on CUDA, where it measured faster, and never on CPU. Not for LoRA: a
+        # compiled policy samples from a full copy of its weights, which an adapter run exists to avoid.
+        self.compile = (recipe.grpo.compile if recipe.grpo.compile is not None
+                        else self.device.type == "cuda" and not is_lora(self.model))
         self.optimizer = self._make_optimizer()
         # FSDP shards the policy and compiled layers would recompile per decoding shape: sample from a copy.
         # With fp32 masters the backend samples from its own 16-bit copy (synced before every rollout, as a

@@ -86,6 +86,7 @@ def test_ended_rows_leave_the_batch_and_the_record_stays_exact(random_model, row
         assert _max_logprob_error(model, tok, out, 0.9) < 1e-5
         live_at = [sum(n > 32 * (t // 32) for n in lengths) for t in range(1, 200)]  # rows not ended at the check
         assert rows == (live_at if drop else [32] * 199)
+        assert list(backend._caches) == [(32, 64 + 200)]  # eager: the smaller batches' caches are not kept
         work[drop] = sum(rows)
     assert work[True] < 0.7 * work[False]
 
