@@ -42,7 +42,7 @@ fi
 step gpu_bench_forced 250 python3 benchmarks/gpu_bench.py --shape forced --profile --json "$OUT/gpu_bench_forced.json"
 step gpu_bench_reasoning 320 python3 benchmarks/gpu_bench.py --shape reasoning --json "$OUT/gpu_bench_reasoning.json"
 step decode_bench 240 python3 benchmarks/decode_bench.py --shape reasoning --calls 1 \
-  --variants "npo decoding, every row to the end,npo decoding,HF generate, static cache"
+  --variants npo-every-row,npo,static,continuous
 step cuda_smoke 150 python3 benchmarks/cuda_smoke.py
 step gpu_train_variants 200 python3 benchmarks/gpu_train_variants.py --steps 2 --profile "default ("
 step logprob_chunk 90 python3 benchmarks/logprob_chunk.py --device cuda --rows 32 --tokens 256

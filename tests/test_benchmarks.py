@@ -150,8 +150,9 @@ def test_bench_stop_set_and_trl_paths_tiny(tmp_path, monkeypatch):
 
 @pytest.mark.timeout(170)
 def test_decode_bench_small_on_cpu(tmp_path):
-    """The GPU decoding comparison's path on CPU, both shapes: HF generate (dynamic and static cache) and npo's
-    loop with and without dropping the rows that have ended, all sampling the same model."""
+    """The GPU decoding comparison's path on CPU, both shapes: HF generate (dynamic and static cache), HF
+    continuous batching and npo's loop with and without dropping the rows that have ended, all sampling the
+    same model."""
     res = _run(["benchmarks/decode_bench.py", "--small", "--calls", "1"], tmp_path, timeout=160)
     for shape in ("forced", "reasoning"):
         r = res[shape]
@@ -159,10 +160,11 @@ def test_decode_bench_small_on_cpu(tmp_path):
         assert r["HF generate, static cache"]["own_decoding"] is False
         assert r["npo decoding"]["own_decoding"] is True and r["npo decoding"]["compile_error"] is None
         assert r["npo decoding"]["drop_finished"] and not r["npo decoding, every row to the end"]["drop_finished"]
-        assert r["npo_over_hf_static"] > 0 and r["npo_drop_speedup"] > 0
+        assert r["npo_over_hf_static"] > 0 and r["npo_drop_speedup"] > 0 and r["npo_over_hf_continuous_batching"] > 0
     forced, reasoning = res["forced"], res["reasoning"]
     assert all(forced[k]["mean_completion_len"] == 16 for k in forced if isinstance(forced[k], dict) and "s" in forced[k])
-    for k in ("HF generate, dynamic cache", "npo decoding, every row to the end", "npo decoding"):
+    for k in ("HF generate, dynamic cache", "npo decoding, every row to the end", "npo decoding",
+              "HF continuous batching"):
         assert 8 < reasoning[k]["mean_completion_len"] < 80  # natural EOS, mean 32, cut at 128
         assert reasoning[k]["useful_tokens_per_s"] > 0
 
