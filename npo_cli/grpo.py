@@ -167,6 +167,10 @@ def compile_layers(model, required: bool = True) -> None:
 
     required=False (grpo.compile left to its CUDA default): a model without a layers list stays uncompiled,
     and a layer torch cannot compile runs eagerly instead of stopping the run."""
+    if not required:  # the LM-head log-probs compile too: anything torch cannot compile runs eagerly
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
     try:
         layers = getattr(_decoder(model), "layers", None)
     except TypeError:  # no base transformer under the LM head
@@ -176,10 +180,6 @@ def compile_layers(model, required: bool = True) -> None:
             return
         raise NpoError(f"grpo.compile: {type(model).__name__} has no decoder layers list (model.model.layers); "
                        "set grpo.compile=false")
-    if not required:
-        import torch._dynamo
-
-        torch._dynamo.config.suppress_errors = True
     for layer in layers:
         layer.compile(dynamic=True)
 
