@@ -157,11 +157,11 @@ def test_speed_settings_default_to_on_for_cuda_only(random_model, monkeypatch):
     on_cuda.parameters = lambda recurse=True: iter([SimpleNamespace(device=torch.device("cuda"))])
     assert HFBackend(on_cuda, tok, RolloutConfig()).static_cache is True
     assert HFBackend(on_cuda, tok, RolloutConfig(static_cache=False)).static_cache is False
-    import torch._dynamo
+    import torch._dynamo as dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)  # restored after the test
+    monkeypatch.setattr(dynamo.config, "suppress_errors", False)  # restored after the test
     no_layers = torch.nn.Linear(2, 2)
     compile_layers(no_layers, required=False)  # nothing to compile: stays as it is
-    assert torch._dynamo.config.suppress_errors is True  # the compiled head falls back to eager if it must
+    assert dynamo.config.suppress_errors is True  # the compiled head falls back to eager if it must
     with pytest.raises(NpoError, match="set grpo.compile=false"):
         compile_layers(no_layers, required=True)
