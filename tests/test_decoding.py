@@ -140,10 +140,12 @@ def test_compiled_decoding_drops_rows_through_its_graphs(random_model):
     assert _max_logprob_error(model, tok, again, 0.9) < 1e-4
 
 
-def test_speed_settings_default_to_on_for_cuda_only(random_model, monkeypatch):
+def test_speed_settings_default_to_on_for_cuda_only(random_model):
     """rollout.static_cache and grpo.compile left unset: off on CPU (here), on for a model on CUDA; set, they
     are what the recipe says. A model torch cannot compile layer by layer trains uncompiled when compile was
     only the default, and stops with a one-line error when the recipe asked for it."""
+    import torch._dynamo as dynamo
+
     from npo_cli.errors import NpoError
     from npo_cli.grpo import compile_layers
     from npo_cli.recipe import GRPOConfig
@@ -157,11 +159,13 @@ def test_speed_settings_default_to_on_for_cuda_only(random_model, monkeypatch):
     on_cuda.parameters = lambda recurse=True: iter([SimpleNamespace(device=torch.device("cuda"))])
     assert HFBackend(on_cuda, tok, RolloutConfig()).static_cache is True
     assert HFBackend(on_cuda, tok, RolloutConfig(static_cache=False)).static_cache is False
-    import torch._dynamo as dynamo
 
-    monkeypatch.setattr(dynamo.config, "suppress_errors", False)  # restored after the test
+    before = dynamo.config.suppress_errors
     no_layers = torch.nn.Linear(2, 2)
-    compile_layers(no_layers, required=False)  # nothing to compile: stays as it is
-    assert dynamo.config.suppress_errors is True  # the compiled head falls back to eager if it must
+    try:
+        compile_layers(no_layers, required=False)  # nothing to compile: stays as it is
+        assert dynamo.config.suppress_errors is True  # the compiled head falls back to eager if it must
+    finally:
+        dynamo.config.suppress_errors = before
     with pytest.raises(NpoError, match="set grpo.compile=false"):
         compile_layers(no_layers, required=True)
