@@ -24,11 +24,9 @@ def main() -> int:
     ap.add_argument("--store", default=None)
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
-    from npo_cli.batch import collate
     from npo_cli.branching import new_trainer
     from npo_cli.commands import eval_checkpoint, intervene
     from npo_cli.example import quick_warm_start
-    from npo_cli.grpo import token_logprobs
     from npo_cli.recipe import build_recipe
     from npo_cli.store import Store
 
@@ -58,12 +56,8 @@ def main() -> int:
 
     # behaviour log-probs (recorded while sampling) vs a fresh forward of the same sequences
     rows = [ro for g in t.backend.generate(["3+4=", "8+1=", "5+5="], 8) for ro in g]
-    b = collate(rows, t.pad_id, t.device)
-    with torch.no_grad():
-        logp, _ = token_logprobs(t.model, b["input_ids"], b["attention_mask"], b["n_completion"], 2048,
-                              with_entropy=False)
-    diff = ((logp.float() - b["old_logp"]).abs() * b["mask"]).max()
-    print(json.dumps({"check": "logprob_match", "max_abs_diff": float(diff)}), flush=True)
+    diff = max_logprob_gap(t.model, rows, t.pad_id, t.device, chunk=2048)
+    print(json.dumps({"check": "logprob_match", "max_abs_diff": diff}), flush=True)
 
     t0 = time.perf_counter()
     out = intervene(str(store_dir), run="cuda", at=0, guide="cuda@8", until=8,
@@ -75,8 +69,20 @@ def main() -> int:
     print(json.dumps({"check": "eval", **ev}), flush=True)
     drop = dropped_rows_check(a.device)
     print(json.dumps({"check": "drop_ended_rows", **drop}), flush=True)
-    ok = res.get("steps", 8) and float(diff) < 0.1 and drop["greedy_equal"] and drop["max_logprob_diff"] < 1e-3
+    ok = res.get("steps", 8) and diff < 0.1 and drop["greedy_equal"] and drop["max_logprob_diff"] < 1e-3
     return 0 if ok else 1
+
+
+def max_logprob_gap(model, rows, pad_id, device, chunk: int, temperature: float = 1.0) -> float:
+    """The largest gap between the log-probs recorded while sampling `rows` and a fresh forward's."""
+    from npo_cli.batch import collate
+    from npo_cli.grpo import token_logprobs
+
+    b = collate(rows, pad_id, device)
+    with torch.no_grad():
+        logp, _ = token_logprobs(model, b["input_ids"], b["attention_mask"], b["n_completion"], chunk,
+                                 with_entropy=False, temperature=temperature)
+    return float(((logp.float() - b["old_logp"]).abs() * b["mask"]).max())
 
 
 def dropped_rows_check(device: str) -> dict:
@@ -85,8 +91,6 @@ def dropped_rows_check(device: str) -> dict:
     sampled log-probs equal a fresh forward's."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from npo_cli.batch import collate
-    from npo_cli.grpo import token_logprobs
     from npo_cli.recipe import RolloutConfig
     from npo_cli.rollout import HFBackend
     from npo_cli.tiny import char_tokenizer
@@ -107,15 +111,11 @@ def dropped_rows_check(device: str) -> dict:
         backend.drop_finished = drop
         got[drop] = [g[0] for g in backend.generate(prompts, 1, greedy=True)]
         rows = [r for g in backend.generate(prompts[:8], 8) for r in g]
-    b = collate(rows, tok.pad_token_id, device)
-    with torch.no_grad():
-        logp, _ = token_logprobs(model, b["input_ids"], b["attention_mask"], b["n_completion"], 0,
-                                 with_entropy=False, temperature=0.9)
     lengths = sorted(len(r.completion_ids) for r in got[True])
     return {"s": round(time.perf_counter() - t0, 1), "lengths_min_median_max": [lengths[0], lengths[len(lengths) // 2],
                                                                                  lengths[-1]],
             "greedy_equal": [r.completion_ids for r in got[False]] == [r.completion_ids for r in got[True]],
-            "max_logprob_diff": float(((logp - b["old_logp"]).abs() * b["mask"]).max()),
+            "max_logprob_diff": max_logprob_gap(model, rows, tok.pad_token_id, device, chunk=0, temperature=0.9),
             "caches": sorted(backend._caches), "compile_error": backend.compile_error}
 
 

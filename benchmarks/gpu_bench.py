@@ -48,7 +48,6 @@ run) when $OUT is set (else --json PATH).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -59,7 +58,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grpo_bench import TRL_PATHS, BenchConfig, describe, make_model_dir, run, table  # noqa: F401 (re-exported)
+from grpo_bench import TRL_PATHS, BenchConfig, describe, free, make_model_dir, run, table  # noqa: F401 (re-exported)
 
 QWEN2_05B = BenchConfig(
     hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936,
@@ -149,9 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"N = {res['n_params'] / 1e6:.1f}M parameters; {shape} wall {res['wall_s']:.0f}s\n", flush=True)
         if out:  # after each shape: a run stopped part-way keeps the shapes it finished
             Path(out).write_text(json.dumps(results, indent=2))
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free(cfg.device)
     print(f"total wall {time.perf_counter() - t_all:.0f}s")
     if out:
         print(f"wrote {out}")
