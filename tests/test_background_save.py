@@ -154,6 +154,8 @@ def test_wandb_continues_a_branch_across_resumes(store_dir, tmp_path, monkeypatc
     fork = store.manifest("w@1")
     fork_branch(store, fork, build_recipe({**d, "train": {**d["train"], "steps": 2}}), "alt",
                 Event(kind="branch", fork=fork.id, fork_step=1)).train()
+    import wandb
+    wandb.teardown()  # finish() can return before W&B's service has written a run's records to disk
     main, alt = wandb_id(str(store_dir), "w", "main"), wandb_id(str(store_dir), "w", "alt")
     runs = wandb_runs(tmp_path)
     assert main != alt and set(runs) == {main, alt}  # the resume logged to main's W&B run
