@@ -77,7 +77,7 @@ def reachable(store: Store) -> tuple[dict[str, str], list[str], dict[str, str | 
             if first:
                 problems.append(f"checkpoint {cid[:12]} (from {via}): {e}")
             continue
-        tensors = {oid for d in (m.model, m.optimizer, m.state_tensors) for e in d.values() for oid in e.oids()}
+        tensors = m.tensor_oids()
         for oid in m.objects():
             if keep_tensors or oid not in tensors:
                 need.setdefault(oid, cid)

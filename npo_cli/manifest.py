@@ -186,6 +186,10 @@ class Manifest(BaseModel):
     def tensor_bytes(self) -> int:
         return sum(e.nbytes for d in (self.model, self.optimizer, self.state_tensors) for e in d.values())
 
+    def tensor_oids(self) -> set[str]:
+        """The objects holding this checkpoint's tensors (model, optimizer, state; not a LoRA base's)."""
+        return {oid for d in (self.model, self.optimizer, self.state_tensors) for e in d.values() for oid in e.oids()}
+
     def objects(self) -> dict[str, str]:
         """Every object this manifest names (oid -> what it is), excluding other checkpoints (`links`)."""
         out: dict[str, str] = {}

@@ -174,10 +174,8 @@ class Store(ObjectStore):
         are all still in the store is taken back (its mark removed); one whose tensors are gone is refused."""
         check_name("tag", name)
         m = self.manifest(ref)
-        if m.id in self.pruned():
-            tensors = (e for d in (m.model, m.optimizer, m.state_tensors) for e in d.values())
-            if not all(self.has(oid) for e in tensors for oid in e.oids()):
-                self.check_not_pruned(m.id)
+        if m.id in self.pruned() and not all(map(self.has, m.tensor_oids())):
+            self.check_not_pruned(m.id)  # its tensors are gone: refused
         if not self.write_ref(f"tags/{name}", m.id, create=True):
             raise NpoError(f"tag {name} already exists (on {self.describe(self.read_ref(f'tags/{name}') or '')}); "
                            f"pick another name, or remove it first with npo tag --delete {name}")
