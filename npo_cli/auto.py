@@ -463,8 +463,7 @@ class AutoController:
         # the training RNG stream does not see the probe
         with forked_rng(derive_seed(r.seed, trainer.run, tag, trainer.step_num)):
             sampled = trainer.backend.generate(prompts, r.npo.max_tries)
-        oks = iter(score_batch(trainer.judge, [Call(p.prompt, ro.text, p.answer, None, p, ro.completion_ids)
-                                               for p, g in zip(problems, sampled) for ro in g]))  # a judge: no format
+        oks = iter(score_batch(trainer.judge, [Call.of(p, ro) for p, g in zip(problems, sampled) for ro in g]))
         solved = {it["prompt"]: sum(next(oks) >= 1.0 for _ in g) > 0 for it, g in zip(items, sampled)}
         tokens = sum(len(ro.completion_ids) for g in sampled for ro in g)
         self.compute["probe_tokens"] += tokens

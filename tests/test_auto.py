@@ -192,7 +192,7 @@ class StubPolicy:
         out = []
         for prompt in prompts:
             texts = next(v for k, v in self.texts.items() if k in prompt)
-            out.append([SimpleNamespace(text=x, completion_ids=[1, 2]) for x in texts[:n]])
+            out.append([SimpleNamespace(text=x, completion_ids=[1, 2], finished=True) for x in texts[:n]])
         return out
 
     def sync(self) -> None:
