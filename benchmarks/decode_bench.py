@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import QWEN2_05B, QWEN2_05B_REASONING, SMALL, SMALL_REASONING
-from grpo_bench import make_model_dir, sync
+from grpo_bench import free, make_model_dir, sync
 
 # name -> (rollout.static_cache, npo's own loop, drop ended rows, warm-up calls)
 VARIANTS = {
@@ -146,8 +146,7 @@ def time_shape(cfg, calls: int, variants: list[str], log=print) -> dict:
                     sync(cfg.device)
                 log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
             del backend
-            if cfg.device == "cuda":
-                torch.cuda.empty_cache()
+            free(cfg.device)
     ok = {k: v["s"] for k, v in res.items() if isinstance(v, dict) and "s" in v}
     if "npo decoding" in ok and "npo decoding, every row to the end" in ok:
         res["npo_drop_speedup"] = ok["npo decoding, every row to the end"] / ok["npo decoding"]

@@ -121,16 +121,9 @@ def _quantiles(xs: list[float]) -> dict:
     """p10 / p50 / p90 (linear interpolation between order statistics) and max; {} when empty."""
     if not xs:
         return {}
-    s = sorted(xs)
-
-    def q(p: float) -> float:
-        x = p * (len(s) - 1)
-        lo = math.floor(x)
-        hi = min(lo + 1, len(s) - 1)
-        return s[lo] + (s[hi] - s[lo]) * (x - lo)
-
-    return {"completion_len_p10": q(0.1), "completion_len_p50": q(0.5), "completion_len_p90": q(0.9),
-            "completion_len_max": s[-1]}
+    d = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) > 1 else [xs[0]] * 9
+    return {"completion_len_p10": d[0], "completion_len_p50": d[4], "completion_len_p90": d[8],
+            "completion_len_max": max(xs)}
 
 
 @dataclass
